@@ -1,0 +1,240 @@
+//! The embedded store: per-key state in sharded hash maps, one short critical section per decision.
+//!
+//! No lock is ever held across an await: callers sleep outside, on the reservation they got.
+//! Idle keys are evicted by [`MemoryStore::evict_idle`], so memory follows active users.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::gcra::Tat;
+use super::window::SendLog;
+use super::{
+    Acquire, Clock, Key, Kind, Limiter, LockReason, Nanos, Policy, QueueRule, QuotaView, Refusal,
+    RefusalReason, Reservation, RouteId,
+};
+
+/// Enough shards that two cores rarely contend, few enough that a sweep is cheap.
+const SHARDS: usize = 64;
+
+#[derive(Debug, Clone)]
+enum History {
+    Window(SendLog),
+    Gcra(Tat),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    history: History,
+    /// After this the history constrains nothing (sweepable if also unlocked and unqueued).
+    idle_at: Nanos,
+    locked_until: Nanos,
+    /// Callers holding a reservation on this key.
+    queued: u32,
+}
+
+impl Entry {
+    fn new(kind: Kind) -> Self {
+        let history = match kind {
+            Kind::Window => History::Window(SendLog::default()),
+            Kind::Gcra { .. } => History::Gcra(Tat::default()),
+        };
+        Entry { history, idle_at: 0, locked_until: 0, queued: 0 }
+    }
+
+    fn next_free(&mut self, policy: &Policy, now: Nanos) -> Nanos {
+        match (&self.history, policy.kind) {
+            (History::Window(log), Kind::Window) => log.next_free(policy.limit, policy.window, now),
+            (History::Gcra(tat), Kind::Gcra { burst, period }) => tat.next_free(burst, period, now),
+            // The route changed algorithm (config reload): start over with the new one,
+            // conservatively treating the key as if it had just used its whole window.
+            _ => {
+                let restart = self.idle_at.max(now);
+                *self = Entry { locked_until: self.locked_until, queued: self.queued, ..Entry::new(policy.kind) };
+                self.idle_at = restart;
+                restart
+            }
+        }
+    }
+
+    /// Records a send at `at`; returns the undo token for a reservation.
+    fn record(&mut self, policy: &Policy, at: Nanos) -> Nanos {
+        match (&mut self.history, policy.kind) {
+            (History::Window(log), _) => {
+                log.record(at, policy.limit as usize + self.queued as usize);
+                self.idle_at = log.idle_at(policy.window);
+                at
+            }
+            (History::Gcra(tat), Kind::Gcra { period, .. }) => {
+                let undo = tat.record(at, period);
+                self.idle_at = undo;
+                undo
+            }
+            (History::Gcra(_), Kind::Window) => at, // unreachable: next_free restarted the entry
+        }
+    }
+
+    fn view(&self, policy: &Policy, now: Nanos) -> QuotaView {
+        match (&self.history, policy.kind) {
+            (History::Window(log), _) => log.view(policy.limit, policy.window, now),
+            (History::Gcra(tat), Kind::Gcra { burst, period }) => tat.view(burst, period, now),
+            (History::Gcra(_), Kind::Window) => QuotaView::default(),
+        }
+    }
+}
+
+pub struct MemoryStore {
+    shards: Box<[Mutex<HashMap<Key, Entry>>]>,
+    /// Locked keys, kept apart so counting active locks never walks every key.
+    locks: Mutex<HashMap<Key, Nanos>>,
+    queued_total: AtomicUsize,
+    max_queued_total: usize,
+    clock: Arc<dyn Clock>,
+}
+
+impl MemoryStore {
+    pub fn new(clock: Arc<dyn Clock>, max_queued_total: usize) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        MemoryStore {
+            shards,
+            locks: Mutex::new(HashMap::new()),
+            queued_total: AtomicUsize::new(0),
+            max_queued_total,
+            clock,
+        }
+    }
+
+    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Entry>> {
+        // The user key is already a uniform hash; mix in the route so one user's routes spread.
+        let index = (usize::from(key.user.0[0]) ^ (key.route.0 as usize).wrapping_mul(31)) % SHARDS;
+        relock(&self.shards[index])
+    }
+
+    fn release_queue_slot(&self, entry: Option<&mut Entry>) {
+        if let Some(entry) = entry {
+            entry.queued = entry.queued.saturating_sub(1);
+        }
+        // Saturating: never underflow even if a caller misuses the API.
+        let _ = self.queued_total.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Calls holding a reservation in this store, all routes together.
+    pub fn queued_total(&self) -> usize {
+        self.queued_total.load(Ordering::Acquire)
+    }
+}
+
+/// A poisoned shard only means another thread panicked mid-decision; the map itself is intact.
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Limiter for MemoryStore {
+    fn acquire(&self, policy: &Policy, key: Key, queue: Option<QueueRule>) -> Acquire {
+        let mut shard = self.shard(&key);
+        let now = self.clock.now();
+        let entry = shard.entry(key).or_insert_with(|| Entry::new(policy.kind));
+        if entry.locked_until > now {
+            let retry_at = entry.locked_until;
+            return Acquire::Refused(Refusal { reason: RefusalReason::Locked, retry_at });
+        }
+        let slot = entry.next_free(policy, now);
+        if slot <= now {
+            entry.record(policy, now);
+            return Acquire::Now { at: now, view: entry.view(policy, now) };
+        }
+        let Some(rule) = queue else {
+            return Acquire::Refused(Refusal { reason: RefusalReason::Limited, retry_at: slot });
+        };
+        if slot - now > rule.max_wait {
+            return Acquire::Refused(Refusal { reason: RefusalReason::TooFar, retry_at: slot });
+        }
+        let total = &self.queued_total;
+        let room_in_total = total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_queued_total).then_some(n + 1))
+            .is_ok();
+        if !room_in_total || entry.queued as usize >= rule.max_per_user {
+            if room_in_total {
+                total.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Acquire::Refused(Refusal { reason: RefusalReason::QueueFull, retry_at: slot });
+        }
+        entry.queued += 1;
+        let undo = entry.record(policy, slot);
+        let view = entry.view(policy, now);
+        Acquire::Reserved { reservation: Reservation { key, slot, undo }, view }
+    }
+
+    fn cancel(&self, policy: &Policy, reservation: &Reservation) {
+        let mut shard = self.shard(&reservation.key);
+        let entry = shard.get_mut(&reservation.key);
+        if let Some(entry) = entry {
+            match (&mut entry.history, policy.kind) {
+                (History::Window(log), Kind::Window) => {
+                    log.cancel(reservation.slot);
+                    entry.idle_at = log.idle_at(policy.window);
+                }
+                (History::Gcra(tat), Kind::Gcra { period, .. }) => {
+                    tat.cancel(reservation.undo, period);
+                    entry.idle_at = tat.0;
+                }
+                _ => {}
+            }
+            self.release_queue_slot(Some(entry));
+        } else {
+            self.release_queue_slot(None);
+        }
+    }
+
+    fn redeem(&self, reservation: &Reservation) -> Result<(), Refusal> {
+        let mut shard = self.shard(&reservation.key);
+        let now = self.clock.now();
+        let entry = shard.get_mut(&reservation.key);
+        let locked_until = entry.as_ref().map_or(0, |e| e.locked_until);
+        self.release_queue_slot(entry);
+        if locked_until > now {
+            return Err(Refusal { reason: RefusalReason::Locked, retry_at: locked_until });
+        }
+        Ok(())
+    }
+
+    fn lock(&self, key: Key, until: Nanos, _reason: LockReason) {
+        {
+            let mut shard = self.shard(&key);
+            let entry = shard.entry(key).or_insert_with(|| Entry::new(Kind::Window));
+            entry.locked_until = entry.locked_until.max(until);
+        }
+        let mut locks = relock(&self.locks);
+        let held = locks.entry(key).or_insert(0);
+        *held = (*held).max(until);
+    }
+
+    fn evict_idle(&self) -> usize {
+        let now = self.clock.now();
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut map = relock(shard);
+            let before = map.len();
+            map.retain(|_, e| e.queued > 0 || e.locked_until > now || e.idle_at > now);
+            removed += before - map.len();
+            if map.capacity() > 64 && map.capacity() > map.len() * 4 {
+                map.shrink_to_fit();
+            }
+        }
+        relock(&self.locks).retain(|_, &mut until| until > now);
+        removed
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| relock(s).len()).sum()
+    }
+
+    fn locks_active(&self, route: RouteId) -> usize {
+        let now = self.clock.now();
+        relock(&self.locks).iter().filter(|(k, &until)| k.route == route && until > now).count()
+    }
+
+    fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+}

@@ -1,0 +1,180 @@
+//! The window guarantee: for every (route, user), at most `limit` sends in any window of
+//! `per + safety_margin` (SPEC promise 1), a burst of `limit` from idle at once (promise 2), learned
+//! locks (promise 3) and the reservations that queue mode waits on (promise 4).
+//!
+//! This module is pure of HTTP and of sockets: it answers "may this call go, and when", and keeps
+//! the per-key state that answer depends on. It never builds a response and never sleeps; the
+//! proxy sleeps until a reserved slot. Time is injected through [`Clock`], so tests drive it.
+
+mod clock;
+mod gcra;
+mod memory;
+mod window;
+
+pub use clock::{Clock, ManualClock, Nanos, TokioClock};
+pub use gcra::gcra_period;
+pub use memory::MemoryStore;
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use crate::config::{Algorithm, RouteConfig};
+
+/// Index of a route in the compiled route table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId(pub u32);
+
+/// A 128-bit hash that names one user without revealing the credential it came from.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserKey(pub [u8; 16]);
+
+impl UserKey {
+    /// The first 8 bytes in hex: enough to tell users apart in logs, too short to be a credential.
+    pub fn short(&self) -> String {
+        self.0[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UserKey({})", self.short())
+    }
+}
+
+/// One limiter key: Zoho counts per endpoint and per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub route: RouteId,
+    pub user: UserKey,
+}
+
+/// A route's quota in the limiter's own units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub limit: u32,
+    /// `per + safety_margin`: no window of this length may hold more than `limit` sends.
+    pub window: Nanos,
+    /// Zoho's lock period, applied when Zoho says a user is throttled.
+    pub lock: Nanos,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Exact sliding log of the last `limit` send times.
+    Window,
+    /// GCRA: `burst` cells at once, then one per `period`; sized so the window bound holds.
+    Gcra { burst: u32, period: Nanos },
+}
+
+impl Policy {
+    pub fn new(limit: NonZeroU32, window: Duration, lock: Duration, algorithm: Algorithm) -> Self {
+        let window = clock::nanos(window).max(1);
+        let kind = match algorithm {
+            Algorithm::Window => Kind::Window,
+            Algorithm::Gcra { burst } => {
+                let burst = burst.get().min(limit.get());
+                Kind::Gcra { burst, period: gcra_period(limit.get(), burst, window) }
+            }
+        };
+        Policy { limit: limit.get(), window, lock: clock::nanos(lock), kind }
+    }
+
+    /// The policy a configured route runs under, with the global safety margin added.
+    pub fn for_route(route: &RouteConfig, safety_margin: Duration) -> Self {
+        Policy::new(route.limit, route.per + safety_margin, route.lock, route.algorithm)
+    }
+}
+
+/// How far ahead a call may be scheduled: `None` means "now or never" (reject mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueRule {
+    pub max_wait: Nanos,
+    pub max_per_user: usize,
+}
+
+/// The limiter's answer for one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquire {
+    /// Send now; the send is already counted at `at`.
+    Now { at: Nanos, view: QuotaView },
+    /// A future slot is reserved; the caller waits for it, and gives it back if it goes away.
+    Reserved { reservation: Reservation, view: QuotaView },
+    /// Not now: the reason and the earliest time a new call could go.
+    Refused(Refusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub key: Key,
+    /// When the call may be sent.
+    pub slot: Nanos,
+    /// What to undo if the caller goes away before its slot (algorithm-specific).
+    pub undo: Nanos,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    /// Earliest time a new call for this key could be sent (for Retry-After).
+    pub retry_at: Nanos,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// Reject mode and the window is full.
+    Limited,
+    /// Queue mode, but the next free slot is further away than `max_wait`.
+    TooFar,
+    /// Queue mode, but this key's or the whole queue is full.
+    QueueFull,
+    /// Zoho locked this user out of this route; no call goes until the lock ends.
+    Locked,
+}
+
+/// What a caller is told about its quota (IETF RateLimit headers), as of the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuotaView {
+    pub remaining: u32,
+    /// Nanoseconds until at least one more call could go (0 if one can go now).
+    pub reset_in: Nanos,
+}
+
+/// Why a key is locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockReason {
+    /// Zoho answered with a throttle signal.
+    UpstreamThrottle,
+}
+
+/// The limiter interface every store implements (in-memory now, Redis later).
+///
+/// Decisions and the state they rest on change in one atomic step per key, reading the clock
+/// inside that step, so concurrent callers can never both take the last slot.
+pub trait Limiter: Send + Sync + 'static {
+    /// Decides one call arriving now. `queue` is `None` in reject mode.
+    fn acquire(&self, policy: &Policy, key: Key, queue: Option<QueueRule>) -> Acquire;
+
+    /// The caller of `reservation` went away before its slot: give the slot back.
+    fn cancel(&self, policy: &Policy, reservation: &Reservation);
+
+    /// The caller of `reservation` reached its slot. Returns a refusal if the key was locked
+    /// while it waited (the call must then not be sent).
+    fn redeem(&self, reservation: &Reservation) -> Result<(), Refusal>;
+
+    /// Zoho signalled a throttle: no call for `key` goes until `until`.
+    fn lock(&self, key: Key, until: Nanos, reason: LockReason);
+
+    /// Forgets keys that hold no information any more (idle past their window, unlocked, no
+    /// waiters). Returns how many were removed.
+    fn evict_idle(&self) -> usize;
+
+    /// Number of (route, user) keys held.
+    fn len(&self) -> usize;
+
+    /// Keys currently locked, per route.
+    fn locks_active(&self, route: RouteId) -> usize;
+
+    /// The clock decisions are made on.
+    fn clock(&self) -> &dyn Clock;
+}
