@@ -6,11 +6,12 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, Method};
+use saphyr::{LoadableYamlNode, MarkedYamlOwned, ScalarOwned, YamlDataOwned};
 
 // ---- Defaults: every default lives here, each with a test in this module. ----
 
@@ -149,4 +150,2443 @@ pub struct RouteConfig {
     pub algorithm: Algorithm,
     /// Line of the route in the file, for messages.
     pub line: usize,
+}
+
+// ---- Errors: every problem in the file, each with its line and dotted key. ----
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line in the file; 0 when the problem is the file as a whole (cannot be read).
+    pub line: usize,
+    /// Dotted key, e.g. `routes[2].per`, `identity.header`; [`DOCUMENT_KEY`] for the document itself.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}: {}", self.line, self.key, self.message)
+    }
+}
+
+/// Every problem found in one file, in line order.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The key reported for problems with the document as a whole (YAML syntax, its shape).
+pub const DOCUMENT_KEY: &str = "(document)";
+
+// ---- Loading ----
+
+impl Config {
+    /// Parses and validates a config held in memory. A relative `upstream_ca_file` is taken
+    /// relative to the working directory.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
+        Self::parse(text, None)
+    }
+
+    /// Reads, parses and validates a config file. A relative `upstream_ca_file` is taken relative
+    /// to the file's directory, so `cliqgate check` gives the same answer from any directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                line: 0,
+                key: path.display().to_string(),
+                message: format!("cannot read config file {}: {e}", path.display()),
+            }])
+        })?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        Self::parse(&text, dir)
+    }
+
+    fn parse(text: &str, base_dir: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let mut cx = Ctx {
+            errors: Vec::new(),
+            base_dir,
+        };
+        let root = load_document(text, &mut cx);
+        if let Some(root) = &root {
+            report_duplicate_keys(root, &text.chars().collect::<Vec<_>>(), "", &mut cx);
+        }
+        // Even a broken document is walked (as an empty one if unreadable as a mapping), so the
+        // caller learns about a missing `upstream` together with everything else.
+        let config = match Section::open(root.as_ref(), String::new(), 1, &TOP, &mut cx) {
+            Some(top) => read_config(&top, &mut cx),
+            None => None,
+        };
+        cx.finish(config)
+    }
+}
+
+/// Collects errors while the whole tree is walked; nothing stops at the first one.
+struct Ctx<'b> {
+    errors: Vec<ConfigError>,
+    /// Where relative file paths in the config are taken from (`None`: working directory).
+    base_dir: Option<&'b Path>,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, line: usize, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            line,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn finish(mut self, config: Option<Config>) -> Result<Config, ConfigErrors> {
+        // Stable sort: errors on one line keep the order they were found in.
+        self.errors.sort_by_key(|e| e.line);
+        match config {
+            Some(config) if self.errors.is_empty() => Ok(config),
+            _ if !self.errors.is_empty() => Err(ConfigErrors(self.errors)),
+            _ => Err(ConfigErrors(vec![ConfigError {
+                line: 0,
+                key: DOCUMENT_KEY.to_string(),
+                message: "config could not be built (no specific error was recorded)".into(),
+            }])),
+        }
+    }
+}
+
+/// Parses the YAML text into its single document. `None` means "treat as empty": no document at
+/// all, or one that could not be read (the reason is already recorded).
+fn load_document(text: &str, cx: &mut Ctx) -> Option<MarkedYamlOwned> {
+    let docs = match MarkedYamlOwned::load_from_str(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            cx.error(
+                e.marker().line(),
+                DOCUMENT_KEY,
+                format!("YAML syntax error: {}", e.info()),
+            );
+            return None;
+        }
+    };
+    if let Some(second) = docs.get(1) {
+        cx.error(
+            line_of(second),
+            DOCUMENT_KEY,
+            "only one YAML document is allowed; another one (after `---`) starts here",
+        );
+    }
+    docs.into_iter()
+        .next()
+        .filter(|doc| !doc.data.is_badvalue())
+}
+
+fn line_of(node: &MarkedYamlOwned) -> usize {
+    node.span.start.line()
+}
+
+// ---- Duplicate keys ----
+
+/// Reports mapping keys given twice. saphyr keeps one entry per key (the first key's position,
+/// the last value), so a duplicate shows as a key whose value does not directly follow it: the
+/// text between them holds the first value and the repeated key, not just `:`, anchors, tags,
+/// block-scalar indicators and comments.
+fn report_duplicate_keys(node: &MarkedYamlOwned, src: &[char], path: &str, cx: &mut Ctx) {
+    match &node.data {
+        YamlDataOwned::Mapping(map) => {
+            for (k, v) in map {
+                let key = join(path, &key_text(k));
+                let between = src
+                    .get(k.span.end.index()..v.span.start.index())
+                    .unwrap_or(&[]);
+                if !only_syntax(between) {
+                    cx.error(
+                        line_of(v),
+                        &key,
+                        format!(
+                            "duplicate key: it is also set at line {}; YAML would silently keep \
+                             only the last value, so remove one",
+                            line_of(k)
+                        ),
+                    );
+                }
+                report_duplicate_keys(v, src, &key, cx);
+            }
+        }
+        YamlDataOwned::Sequence(items) => {
+            for (i, item) in items.iter().enumerate() {
+                report_duplicate_keys(item, src, &format!("{path}[{i}]"), cx);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// True if `text` (between a key and its value) holds nothing but YAML punctuation.
+fn only_syntax(text: &[char]) -> bool {
+    let text: String = text.iter().collect();
+    text.lines().all(|line| {
+        strip_comment(line).split_whitespace().all(|token| {
+            token.starts_with(['&', '!'])
+                || token
+                    .chars()
+                    .all(|c| ":?|>+-\"'".contains(c) || c.is_ascii_digit())
+        })
+    })
+}
+
+/// A `#` starts a comment at the start of a line or after whitespace (YAML 1.2, 6.6).
+fn strip_comment(line: &str) -> &str {
+    let mut previous = ' ';
+    for (i, c) in line.char_indices() {
+        if c == '#' && previous.is_whitespace() {
+            return &line[..i];
+        }
+        previous = c;
+    }
+    line
+}
+
+// ---- Walking mappings: allowed keys, refused keys, typed values ----
+
+/// The keys one mapping may hold. `refused` keys are part of the product (SPEC.md) but not built
+/// yet: they get an explanation instead of "unknown key".
+struct Schema {
+    allowed: &'static [&'static str],
+    refused: &'static [(&'static str, &'static str)],
+}
+
+const ROUTE_FIELDS: &[&str] = &[
+    "method",
+    "limit",
+    "per",
+    "lock",
+    "on_limit",
+    "max_wait",
+    "algorithm",
+    "burst",
+];
+
+const TOP: Schema = Schema {
+    allowed: &[
+        "listen",
+        "admin_listen",
+        "upstream",
+        "upstream_ca_file",
+        "safety_margin",
+        "unmatched",
+        "identity",
+        "store",
+        "timeouts",
+        "http",
+        "queue",
+        "log",
+        "defaults",
+        "routes",
+    ],
+    refused: &[],
+};
+
+const PLANNED_RESOLVE: &str = "not supported yet (planned: identity resolution); it belongs to \
+                               `mode: resolve`, and only `token` and `header` are available";
+const PLANNED_REDIS: &str = "not supported yet (planned: shared Redis store); the store is \
+                             in memory, one budget per cliqgate process";
+const PLANNED_RESTART: &str = "not supported yet (planned: restart safety); limiter state lives \
+                               in memory and starts empty after a restart";
+
+const IDENTITY: Schema = Schema {
+    allowed: &["mode", "header"],
+    refused: &[
+        ("url", PLANNED_RESOLVE),
+        ("user_field", PLANNED_RESOLVE),
+        ("ttl", PLANNED_RESOLVE),
+    ],
+};
+const STORE: Schema = Schema {
+    allowed: &["kind"],
+    refused: &[
+        ("url", PLANNED_REDIS),
+        ("on_error", PLANNED_REDIS),
+        ("replicas", PLANNED_REDIS),
+        ("state_file", PLANNED_RESTART),
+    ],
+};
+const TIMEOUTS: Schema = Schema {
+    allowed: &["connect", "response", "client_header", "shutdown"],
+    refused: &[],
+};
+const HTTP: Schema = Schema {
+    allowed: &["max_header_bytes", "max_body_bytes"],
+    refused: &[],
+};
+const QUEUE: Schema = Schema {
+    allowed: &["max_per_user", "max_total"],
+    refused: &[],
+};
+const LOG: Schema = Schema {
+    allowed: &["format", "level"],
+    refused: &[],
+};
+const DEFAULTS: Schema = Schema {
+    allowed: ROUTE_FIELDS,
+    refused: &[
+        (
+            "name",
+            "belongs to each route (names are unique), not to `defaults`",
+        ),
+        ("path", "belongs to each route, not to `defaults`"),
+    ],
+};
+const ROUTE: Schema = Schema {
+    allowed: &[
+        "name",
+        "method",
+        "path",
+        "limit",
+        "per",
+        "lock",
+        "on_limit",
+        "max_wait",
+        "algorithm",
+        "burst",
+    ],
+    refused: &[],
+};
+
+/// A mapping whose keys have been checked against its [`Schema`].
+struct Section<'a> {
+    /// Dotted path of the mapping itself (`""` for the top level).
+    path: String,
+    /// Line of the mapping, for "missing key" errors.
+    line: usize,
+    entries: Vec<(&'a str, &'a MarkedYamlOwned)>,
+}
+
+/// One value and the dotted key it was found under.
+struct Field<'a> {
+    key: String,
+    node: &'a MarkedYamlOwned,
+}
+
+impl Field<'_> {
+    fn line(&self) -> usize {
+        line_of(self.node)
+    }
+}
+
+impl<'a> Section<'a> {
+    /// Opens `node` as a mapping. Absent or empty (`key:` with everything commented out) is an
+    /// empty mapping; anything else that is not a mapping is reported and gives `None`.
+    fn open(
+        node: Option<&'a MarkedYamlOwned>,
+        path: String,
+        line: usize,
+        schema: &Schema,
+        cx: &mut Ctx,
+    ) -> Option<Section<'a>> {
+        let mut section = Section {
+            path,
+            line,
+            entries: Vec::new(),
+        };
+        let Some(node) = node.filter(|n| !n.data.is_null()) else {
+            return Some(section);
+        };
+        let YamlDataOwned::Mapping(map) = &node.data else {
+            let key = if section.path.is_empty() {
+                DOCUMENT_KEY
+            } else {
+                &section.path
+            };
+            cx.error(
+                line_of(node),
+                key,
+                format!("expected a mapping of keys, found {}", kind_of(node)),
+            );
+            return None;
+        };
+        section.line = line_of(node);
+        for (k, v) in map {
+            if let Some(name) = section.check_key(k, schema, cx) {
+                section.entries.push((name, v));
+            }
+        }
+        Some(section)
+    }
+
+    /// The key's name if the schema allows it; otherwise reports why not.
+    fn check_key(&self, k: &'a MarkedYamlOwned, schema: &Schema, cx: &mut Ctx) -> Option<&'a str> {
+        let key = self.key(&key_text(k));
+        let Some(name) = k.data.as_str() else {
+            cx.error(
+                line_of(k),
+                &key,
+                format!("keys must be strings, found {}", kind_of(k)),
+            );
+            return None;
+        };
+        if schema.allowed.contains(&name) {
+            return Some(name);
+        }
+        let message = match schema.refused.iter().find(|(refused, _)| *refused == name) {
+            Some((_, why)) => (*why).to_string(),
+            None if name == "<<" => "YAML merge keys (`<<`) are not supported; put shared route \
+                                     fields under `defaults`"
+                .to_string(),
+            None => unknown_key_message(name, schema.allowed),
+        };
+        cx.error(line_of(k), &key, message);
+        None
+    }
+
+    fn key(&self, name: &str) -> String {
+        join(&self.path, name)
+    }
+
+    fn field(&self, name: &str) -> Option<Field<'a>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, node)| Field {
+                key: self.key(name),
+                node,
+            })
+    }
+
+    /// Opens the nested mapping under `name`.
+    fn child(&self, name: &str, schema: &Schema, cx: &mut Ctx) -> Option<Section<'a>> {
+        let node = self.field(name).map(|f| f.node);
+        Section::open(node, self.key(name), self.line, schema, cx)
+    }
+
+    /// Reports a required key that is absent, at the line of this mapping.
+    fn missing(&self, name: &str, why: &str, cx: &mut Ctx) {
+        cx.error(self.line, &self.key(name), format!("missing: {why}"));
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn key_text(k: &MarkedYamlOwned) -> String {
+    match &k.data {
+        YamlDataOwned::Value(ScalarOwned::String(s)) => s.clone(),
+        YamlDataOwned::Value(ScalarOwned::Integer(n)) => n.to_string(),
+        YamlDataOwned::Value(ScalarOwned::Boolean(b)) => b.to_string(),
+        _ => "?".to_string(),
+    }
+}
+
+fn unknown_key_message(name: &str, allowed: &[&str]) -> String {
+    let hint = allowed
+        .iter()
+        .find(|a| edit_distance(name, a) <= 2)
+        .map(|a| format!("did you mean `{a}`? "))
+        .unwrap_or_default();
+    format!("unknown key; {hint}allowed here: {}", allowed.join(", "))
+}
+
+/// Levenshtein distance, for "did you mean" hints on short key names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// How a node reads in "expected X, found Y" messages.
+fn kind_of(node: &MarkedYamlOwned) -> String {
+    match &node.data {
+        YamlDataOwned::Value(ScalarOwned::Null) => "an empty value".into(),
+        YamlDataOwned::Value(ScalarOwned::Boolean(b)) => format!("the boolean {b}"),
+        YamlDataOwned::Value(ScalarOwned::Integer(n)) => format!("the integer {n}"),
+        YamlDataOwned::Value(ScalarOwned::FloatingPoint(x)) => format!("the number {x}"),
+        YamlDataOwned::Value(ScalarOwned::String(s)) => format!("the string {s:?}"),
+        YamlDataOwned::Sequence(_) => "a list".into(),
+        YamlDataOwned::Mapping(_) => "a mapping".into(),
+        YamlDataOwned::Tagged(tag, _) => {
+            format!("a value tagged {tag} (YAML tags are not supported)")
+        }
+        YamlDataOwned::BadValue => "a value that does not match its YAML tag".into(),
+        YamlDataOwned::Alias(_) => "an unresolved YAML alias".into(),
+        YamlDataOwned::Representation(text, _, _) => format!("the unparsed value {text:?}"),
+    }
+}
+
+// ---- Typed values. Each reports its own error and returns None, so the walk goes on. ----
+
+fn string<'a>(f: &Field<'a>, what: &str, cx: &mut Ctx) -> Option<&'a str> {
+    match f.node.data.as_str() {
+        Some(s) if !s.trim().is_empty() => Some(s),
+        Some(_) => {
+            cx.error(
+                f.line(),
+                &f.key,
+                format!("must not be empty; expected {what}"),
+            );
+            None
+        }
+        None => {
+            cx.error(
+                f.line(),
+                &f.key,
+                format!("expected {what}, found {}", kind_of(f.node)),
+            );
+            None
+        }
+    }
+}
+
+/// A whole number >= 1 that fits `T`.
+fn positive<T: TryFrom<i64>>(f: &Field, cx: &mut Ctx) -> Option<T> {
+    let n = match &f.node.data {
+        YamlDataOwned::Value(ScalarOwned::Integer(n)) => *n,
+        YamlDataOwned::Value(ScalarOwned::FloatingPoint(x)) => {
+            cx.error(
+                f.line(),
+                &f.key,
+                format!("expected a whole number, found {x}"),
+            );
+            return None;
+        }
+        _ => {
+            cx.error(
+                f.line(),
+                &f.key,
+                format!("expected a whole number, found {}", kind_of(f.node)),
+            );
+            return None;
+        }
+    };
+    if n < 1 {
+        cx.error(f.line(), &f.key, format!("must be at least 1, found {n}"));
+        return None;
+    }
+    let value = T::try_from(n).ok();
+    if value.is_none() {
+        cx.error(f.line(), &f.key, format!("{n} is too large"));
+    }
+    value
+}
+
+fn non_zero_u32(f: &Field, cx: &mut Ctx) -> Option<NonZeroU32> {
+    positive::<u32>(f, cx).and_then(NonZeroU32::new)
+}
+
+/// A duration string (`"250ms"`, `"10m"`). `allow_zero` where zero has a meaning (no margin, no
+/// waiting); elsewhere a zero would disable the thing being configured.
+fn duration(f: &Field, allow_zero: bool, cx: &mut Ctx) -> Option<Duration> {
+    let Some(text) = f.node.data.as_str() else {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!(
+                "expected a duration string with a unit (ms, s, m, h), e.g. \"30s\", found {}",
+                kind_of(f.node)
+            ),
+        );
+        return None;
+    };
+    match parse_duration(text) {
+        Ok(d) if d.is_zero() && !allow_zero => {
+            cx.error(f.line(), &f.key, "must be greater than zero");
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            cx.error(f.line(), &f.key, e);
+            None
+        }
+    }
+}
+
+/// One of a fixed set of lowercase words.
+fn choice<T: Copy>(f: &Field, options: &[(&str, T)], cx: &mut Ctx) -> Option<T> {
+    let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+    let allowed = names.join(", ");
+    let Some(text) = f.node.data.as_str() else {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!("expected one of {allowed}, found {}", kind_of(f.node)),
+        );
+        return None;
+    };
+    let found = options
+        .iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, v)| *v);
+    if found.is_none() {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!("unknown value {text:?}; allowed: {allowed}"),
+        );
+    }
+    found
+}
+
+fn socket_addr(f: &Field, cx: &mut Ctx) -> Option<SocketAddr> {
+    let text = string(f, "an address like \"127.0.0.1:8080\"", cx)?;
+    let addr = text.parse::<SocketAddr>().ok();
+    if addr.is_none() {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!(
+                "{text:?} is not a socket address; write an IP and a port, e.g. \"0.0.0.0:8080\" \
+                 or \"[::1]:8080\" (port 0 picks a free port)"
+            ),
+        );
+    }
+    addr
+}
+
+/// A byte size: a whole number of bytes, or a string with a unit (`"64KiB"`).
+fn byte_size(f: &Field, cx: &mut Ctx) -> Option<u64> {
+    match f.node.data.as_str() {
+        Some(text) => match parse_size(text) {
+            Ok(0) => {
+                cx.error(f.line(), &f.key, "must be greater than zero");
+                None
+            }
+            Ok(n) => Some(n),
+            Err(e) => {
+                cx.error(f.line(), &f.key, e);
+                None
+            }
+        },
+        None => positive::<u64>(f, cx),
+    }
+}
+
+// ---- Durations and sizes ----
+
+const DURATION_HELP: &str =
+    "write a whole number and a unit (ms, s, m, h), e.g. \"250ms\", \"30s\", \"10m\", \"1h30m\"";
+
+/// Parses `"250ms"`, `"2s"`, `"1m"`, `"10m"`, `"1h"` and combinations from the largest unit down
+/// (`"1h30m"`). Zero (`"0s"`) parses; whether it is allowed is up to each key.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = |why: &str| Err(format!("{s:?} is not a duration: {why}; {DURATION_HELP}"));
+    if s.is_empty() {
+        return bad("it is empty");
+    }
+    if s.contains(char::is_whitespace) {
+        return bad("spaces are not allowed");
+    }
+    if s.starts_with('-') {
+        return bad("it is negative");
+    }
+    if s.contains(['.', ',']) {
+        return bad("fractions are not allowed (write \"1500ms\", not \"1.5s\")");
+    }
+    let mut rest = s;
+    let mut total = Duration::ZERO;
+    let mut previous_rank = usize::MAX;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, after) = rest.split_at(digits);
+        let letters = after.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let (unit, next) = after.split_at(letters);
+        if number.is_empty() {
+            return bad("expected a number");
+        }
+        let (rank, millis) = match unit {
+            "ms" => (0, 1),
+            "s" => (1, 1_000),
+            "m" => (2, 60_000),
+            "h" => (3, 3_600_000),
+            "" => return bad(&format!("{number} has no unit")),
+            other => return bad(&format!("unknown unit {other:?}")),
+        };
+        if rank >= previous_rank {
+            return bad("units must go from largest to smallest, each at most once");
+        }
+        previous_rank = rank;
+        let part = number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(millis))
+            .map(Duration::from_millis);
+        match part.and_then(|p| total.checked_add(p)) {
+            Some(sum) => total = sum,
+            None => return bad("it is too large"),
+        }
+        rest = next;
+    }
+    Ok(total)
+}
+
+/// The shortest exact spelling that [`parse_duration`] reads back: `10m`, `1m1s`, `1500ms`.
+pub fn format_duration(d: Duration) -> String {
+    let mut millis = d.as_millis();
+    if millis == 0 {
+        return "0s".to_string();
+    }
+    let mut out = String::new();
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if millis % 1_000 != 0 && unit == "s" {
+            break; // sub-second remainder: spell seconds and below in ms
+        }
+        if millis >= size {
+            out.push_str(&format!("{}{unit}", millis / size));
+            millis %= size;
+        }
+    }
+    if millis > 0 {
+        out.push_str(&format!("{millis}ms"));
+    }
+    out
+}
+
+/// Parses a size string with a unit: `"512B"`, `"64KiB"`, `"16MiB"`, `"1GiB"`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = s.split_at(digits);
+    let multiplier: u64 = match unit {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size: write a whole number of bytes (65536) or a number and a \
+                 unit (B, KiB, MiB, GiB), e.g. \"64KiB\""
+            ))
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("{s:?} is not a size: expected a whole number before the unit"))
+}
+
+// ---- The top level ----
+
+fn read_config(top: &Section, cx: &mut Ctx) -> Option<Config> {
+    let listen = address(top, "listen", DEFAULT_LISTEN, cx);
+    let admin_listen = address(top, "admin_listen", DEFAULT_ADMIN_LISTEN, cx);
+    let upstream = match top.field("upstream") {
+        Some(f) => upstream(&f, cx),
+        None => {
+            top.missing(
+                "upstream",
+                "the Zoho Cliq base URL, e.g. \"https://cliq.zoho.com\"",
+                cx,
+            );
+            None
+        }
+    };
+    let upstream_ca_file = top.field("upstream_ca_file").and_then(|f| ca_file(&f, cx));
+    let safety_margin = top
+        .field("safety_margin")
+        .and_then(|f| duration(&f, true, cx))
+        .unwrap_or(DEFAULT_SAFETY_MARGIN);
+    let unmatched = top
+        .field("unmatched")
+        .and_then(|f| {
+            choice(
+                &f,
+                &[
+                    ("forward", Unmatched::Forward),
+                    ("reject", Unmatched::Reject),
+                ],
+                cx,
+            )
+        })
+        .unwrap_or(DEFAULT_UNMATCHED);
+    let identity = read_identity(top, cx);
+    let store = read_store(top, cx);
+    let timeouts = read_timeouts(top, cx);
+    let http = read_http(top, cx);
+    let queue = read_queue(top, cx);
+    let log = read_log(top, cx);
+    let routes = read_routes(top, cx);
+    Some(Config {
+        listen,
+        admin_listen,
+        upstream: upstream?,
+        upstream_ca_file,
+        safety_margin,
+        unmatched,
+        identity,
+        store,
+        timeouts,
+        http,
+        queue,
+        log,
+        routes,
+    })
+}
+
+fn address(top: &Section, name: &str, default: &'static str, cx: &mut Ctx) -> SocketAddr {
+    top.field(name)
+        .and_then(|f| socket_addr(&f, cx))
+        .unwrap_or_else(|| {
+            default
+                .parse()
+                .expect("DEFAULT_* addresses are valid literals (tested)")
+        })
+}
+
+/// `upstream`: the one origin cliqgate dials. Only scheme and host[:port] are meaningful: a path,
+/// query or credentials here would be silently dropped or leaked, so they are refused.
+fn upstream(f: &Field, cx: &mut Ctx) -> Option<UpstreamTarget> {
+    let text = string(f, "a URL like \"https://cliq.zoho.com\"", cx)?;
+    let result = parse_upstream(text);
+    if let Err(why) = &result {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!("{text:?} is not a usable upstream: {why}"),
+        );
+    }
+    result.ok()
+}
+
+fn parse_upstream(text: &str) -> Result<UpstreamTarget, String> {
+    // http::Uri silently drops a fragment; refuse it before parsing.
+    if text.contains('#') {
+        return Err("a fragment (#...) is not allowed".into());
+    }
+    let uri = text
+        .parse::<http::Uri>()
+        .map_err(|e| format!("not a URL ({e})"))?;
+    let scheme = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        Some(other) => {
+            return Err(format!(
+                "scheme {other:?} is not supported; use https:// (or http:// for tests)"
+            ))
+        }
+        None => return Err("it needs a scheme: https://host (or http:// for tests)".into()),
+    };
+    let authority = uri.authority().ok_or("it needs a host")?.clone();
+    if authority.as_str().contains('@') {
+        return Err("credentials (user@) are not allowed; callers send their own tokens".into());
+    }
+    if authority.host().is_empty() {
+        return Err("it needs a host".into());
+    }
+    check_port(&authority)?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(
+            "only scheme and host[:port] are allowed: no path or query, because \
+                    callers' request paths are forwarded as they are"
+                .into(),
+        );
+    }
+    Ok(UpstreamTarget { scheme, authority })
+}
+
+/// `http::Uri` accepts `host:` and `host:99999`; neither can be dialled.
+fn check_port(authority: &Authority) -> Result<(), String> {
+    let after_host = &authority.as_str()[authority.host().len()..];
+    match after_host.strip_prefix(':') {
+        None => Ok(()),
+        Some(port) => match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(()),
+            _ => Err(format!("port {port:?} is not a port number (1-65535)")),
+        },
+    }
+}
+
+/// `upstream_ca_file`: checked now so a typo fails `cliqgate check`, not the first TLS handshake.
+fn ca_file(f: &Field, cx: &mut Ctx) -> Option<PathBuf> {
+    let text = string(f, "a path to a PEM file", cx)?;
+    let path = match cx.base_dir {
+        Some(dir) if Path::new(text).is_relative() => dir.join(text),
+        _ => PathBuf::from(text),
+    };
+    if !path.is_file() {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!("no such file: {}", path.display()),
+        );
+        return None;
+    }
+    Some(path)
+}
+
+fn read_identity(top: &Section, cx: &mut Ctx) -> IdentityConfig {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        Token,
+        Header,
+        Resolve,
+    }
+    let Some(sec) = top.child("identity", &IDENTITY, cx) else {
+        return IdentityConfig::Token;
+    };
+    let modes = [
+        ("token", Mode::Token),
+        ("header", Mode::Header),
+        ("resolve", Mode::Resolve),
+    ];
+    let mode_field = sec.field("mode");
+    let mode = match &mode_field {
+        Some(f) => choice(f, &modes, cx),
+        None => Some(Mode::Token),
+    };
+    let header = sec.field("header");
+    match (mode, mode_field, header) {
+        (Some(Mode::Resolve), Some(f), _) => {
+            cx.error(
+                f.line(),
+                &f.key,
+                "\"resolve\" is not supported yet (planned: identity resolution); use token or header",
+            );
+            None
+        }
+        (Some(Mode::Header), _, Some(h)) => header_name(&h, cx).map(|name| IdentityConfig::Header { name }),
+        (Some(Mode::Header), _, None) => {
+            sec.missing("header", "mode header needs `header`, the trusted request header that names the user, e.g. \"X-Cliq-User\"", cx);
+            None
+        }
+        (Some(Mode::Token), _, Some(h)) => {
+            cx.error(h.line(), &h.key, "only used with `mode: header` (mode here is token)");
+            None
+        }
+        _ => None,
+    }
+    .unwrap_or(IdentityConfig::Token)
+}
+
+fn header_name(f: &Field, cx: &mut Ctx) -> Option<HeaderName> {
+    let text = string(f, "an HTTP header name like \"X-Cliq-User\"", cx)?;
+    let name = HeaderName::from_bytes(text.as_bytes()).ok();
+    if name.is_none() {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!("{text:?} is not a valid HTTP header name (RFC 9110, 5.1)"),
+        );
+    }
+    name
+}
+
+fn read_store(top: &Section, cx: &mut Ctx) -> StoreConfig {
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Memory,
+        Redis,
+    }
+    let Some(sec) = top.child("store", &STORE, cx) else {
+        return StoreConfig::Memory;
+    };
+    let Some(f) = sec.field("kind") else {
+        return StoreConfig::Memory;
+    };
+    if let Some(Kind::Redis) = choice(&f, &[("memory", Kind::Memory), ("redis", Kind::Redis)], cx) {
+        cx.error(
+            f.line(),
+            &f.key,
+            "\"redis\" is not supported yet (planned: shared Redis store); use memory",
+        );
+    }
+    StoreConfig::Memory
+}
+
+fn read_timeouts(top: &Section, cx: &mut Ctx) -> Timeouts {
+    let sec = top.child("timeouts", &TIMEOUTS, cx);
+    let mut get = |name: &str, default: Duration| {
+        sec.as_ref()
+            .and_then(|s| s.field(name))
+            .and_then(|f| duration(&f, false, cx))
+            .unwrap_or(default)
+    };
+    Timeouts {
+        connect: get("connect", DEFAULT_CONNECT_TIMEOUT),
+        response: get("response", DEFAULT_RESPONSE_TIMEOUT),
+        client_header: get("client_header", DEFAULT_CLIENT_HEADER_TIMEOUT),
+        shutdown: get("shutdown", DEFAULT_SHUTDOWN_TIMEOUT),
+    }
+}
+
+/// Below this a request head with a long OAuth token and a few ordinary headers does not fit.
+const MIN_HEADER_BYTES: u64 = 1024;
+
+fn read_http(top: &Section, cx: &mut Ctx) -> HttpLimits {
+    let sec = top.child("http", &HTTP, cx);
+    let field = |name: &str| sec.as_ref().and_then(|s| s.field(name));
+    let max_header_bytes = field("max_header_bytes")
+        .and_then(|f| {
+            let n = byte_size(&f, cx)?;
+            if n < MIN_HEADER_BYTES {
+                cx.error(
+                    f.line(),
+                    &f.key,
+                    format!("must be at least {MIN_HEADER_BYTES} bytes, found {n}"),
+                );
+                return None;
+            }
+            usize::try_from(n).ok()
+        })
+        .unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    let max_body_bytes = field("max_body_bytes")
+        .and_then(|f| byte_size(&f, cx))
+        .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    HttpLimits {
+        max_header_bytes,
+        max_body_bytes,
+    }
+}
+
+fn read_queue(top: &Section, cx: &mut Ctx) -> QueueLimits {
+    let sec = top.child("queue", &QUEUE, cx);
+    let field = |name: &str| sec.as_ref().and_then(|s| s.field(name));
+    let per_user_field = field("max_per_user");
+    let max_per_user = per_user_field
+        .as_ref()
+        .and_then(|f| positive::<usize>(f, cx));
+    let max_total = field("max_total").and_then(|f| positive::<usize>(&f, cx));
+    let limits = QueueLimits {
+        max_per_user: max_per_user.unwrap_or(DEFAULT_QUEUE_MAX_PER_USER),
+        max_total: max_total.unwrap_or(DEFAULT_QUEUE_MAX_TOTAL),
+    };
+    if limits.max_per_user > limits.max_total && max_per_user.is_some() {
+        if let Some(f) = per_user_field {
+            cx.error(
+                f.line(),
+                &f.key,
+                format!(
+                    "{} is more than queue.max_total ({})",
+                    limits.max_per_user, limits.max_total
+                ),
+            );
+        }
+    }
+    limits
+}
+
+fn read_log(top: &Section, cx: &mut Ctx) -> LogConfig {
+    let sec = top.child("log", &LOG, cx);
+    let field = |name: &str| sec.as_ref().and_then(|s| s.field(name));
+    let format = field("format")
+        .and_then(|f| {
+            choice(
+                &f,
+                &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
+                cx,
+            )
+        })
+        .unwrap_or(DEFAULT_LOG_FORMAT);
+    let level = field("level")
+        .and_then(|f| {
+            let text = string(
+                &f,
+                "a log filter like \"info\" or \"cliqgate=debug,info\"",
+                cx,
+            )?;
+            check_log_filter(text)
+                .map_err(|e| cx.error(f.line(), &f.key, e))
+                .ok()?;
+            Some(text.to_string())
+        })
+        .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+    LogConfig { format, level }
+}
+
+/// Checked here so a typo fails `cliqgate check` instead of start-up. tracing's syntax takes a
+/// bare word as a target name (`verbose` = "target verbose at trace"), which is almost always a
+/// misspelt level, so bare words must be level names.
+fn check_log_filter(text: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare_word = !directive.contains(['=', '[', ':']);
+        if bare_word && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} is not a level ({}); for a target write \"{directive}=debug\"",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map(|_| ())
+        .map_err(|e| format!("{text:?} is not a log filter: {e}"))
+}
+
+// ---- Routes ----
+
+/// A value and where it was written, so errors about a merged route can point at `defaults`.
+#[derive(Clone)]
+struct Spotted<T> {
+    value: T,
+    line: usize,
+    key: String,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum AlgorithmKind {
+    Window,
+    Gcra,
+}
+
+/// The route fields that `defaults` may also hold; a route's own value wins.
+#[derive(Clone, Default)]
+struct RouteFields {
+    /// `Some(None)`: `method: "*"`, every method (overrides a method from `defaults`).
+    method: Option<Spotted<Option<Method>>>,
+    limit: Option<Spotted<NonZeroU32>>,
+    per: Option<Spotted<Duration>>,
+    lock: Option<Spotted<Duration>>,
+    on_limit: Option<Spotted<OnLimit>>,
+    max_wait: Option<Spotted<Duration>>,
+    algorithm: Option<Spotted<AlgorithmKind>>,
+    burst: Option<Spotted<NonZeroU32>>,
+}
+
+impl RouteFields {
+    fn read(sec: &Section, cx: &mut Ctx) -> RouteFields {
+        fn spot<T>(f: Field, read: impl FnOnce(&Field) -> Option<T>) -> Option<Spotted<T>> {
+            let value = read(&f)?;
+            Some(Spotted {
+                value,
+                line: f.line(),
+                key: f.key,
+            })
+        }
+        let on_limit = [("queue", OnLimit::Queue), ("reject", OnLimit::Reject)];
+        let algorithms = [
+            ("window", AlgorithmKind::Window),
+            ("gcra", AlgorithmKind::Gcra),
+        ];
+        RouteFields {
+            method: sec.field("method").and_then(|f| spot(f, |f| method(f, cx))),
+            limit: sec
+                .field("limit")
+                .and_then(|f| spot(f, |f| non_zero_u32(f, cx))),
+            per: sec
+                .field("per")
+                .and_then(|f| spot(f, |f| duration(f, false, cx))),
+            lock: sec
+                .field("lock")
+                .and_then(|f| spot(f, |f| duration(f, false, cx))),
+            on_limit: sec
+                .field("on_limit")
+                .and_then(|f| spot(f, |f| choice(f, &on_limit, cx))),
+            max_wait: sec
+                .field("max_wait")
+                .and_then(|f| spot(f, |f| duration(f, true, cx))),
+            algorithm: sec
+                .field("algorithm")
+                .and_then(|f| spot(f, |f| choice(f, &algorithms, cx))),
+            burst: sec
+                .field("burst")
+                .and_then(|f| spot(f, |f| non_zero_u32(f, cx))),
+        }
+    }
+
+    /// Fills what the route left out from `defaults`.
+    fn or(self, defaults: &RouteFields) -> RouteFields {
+        RouteFields {
+            method: self.method.or_else(|| defaults.method.clone()),
+            limit: self.limit.or_else(|| defaults.limit.clone()),
+            per: self.per.or_else(|| defaults.per.clone()),
+            lock: self.lock.or_else(|| defaults.lock.clone()),
+            on_limit: self.on_limit.or_else(|| defaults.on_limit.clone()),
+            max_wait: self.max_wait.or_else(|| defaults.max_wait.clone()),
+            algorithm: self.algorithm.or_else(|| defaults.algorithm.clone()),
+            burst: self.burst.or_else(|| defaults.burst.clone()),
+        }
+    }
+}
+
+/// `method`: a standard method in any case, or `"*"` for all of them.
+fn method(f: &Field, cx: &mut Ctx) -> Option<Option<Method>> {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
+    ];
+    let text = string(f, "an HTTP method like \"POST\"", cx)?;
+    if text == "*" {
+        return Some(None);
+    }
+    let upper = text.to_ascii_uppercase();
+    if !STANDARD.contains(&upper.as_str()) {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!(
+                "unknown method {text:?}; allowed: {} (or \"*\" for every method)",
+                STANDARD.join(", ")
+            ),
+        );
+        return None;
+    }
+    Method::from_bytes(upper.as_bytes()).ok().map(Some)
+}
+
+fn read_routes(top: &Section, cx: &mut Ctx) -> Vec<RouteConfig> {
+    let defaults = top
+        .child("defaults", &DEFAULTS, cx)
+        .map(|sec| RouteFields::read(&sec, cx))
+        .unwrap_or_default();
+    let Some(f) = top.field("routes") else {
+        return Vec::new();
+    };
+    let items: &[MarkedYamlOwned] = match &f.node.data {
+        YamlDataOwned::Sequence(items) => items,
+        YamlDataOwned::Value(ScalarOwned::Null) => &[],
+        _ => {
+            cx.error(
+                f.line(),
+                &f.key,
+                format!("expected a list of routes, found {}", kind_of(f.node)),
+            );
+            return Vec::new();
+        }
+    };
+    let mut names: Vec<(String, usize, usize)> = Vec::new(); // name, index, line
+    let mut routes = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(sec) = Section::open(Some(item), path, line_of(item), &ROUTE, cx) else {
+            continue;
+        };
+        let name = route_name(&sec, &mut names, i, cx);
+        let paths = route_paths(&sec, cx);
+        let fields = RouteFields::read(&sec, cx).or(&defaults);
+        if let Some(route) = build_route(&sec, name, paths, fields, cx) {
+            routes.push((i, route));
+        }
+    }
+    report_shadowed_paths(&routes, cx);
+    routes.into_iter().map(|(_, route)| route).collect()
+}
+
+/// `name`: required, unique (it is the metric label and the admin API's key).
+fn route_name(
+    sec: &Section,
+    seen: &mut Vec<(String, usize, usize)>,
+    index: usize,
+    cx: &mut Ctx,
+) -> Option<String> {
+    let Some(f) = sec.field("name") else {
+        sec.missing(
+            "name",
+            "every route needs a unique `name` (it labels the route's metrics)",
+            cx,
+        );
+        return None;
+    };
+    let name = string(&f, "a route name like \"chats.post_message\"", cx)?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!("{name:?}: use only letters, digits, '_', '.' and '-' (it is a metric label)"),
+        );
+        return None;
+    }
+    if let Some((_, first, line)) = seen.iter().find(|(seen_name, _, _)| seen_name == name) {
+        cx.error(
+            f.line(),
+            &f.key,
+            format!(
+                "duplicate route name {name:?}: already used by routes[{first}] at line {line}"
+            ),
+        );
+        return None;
+    }
+    seen.push((name.to_string(), index, f.line()));
+    Some(name.to_string())
+}
+
+/// `path`: one template or a non-empty list of templates sharing one quota.
+fn route_paths(sec: &Section, cx: &mut Ctx) -> Option<Vec<String>> {
+    let Some(f) = sec.field("path") else {
+        sec.missing(
+            "path",
+            "every route needs a `path` template (or a list of them)",
+            cx,
+        );
+        return None;
+    };
+    let fields: Vec<Field> = match &f.node.data {
+        YamlDataOwned::Sequence(items) if items.is_empty() => {
+            cx.error(
+                f.line(),
+                &f.key,
+                "the list is empty; give at least one path template",
+            );
+            return None;
+        }
+        YamlDataOwned::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, node)| Field {
+                key: format!("{}[{i}]", f.key),
+                node,
+            })
+            .collect(),
+        _ => vec![Field {
+            key: f.key.clone(),
+            node: f.node,
+        }],
+    };
+    let mut paths: Vec<String> = Vec::new();
+    let mut ok = true;
+    for item in &fields {
+        match template(item, cx) {
+            Some(t) if paths.contains(&t) => {
+                cx.error(item.line(), &item.key, format!("{t:?} is listed twice"));
+                ok = false;
+            }
+            Some(t) => paths.push(t),
+            None => ok = false,
+        }
+    }
+    ok.then_some(paths)
+}
+
+fn template(f: &Field, cx: &mut Ctx) -> Option<String> {
+    let text = string(
+        f,
+        "a path template like \"/api/v3/chats/{chat_id}/message\"",
+        cx,
+    )?;
+    match crate::route::validate_template(text) {
+        Ok(()) => Some(text.to_string()),
+        Err(e) => {
+            cx.error(f.line(), &f.key, e);
+            None
+        }
+    }
+}
+
+/// Checks the merged fields of one route and builds it. `None` when anything is missing or wrong
+/// (already reported).
+fn build_route(
+    sec: &Section,
+    name: Option<String>,
+    paths: Option<Vec<String>>,
+    fields: RouteFields,
+    cx: &mut Ctx,
+) -> Option<RouteConfig> {
+    let from_defaults = "(on the route or under `defaults`)";
+    let require = |value: Option<&Spotted<Duration>>, key: &str, what: &str, cx: &mut Ctx| {
+        if value.is_none() {
+            sec.missing(
+                key,
+                &format!("every route needs `{key}`, {what} {from_defaults}"),
+                cx,
+            );
+        }
+    };
+    if fields.limit.is_none() {
+        sec.missing(
+            "limit",
+            &format!("every route needs `limit`, the calls allowed per `per` {from_defaults}"),
+            cx,
+        );
+    }
+    require(
+        fields.per.as_ref(),
+        "per",
+        "the window the limit counts over",
+        cx,
+    );
+    require(
+        fields.lock.as_ref(),
+        "lock",
+        "Zoho's lock period for the endpoint",
+        cx,
+    );
+    let on_limit = fields
+        .on_limit
+        .as_ref()
+        .map_or(DEFAULT_ON_LIMIT, |s| s.value);
+    check_max_wait(sec, &fields, on_limit, cx);
+    let algorithm = route_algorithm(sec, &fields, cx);
+    Some(RouteConfig {
+        name: name?,
+        method: fields.method.and_then(|m| m.value),
+        paths: paths?,
+        limit: fields.limit?.value,
+        per: fields.per?.value,
+        lock: fields.lock?.value,
+        on_limit,
+        max_wait: fields.max_wait.map_or(DEFAULT_MAX_WAIT, |s| s.value),
+        algorithm: algorithm?,
+        line: sec.line,
+    })
+}
+
+/// `max_wait` written on a route that rejects at once is a misunderstanding worth flagging; one
+/// inherited from `defaults` is not (defaults serve many routes).
+fn check_max_wait(sec: &Section, fields: &RouteFields, on_limit: OnLimit, cx: &mut Ctx) {
+    if let Some(max_wait) = &fields.max_wait {
+        if on_limit == OnLimit::Reject && max_wait.key == sec.key("max_wait") {
+            cx.error(
+                max_wait.line,
+                &max_wait.key,
+                "only used with `on_limit: queue` (this route rejects at once)",
+            );
+        }
+    }
+}
+
+/// `algorithm` and `burst`: gcra needs a burst of 1..=limit; window takes none.
+fn route_algorithm(sec: &Section, fields: &RouteFields, cx: &mut Ctx) -> Option<Algorithm> {
+    let kind = fields
+        .algorithm
+        .as_ref()
+        .map_or(AlgorithmKind::Window, |s| s.value);
+    let own_burst = fields.burst.as_ref().filter(|b| b.key == sec.key("burst"));
+    match (kind, &fields.burst) {
+        (AlgorithmKind::Window, _) => {
+            if let Some(burst) = own_burst {
+                cx.error(
+                    burst.line,
+                    &burst.key,
+                    "only used with `algorithm: gcra` (this route uses window)",
+                );
+                return None;
+            }
+            Some(Algorithm::Window)
+        }
+        (AlgorithmKind::Gcra, None) => {
+            sec.missing(
+                "burst",
+                "`algorithm: gcra` needs `burst`, the calls allowed at once (1..=limit)",
+                cx,
+            );
+            None
+        }
+        (AlgorithmKind::Gcra, Some(burst)) => {
+            let limit = fields.limit.as_ref()?.value;
+            if burst.value > limit {
+                let (line, key, origin) = if own_burst.is_some() {
+                    (burst.line, burst.key.clone(), String::new())
+                } else {
+                    (
+                        sec.line,
+                        sec.key("burst"),
+                        format!(" (from {}, line {})", burst.key, burst.line),
+                    )
+                };
+                cx.error(
+                    line,
+                    &key,
+                    format!(
+                        "burst {}{origin} must be at most limit {limit}",
+                        burst.value
+                    ),
+                );
+                return None;
+            }
+            Some(Algorithm::Gcra { burst: burst.value })
+        }
+    }
+}
+
+/// The router takes the first route whose method and path match, so a path that an earlier route
+/// fully covers can never match: its limit would silently never apply. Routes carry their index
+/// in the file (routes with errors are not built, so positions in the slice can differ).
+fn report_shadowed_paths(routes: &[(usize, RouteConfig)], cx: &mut Ctx) {
+    for (j, (later_index, later)) in routes.iter().enumerate() {
+        for path in &later.paths {
+            let earlier = routes[..j].iter().find(|(_, r)| {
+                method_covers(r.method.as_ref(), later.method.as_ref())
+                    && r.paths.iter().any(|p| template_covers(p, path))
+            });
+            if let Some((index, r)) = earlier {
+                cx.error(
+                    later.line,
+                    &format!("routes[{later_index}].path"),
+                    format!(
+                        "{path:?} can never match: route {:?} (routes[{index}], line {}) comes \
+                         first and matches every such request; move the more specific route up",
+                        r.name, r.line
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn method_covers(earlier: Option<&Method>, later: Option<&Method>) -> bool {
+    match (earlier, later) {
+        (None, _) => true,
+        (Some(a), Some(b)) => a == b,
+        (Some(_), None) => false,
+    }
+}
+
+/// True if every path `later` matches is also matched by `earlier`, with the router's rules
+/// (src/route.rs): `{x}` is any one segment, empty segments are skipped, literals ignore ASCII case.
+fn template_covers(earlier: &str, later: &str) -> bool {
+    let is_param = |s: &str| s.starts_with('{');
+    let a: Vec<&str> = earlier.split('/').filter(|s| !s.is_empty()).collect();
+    let b: Vec<&str> = later.split('/').filter(|s| !s.is_empty()).collect();
+    a.len() == b.len()
+        && a.iter()
+            .zip(&b)
+            .all(|(x, y)| is_param(x) || (!is_param(y) && x.eq_ignore_ascii_case(y)))
+}
+
+// ---- The route table for `cliqgate check` ----
+
+impl Config {
+    /// Human-readable summary for `cliqgate check`: a header line (upstream, identity, store, ...)
+    /// then one line per route, in match order.
+    pub fn describe(&self) -> String {
+        let identity = match &self.identity {
+            IdentityConfig::Token => "token".to_string(),
+            IdentityConfig::Header { name } => format!("header {name}"),
+        };
+        let store = match self.store {
+            StoreConfig::Memory => "memory",
+        };
+        let unmatched = match self.unmatched {
+            Unmatched::Forward => "forward",
+            Unmatched::Reject => "reject",
+        };
+        let mut out = format!(
+            "upstream {}://{}  identity {identity}  store {store}  safety_margin {}  unmatched {unmatched}  listen {}  admin {}\n",
+            self.upstream.scheme,
+            self.upstream.authority,
+            format_duration(self.safety_margin),
+            self.listen,
+            self.admin_listen,
+        );
+        let header = [
+            "ROUTE",
+            "METHOD",
+            "LIMIT",
+            "LOCK",
+            "WINDOW",
+            "ON_LIMIT",
+            "ALGORITHM",
+            "PATHS",
+        ];
+        let mut rows = vec![header.map(String::from).to_vec()];
+        rows.extend(self.routes.iter().map(|r| self.route_row(r)));
+        out.push_str(&align(&rows));
+        if self.routes.is_empty() {
+            out.push_str("(no routes: every call is unmatched)\n");
+        }
+        out
+    }
+
+    fn route_row(&self, r: &RouteConfig) -> Vec<String> {
+        let on_limit = match r.on_limit {
+            OnLimit::Queue => format!("queue max_wait {}", format_duration(r.max_wait)),
+            OnLimit::Reject => "reject".to_string(),
+        };
+        let algorithm = match r.algorithm {
+            Algorithm::Window => "window".to_string(),
+            Algorithm::Gcra { burst } => format!("gcra burst {burst}"),
+        };
+        vec![
+            r.name.clone(),
+            r.method.as_ref().map_or("*", Method::as_str).to_string(),
+            format!("{}/{}", r.limit, format_duration(r.per)),
+            format_duration(r.lock),
+            format_duration(r.per + self.safety_margin),
+            on_limit,
+            algorithm,
+            r.paths.join(" "),
+        ]
+    }
+}
+
+/// Pads every column but the last to its widest cell.
+fn align(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPSTREAM: &str = "upstream: \"http://127.0.0.1:1\"\n";
+
+    fn parse(extra: &str) -> Config {
+        match Config::from_yaml(&format!("{UPSTREAM}{extra}")) {
+            Ok(config) => config,
+            Err(e) => panic!("config should parse:\n{e}"),
+        }
+    }
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        match Config::from_yaml(text) {
+            Ok(_) => panic!("config should be refused:\n{text}"),
+            Err(ConfigErrors(errors)) => errors,
+        }
+    }
+
+    fn one_route(fields: &str) -> RouteConfig {
+        let config = parse(&format!("routes:\n  - name: r\n    path: \"/a\"\n{fields}"));
+        config.routes.into_iter().next().expect("one route")
+    }
+
+    const FULL_ROUTE: &str = "    limit: 5\n    per: \"1m\"\n    lock: \"5m\"\n";
+
+    // ---- Defaults ----
+
+    #[test]
+    fn default_addresses_are_valid() {
+        assert_eq!(
+            parse("").listen,
+            DEFAULT_LISTEN.parse::<SocketAddr>().expect("valid")
+        );
+        assert_eq!(
+            parse("").admin_listen,
+            DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().expect("valid")
+        );
+    }
+
+    #[test]
+    fn safety_margin_defaults_to_one_second() {
+        assert_eq!(parse("").safety_margin, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unmatched_defaults_to_forward() {
+        assert_eq!(parse("").unmatched, Unmatched::Forward);
+    }
+
+    #[test]
+    fn identity_defaults_to_token() {
+        assert_eq!(parse("").identity, IdentityConfig::Token);
+        assert_eq!(parse("identity:\n").identity, IdentityConfig::Token);
+    }
+
+    #[test]
+    fn store_defaults_to_memory() {
+        assert_eq!(parse("").store, StoreConfig::Memory);
+    }
+
+    #[test]
+    fn timeouts_default_to_the_named_constants() {
+        let t = parse("").timeouts;
+        assert_eq!(t.connect, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(t.response, DEFAULT_RESPONSE_TIMEOUT);
+        assert_eq!(t.client_header, DEFAULT_CLIENT_HEADER_TIMEOUT);
+        assert_eq!(t.shutdown, DEFAULT_SHUTDOWN_TIMEOUT);
+    }
+
+    #[test]
+    fn http_limits_default_to_64k_headers_and_64m_bodies() {
+        let h = parse("").http;
+        assert_eq!(h.max_header_bytes, 64 * 1024);
+        assert_eq!(h.max_body_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn queue_limits_default_to_the_named_constants() {
+        let q = parse("").queue;
+        assert_eq!(
+            (q.max_per_user, q.max_total),
+            (DEFAULT_QUEUE_MAX_PER_USER, DEFAULT_QUEUE_MAX_TOTAL)
+        );
+    }
+
+    #[test]
+    fn log_defaults_to_pretty_info() {
+        assert_eq!(
+            parse("").log,
+            LogConfig {
+                format: LogFormat::Pretty,
+                level: "info".into()
+            }
+        );
+    }
+
+    #[test]
+    fn routes_default_to_none() {
+        assert!(parse("").routes.is_empty());
+        assert!(parse("routes: []").routes.is_empty());
+    }
+
+    #[test]
+    fn route_fields_default_to_queue_30s_window_every_method() {
+        let r = one_route(FULL_ROUTE);
+        assert_eq!(r.on_limit, OnLimit::Queue);
+        assert_eq!(r.on_limit, DEFAULT_ON_LIMIT);
+        assert_eq!(r.max_wait, Duration::from_secs(30));
+        assert_eq!(r.algorithm, Algorithm::Window);
+        assert_eq!(r.method, None);
+    }
+
+    // ---- Values ----
+
+    #[test]
+    fn durations_take_a_whole_number_and_a_unit() {
+        let ok = [
+            ("250ms", Duration::from_millis(250)),
+            ("2s", Duration::from_secs(2)),
+            ("1m", Duration::from_secs(60)),
+            ("10m", Duration::from_secs(600)),
+            ("1h", Duration::from_secs(3600)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("1m500ms", Duration::from_millis(60_500)),
+            ("0s", Duration::ZERO),
+        ];
+        for (text, expected) in ok {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn durations_without_unit_or_with_junk_are_refused() {
+        let bad = [
+            ("", "empty"),
+            ("10", "has no unit"),
+            ("1 minute", "spaces"),
+            ("-1s", "negative"),
+            ("5x", "unknown unit \"x\""),
+            ("1.5s", "fractions"),
+            ("s", "expected a number"),
+            ("30m1h", "largest to smallest"),
+            ("1m1m", "largest to smallest"),
+            ("99999999999999999999s", "too large"),
+            ("1d", "unknown unit \"d\""),
+        ];
+        for (text, why) in bad {
+            let error = parse_duration(text).expect_err(text);
+            assert!(error.contains(why), "{text}: {error}");
+            assert!(
+                error.contains("e.g. \"250ms\""),
+                "{text}: message shows the format: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn formatted_durations_read_back() {
+        for ms in [
+            0, 1, 999, 1_000, 1_500, 60_000, 61_000, 61_500, 600_000, 5_400_000, 3_600_001,
+        ] {
+            let d = Duration::from_millis(ms);
+            assert_eq!(
+                parse_duration(&format_duration(d)),
+                Ok(d),
+                "{}",
+                format_duration(d)
+            );
+        }
+        assert_eq!(format_duration(Duration::from_secs(61)), "1m1s");
+        assert_eq!(format_duration(Duration::from_secs(600)), "10m");
+    }
+
+    #[test]
+    fn sizes_take_bytes_or_a_binary_unit() {
+        assert_eq!(parse_size("512B"), Ok(512));
+        assert_eq!(parse_size("64KiB"), Ok(65_536));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        for bad in ["64KB", "64", "KiB", "1.5MiB", "64 KiB", "-1B"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let h = parse("http:\n  max_header_bytes: 2048\n  max_body_bytes: \"1MiB\"\n").http;
+        assert_eq!((h.max_header_bytes, h.max_body_bytes), (2048, 1 << 20));
+    }
+
+    #[test]
+    fn port_zero_is_accepted_for_tests() {
+        let c = parse("listen: \"127.0.0.1:0\"\nadmin_listen: \"[::1]:0\"\n");
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.admin_listen.port(), 0);
+    }
+
+    #[test]
+    fn upstream_keeps_scheme_and_authority() {
+        let c = Config::from_yaml("upstream: \"https://cliq.zoho.eu/\"").expect("valid");
+        assert_eq!(c.upstream.scheme, Scheme::HTTPS);
+        assert_eq!(c.upstream.authority.as_str(), "cliq.zoho.eu");
+        assert_eq!(parse("").upstream.authority.as_str(), "127.0.0.1:1");
+    }
+
+    #[test]
+    fn upstream_with_path_query_credentials_or_bad_port_is_refused() {
+        for (url, why) in [
+            ("https://cliq.zoho.com/api", "no path"),
+            ("https://cliq.zoho.com?x=1", "no path or query"),
+            ("https://u:p@cliq.zoho.com", "credentials"),
+            ("ftp://cliq.zoho.com", "scheme \"ftp\""),
+            ("cliq.zoho.com", "needs a scheme"),
+            ("http://h:99999", "port"),
+            ("http://h:", "port"),
+            ("http://:80", "needs a host"),
+            ("https://cliq.zoho.com/#x", "fragment"),
+        ] {
+            let errs = errors(&format!("upstream: \"{url}\""));
+            assert_eq!(errs.len(), 1, "{url}: {errs:?}");
+            assert_eq!(errs[0].key, "upstream");
+            assert!(errs[0].message.contains(why), "{url}: {}", errs[0].message);
+        }
+    }
+
+    #[test]
+    fn header_identity_takes_a_header_name() {
+        let c = parse("identity:\n  mode: header\n  header: \"X-Cliq-User\"\n");
+        assert_eq!(
+            c.identity,
+            IdentityConfig::Header {
+                name: HeaderName::from_static("x-cliq-user")
+            }
+        );
+        let errs = errors(&format!("{UPSTREAM}identity:\n  mode: header\n"));
+        assert_eq!((errs[0].key.as_str(), errs[0].line), ("identity.header", 3));
+        let errs = errors(&format!("{UPSTREAM}identity:\n  header: \"X-User\"\n"));
+        assert_eq!(errs[0].key, "identity.header");
+        assert!(errs[0].message.contains("only used with `mode: header`"));
+    }
+
+    #[test]
+    fn log_level_is_checked_as_a_tracing_filter() {
+        assert_eq!(
+            parse("log:\n  level: \"cliqgate=debug,info\"\n").log.level,
+            "cliqgate=debug,info"
+        );
+        for bad in ["verbose", "cliqgate=lots", "[bad"] {
+            let errs = errors(&format!("{UPSTREAM}log:\n  level: \"{bad}\"\n"));
+            assert_eq!(errs[0].key, "log.level", "{bad}");
+        }
+    }
+
+    #[test]
+    fn queue_per_user_cannot_exceed_total() {
+        let errs = errors(&format!(
+            "{UPSTREAM}queue:\n  max_per_user: 50\n  max_total: 10\n"
+        ));
+        assert_eq!(errs[0].key, "queue.max_per_user");
+    }
+
+    // ---- Routes ----
+
+    #[test]
+    fn path_may_be_one_template_or_a_list() {
+        assert_eq!(one_route(FULL_ROUTE).paths, vec!["/a".to_string()]);
+        let c = parse(&format!(
+            "routes:\n  - name: r\n    path: [\"/a\", \"/b/{{id}}\"]\n{FULL_ROUTE}"
+        ));
+        assert_eq!(
+            c.routes[0].paths,
+            vec!["/a".to_string(), "/b/{id}".to_string()]
+        );
+    }
+
+    #[test]
+    fn empty_path_list_and_repeated_template_are_refused() {
+        let errs = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: r\n    path: []\n{FULL_ROUTE}"
+        ));
+        assert_eq!(errs[0].key, "routes[0].path");
+        let errs = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: r\n    path: [\"/a\", \"/a\"]\n{FULL_ROUTE}"
+        ));
+        assert_eq!(errs[0].key, "routes[0].path[1]");
+    }
+
+    #[test]
+    fn method_is_case_insensitive_and_star_means_every_method() {
+        assert_eq!(
+            one_route(&format!("    method: post\n{FULL_ROUTE}")).method,
+            Some(Method::POST)
+        );
+        let c = parse(&format!(
+            "defaults:\n  method: GET\nroutes:\n  - name: r\n    path: \"/a\"\n    method: \"*\"\n{FULL_ROUTE}"
+        ));
+        assert_eq!(
+            c.routes[0].method, None,
+            "a route's \"*\" overrides a default method"
+        );
+    }
+
+    #[test]
+    fn defaults_fill_what_a_route_leaves_out_and_a_route_value_wins() {
+        let c = parse(
+            "defaults:\n  limit: 7\n  per: \"2m\"\n  lock: \"10m\"\n  on_limit: reject\n  algorithm: gcra\n  burst: 3\n\
+             routes:\n  - name: a\n    path: \"/a\"\n  - name: b\n    path: \"/b\"\n    limit: 9\n    on_limit: queue\n    max_wait: \"5s\"\n    algorithm: window\n",
+        );
+        let (a, b) = (&c.routes[0], &c.routes[1]);
+        assert_eq!(
+            (a.limit.get(), a.per, a.lock),
+            (7, Duration::from_secs(120), Duration::from_secs(600))
+        );
+        assert_eq!(a.on_limit, OnLimit::Reject);
+        assert_eq!(
+            a.algorithm,
+            Algorithm::Gcra {
+                burst: NonZeroU32::new(3).expect("3")
+            }
+        );
+        assert_eq!((b.limit.get(), b.per), (9, Duration::from_secs(120)));
+        assert_eq!(
+            (b.on_limit, b.max_wait),
+            (OnLimit::Queue, Duration::from_secs(5))
+        );
+        assert_eq!(
+            b.algorithm,
+            Algorithm::Window,
+            "a burst from defaults does not bind a window route"
+        );
+    }
+
+    #[test]
+    fn gcra_needs_a_burst_within_the_limit() {
+        let r = one_route(&format!("    algorithm: gcra\n    burst: 5\n{FULL_ROUTE}"));
+        assert_eq!(
+            r.algorithm,
+            Algorithm::Gcra {
+                burst: NonZeroU32::new(5).expect("5")
+            }
+        );
+        let missing = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    algorithm: gcra\n{FULL_ROUTE}"
+        ));
+        assert_eq!(
+            (missing[0].key.as_str(), missing[0].line),
+            ("routes[0].burst", 3)
+        );
+        let window = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    burst: 2\n{FULL_ROUTE}"
+        ));
+        assert!(window[0]
+            .message
+            .contains("only used with `algorithm: gcra`"));
+        let from_defaults = errors(&format!(
+            "{UPSTREAM}defaults:\n  burst: 9\nroutes:\n  - name: r\n    path: \"/a\"\n    algorithm: gcra\n{FULL_ROUTE}"
+        ));
+        assert_eq!(from_defaults[0].key, "routes[0].burst");
+        assert!(
+            from_defaults[0]
+                .message
+                .contains("from defaults.burst, line 3"),
+            "{}",
+            from_defaults[0].message
+        );
+    }
+
+    #[test]
+    fn max_wait_on_a_rejecting_route_is_refused() {
+        let errs = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    on_limit: reject\n    max_wait: \"5s\"\n{FULL_ROUTE}"
+        ));
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line),
+            ("routes[0].max_wait", 6)
+        );
+    }
+
+    #[test]
+    fn a_route_hidden_by_an_earlier_one_is_refused() {
+        let errs = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: any\n    path: \"/a/{{x}}\"\n{FULL_ROUTE}  - name: get\n    method: GET\n    path: \"/A/b\"\n{FULL_ROUTE}"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!((errs[0].key.as_str(), errs[0].line), ("routes[1].path", 7));
+        assert!(
+            errs[0]
+                .message
+                .contains("route \"any\" (routes[0], line 3)"),
+            "{}",
+            errs[0].message
+        );
+        // The other way round is fine: the specific route first.
+        parse(&format!(
+            "routes:\n  - name: get\n    method: GET\n    path: \"/a/b\"\n{FULL_ROUTE}  - name: any\n    path: \"/a/{{x}}\"\n{FULL_ROUTE}"
+        ));
+    }
+
+    #[test]
+    fn route_line_is_the_line_of_its_mapping() {
+        let c = parse(&format!("routes:\n  - name: a\n    path: \"/a\"\n{FULL_ROUTE}\n  - path: \"/b\"\n    name: b\n{FULL_ROUTE}"));
+        assert_eq!((c.routes[0].line, c.routes[1].line), (3, 9));
+    }
+
+    // ---- YAML itself ----
+
+    #[test]
+    fn duplicate_keys_are_reported_with_both_lines() {
+        let errs = errors(&format!(
+            "{UPSTREAM}safety_margin: \"1s\"\nunmatched: forward\nsafety_margin: \"2s\"\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!((errs[0].key.as_str(), errs[0].line), ("safety_margin", 4));
+        assert!(
+            errs[0].message.contains("also set at line 2"),
+            "{}",
+            errs[0].message
+        );
+    }
+
+    #[test]
+    fn anchors_tags_comments_and_block_scalars_are_not_mistaken_for_duplicates() {
+        let c = parse(
+            "log:\n  level: &lvl   # a comment: with a colon\n    \"info\"\n  format: !!str pretty\n\
+             defaults: {max_wait: \"5s\", on_limit: queue}\n\
+             routes:\n  - name: r\n    path: &p \"/a\"\n    limit: 5\n    per: |-\n      1m\n    lock: >\n      5m\n",
+        );
+        assert_eq!(c.routes[0].per, Duration::from_secs(60));
+        assert_eq!(c.routes[0].max_wait, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn aliases_are_resolved() {
+        let c = parse(&format!(
+            "routes:\n  - name: a\n    path: &shared [\"/a\", \"/b\"]\n{FULL_ROUTE}  - name: b\n    method: GET\n    path: *shared\n{FULL_ROUTE}"
+        ));
+        assert_eq!(c.routes[1].paths, c.routes[0].paths);
+    }
+
+    #[test]
+    fn an_empty_file_only_lacks_upstream() {
+        let errs = errors("# nothing here\n");
+        assert_eq!(errs.len(), 1);
+        assert_eq!((errs[0].key.as_str(), errs[0].line), ("upstream", 1));
+    }
+
+    #[test]
+    fn a_second_document_is_refused() {
+        let errs = errors(&format!("{UPSTREAM}---\nlisten: \"127.0.0.1:0\"\n"));
+        assert_eq!((errs[0].key.as_str(), errs[0].line), (DOCUMENT_KEY, 3));
+    }
+
+    #[test]
+    fn error_display_names_line_and_key() {
+        let e = ConfigError {
+            line: 4,
+            key: "routes[2].per".into(),
+            message: "must be greater than zero".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "line 4: routes[2].per: must be greater than zero"
+        );
+        let all = ConfigErrors(vec![e.clone(), e]);
+        assert_eq!(all.to_string().lines().count(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_get_a_suggestion() {
+        let errs = errors(&format!("{UPSTREAM}safety_margn: \"1s\"\n"));
+        assert!(
+            errs[0].message.contains("did you mean `safety_margin`?"),
+            "{}",
+            errs[0].message
+        );
+    }
+
+    // ---- Shipped files ----
+
+    fn shipped() -> Config {
+        match Config::from_yaml(include_str!("../config/cliq.yaml")) {
+            Ok(c) => c,
+            Err(e) => panic!("config/cliq.yaml must parse:\n{e}"),
+        }
+    }
+
+    fn shipped_route(name: &str) -> RouteConfig {
+        shipped()
+            .routes
+            .into_iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("route {name}"))
+    }
+
+    #[test]
+    fn shipped_config_parses_with_the_spec_settings() {
+        let c = shipped();
+        assert_eq!(
+            c.listen,
+            "0.0.0.0:8080".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(
+            c.admin_listen,
+            "127.0.0.1:9090".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(
+            (c.upstream.scheme.as_str(), c.upstream.authority.as_str()),
+            ("https", "cliq.zoho.com")
+        );
+        assert_eq!(c.safety_margin, Duration::from_secs(1));
+        assert_eq!(
+            (c.identity, c.store),
+            (IdentityConfig::Token, StoreConfig::Memory)
+        );
+        assert!(c
+            .routes
+            .iter()
+            .all(|r| r.on_limit == OnLimit::Queue && r.max_wait == Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn shipped_extension_values_are_the_defaults() {
+        // cliq.yaml says "the values shown are the defaults": keep that true.
+        let c = shipped();
+        let d = parse("");
+        assert_eq!(
+            (c.timeouts, c.http, c.queue, c.log),
+            (d.timeouts, d.http, d.queue, d.log)
+        );
+    }
+
+    /// Every endpoint of ../shared/cliq-api.md: method, a real request path, the route that must
+    /// take it, and its figures (limit per `per`, lock), stricter figure where sources disagree.
+    const ENDPOINTS: &[(&str, &str, &str, u32, u64, u64)] = &[
+        (
+            "DELETE",
+            "/api/v3/chats/C1/messages",
+            "chats.delete_messages",
+            20,
+            60,
+            300,
+        ),
+        (
+            "DELETE",
+            "/api/v3/chats/C1/messagess",
+            "chats.delete_messages",
+            20,
+            60,
+            300,
+        ),
+        (
+            "POST",
+            "/api/v3/channelsbyname/ops/message",
+            "channels.post_message_by_name",
+            20,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v3/channelsbyname/ops/messages",
+            "channels.post_message_by_name",
+            20,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v3/chats/C1/message",
+            "chats.post_message",
+            20,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v3/chats/C1/messages",
+            "chats.post_message",
+            20,
+            60,
+            600,
+        ),
+        ("POST", "/api/v3/messages", "messages.forward", 50, 60, 600),
+        (
+            "GET",
+            "/api/v3/messages/search",
+            "messages.search",
+            50,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v3/channels/CH1/messages",
+            "channels.post_message",
+            50,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v3/bots/helper/messages",
+            "bots.post_message",
+            50,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v3/bots/helper/incoming",
+            "bots.incoming",
+            50,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v3/bots/helper/calls",
+            "bots.calls",
+            10,
+            300,
+            1800,
+        ),
+        (
+            "GET",
+            "/api/v2/chats/C1/messages",
+            "chats.get_messages",
+            15,
+            60,
+            600,
+        ),
+        (
+            "GET",
+            "/api/v2/chats/C1/messages/M%201",
+            "messages.get",
+            30,
+            60,
+            300,
+        ),
+        (
+            "POST",
+            "/api/v2/chats/C1/message",
+            "chats.post_message_v2",
+            50,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v2/channelsbyname/ops/message",
+            "channels.post_message_by_name_v2",
+            50,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v2/bots/helper/message",
+            "bots.post_message_v2",
+            50,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v2/buddies/a@b.c/message",
+            "buddies.post_message_v2",
+            50,
+            60,
+            600,
+        ),
+        (
+            "PUT",
+            "/api/v2/chats/C1/messages/M1",
+            "messages.edit",
+            50,
+            60,
+            600,
+        ),
+        (
+            "DELETE",
+            "/api/v2/chats/C1/messages/M1",
+            "messages.delete",
+            20,
+            60,
+            300,
+        ),
+        (
+            "GET",
+            "/api/v2/chats/C1/messages/M1/reactions",
+            "reactions.list",
+            50,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v2/chats/C1/messages/M1/reactions",
+            "reactions.add",
+            20,
+            60,
+            300,
+        ),
+        (
+            "DELETE",
+            "/api/v2/chats/C1/messages/M1/reactions",
+            "reactions.remove",
+            20,
+            60,
+            300,
+        ),
+        (
+            "POST",
+            "/api/v2/chats/C1/files",
+            "chats.share_file",
+            20,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v2/channelsbyname/ops/files",
+            "channels.share_file_by_name",
+            20,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v2/bots/helper/files",
+            "bots.share_file",
+            20,
+            60,
+            600,
+        ),
+        (
+            "POST",
+            "/api/v2/buddies/a@b.c/files",
+            "buddies.share_file",
+            20,
+            60,
+            600,
+        ),
+        ("GET", "/api/v2/me", "users.me", 20, 60, 600),
+    ];
+
+    #[test]
+    fn shipped_config_routes_every_endpoint_to_its_own_route_with_the_stricter_figures() {
+        let c = shipped();
+        let table = crate::route::RouteTable::new(&c.routes);
+        for &(method, path, name, limit, per, lock) in ENDPOINTS {
+            let method = Method::from_bytes(method.as_bytes()).expect("method");
+            let id = table
+                .find(&method, path)
+                .unwrap_or_else(|| panic!("{method} {path} matches no route"));
+            let route = &c.routes[id.0 as usize];
+            assert_eq!(route.name, name, "{method} {path}");
+            assert_eq!(
+                (route.limit.get(), route.per, route.lock),
+                (limit, Duration::from_secs(per), Duration::from_secs(lock)),
+                "{name}"
+            );
+        }
+        let mut names: Vec<&str> = ENDPOINTS.iter().map(|e| e.2).collect();
+        names.dedup();
+        assert_eq!(
+            c.routes.len(),
+            names.len(),
+            "one route per endpoint, no extras"
+        );
+    }
+
+    #[test]
+    fn shipped_chats_post_message_is_20_per_minute_with_a_10_minute_lock() {
+        let r = shipped_route("chats.post_message");
+        assert_eq!(r.method, Some(Method::POST));
+        assert_eq!(
+            (r.limit.get(), r.per, r.lock),
+            (20, Duration::from_secs(60), Duration::from_secs(600))
+        );
+        assert_eq!(
+            r.paths,
+            [
+                "/api/v3/chats/{chat_id}/message",
+                "/api/v3/chats/{chat_id}/messages"
+            ]
+        );
+    }
+
+    #[test]
+    fn shipped_bot_calls_count_over_five_minutes() {
+        let r = shipped_route("bots.calls");
+        assert_eq!(
+            (r.limit.get(), r.per, r.lock),
+            (10, Duration::from_secs(300), Duration::from_secs(1800))
+        );
+    }
+
+    #[test]
+    fn minimal_config_parses() {
+        let c =
+            Config::from_yaml(include_str!("../config/minimal.yaml")).expect("minimal.yaml parses");
+        assert_eq!(c.routes.len(), 1);
+    }
+
+    #[test]
+    fn describe_prints_a_header_and_one_line_per_route() {
+        let c = shipped();
+        let text = c.describe();
+        assert!(
+            text.starts_with("upstream https://cliq.zoho.com  identity token  store memory"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 2 + c.routes.len(), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("chats.post_message "))
+            .expect("route line");
+        for part in [
+            "POST",
+            "20/1m",
+            "10m",
+            "1m1s",
+            "queue max_wait 30s",
+            "window",
+            "/api/v3/chats/{chat_id}/message",
+        ] {
+            assert!(line.contains(part), "{part} in {line}");
+        }
+        let gcra = one_route(&format!(
+            "    algorithm: gcra\n    burst: 2\n    on_limit: reject\n{FULL_ROUTE}"
+        ));
+        let c = Config {
+            routes: vec![gcra],
+            ..parse("")
+        };
+        let line = c.describe().lines().nth(2).expect("route line").to_string();
+        assert!(
+            line.contains("gcra burst 2") && line.contains("reject") && line.contains(" * "),
+            "{line}"
+        );
+        assert!(!line.contains("max_wait"), "{line}");
+    }
 }

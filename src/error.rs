@@ -1,1 +1,128 @@
-//! TODO
+//! Every failure cliqgate answers itself, as one Zoho-style JSON response, in one exhaustive match.
+//!
+//! Zoho's envelope is `{"code": "...", "message": "..."}`; refusals add `retry_after` (seconds).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{full, ProxyBody};
+
+/// Who is at fault decides the status class (pingora's `ErrorSource`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    // --- the caller ---
+    #[error("no OAuth token or zapikey on a rate-limited route")]
+    MissingCredential { detail: &'static str },
+    #[error("rate limit: retry after {retry_after:?}")]
+    RateLimited { retry_after: Duration, why: &'static str },
+    #[error("no route matches and unmatched calls are refused")]
+    Unmatched,
+    #[error("invalid request: {0}")]
+    BadRequest(&'static str),
+    #[error("request body over {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("request header fields over {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    // --- the upstream ---
+    #[error("upstream unavailable")]
+    UpstreamUnavailable,
+    #[error("upstream did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+}
+
+impl ProxyError {
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            ProxyError::MissingCredential { detail } => (
+                StatusCode::UNAUTHORIZED,
+                "oauthtoken_missing",
+                format!("No credential: {detail}."),
+            ),
+            ProxyError::RateLimited { why, .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", (*why).to_string())
+            }
+            ProxyError::Unmatched => (
+                StatusCode::FORBIDDEN,
+                "route_not_allowed",
+                "This proxy forwards only the configured Cliq endpoints.".into(),
+            ),
+            ProxyError::BadRequest(why) => (StatusCode::BAD_REQUEST, "invalid_request", (*why).to_string()),
+            ProxyError::BodyTooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("The request body is larger than {limit} bytes."),
+            ),
+            ProxyError::HeadersTooLarge { limit } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!("The request header fields are larger than {limit} bytes."),
+            ),
+            ProxyError::UpstreamUnavailable => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "Zoho Cliq could not be reached.".into(),
+            ),
+            ProxyError::UpstreamTimeout(after) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!("Zoho Cliq did not answer within {} ms.", after.as_millis()),
+            ),
+        }
+    }
+
+    /// Whole seconds for `Retry-After`, at least 1 (SPEC "What callers see").
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ProxyError::RateLimited { retry_after, .. } => {
+                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).map(|s| s.max(1))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let (status, code, message) = self.parts();
+        let retry_after = self.retry_after_secs();
+        let mut body = serde_json::json!({ "code": code, "message": message });
+        if let Some(secs) = retry_after {
+            body["retry_after"] = secs.into();
+        }
+        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json;charset=UTF-8"));
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
+        let e = |ms| ProxyError::RateLimited { retry_after: Duration::from_millis(ms), why: "x" };
+        assert_eq!(e(0).retry_after_secs(), Some(1));
+        assert_eq!(e(1).retry_after_secs(), Some(1));
+        assert_eq!(e(1000).retry_after_secs(), Some(1));
+        assert_eq!(e(1001).retry_after_secs(), Some(2));
+        assert_eq!(ProxyError::UpstreamUnavailable.retry_after_secs(), None);
+    }
+
+    #[test]
+    fn refusal_is_zoho_envelope_with_retry_after() {
+        let r = ProxyError::RateLimited { retry_after: Duration::from_millis(2500), why: "full" }.to_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        assert!(r.headers()[header::CONTENT_TYPE].to_str().is_ok_and(|v| v.starts_with("application/json")));
+    }
+}

@@ -1,1 +1,97 @@
-fn main() {}
+//! `cliqgate`: CLI, logging and exit codes. Wiring only.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use cliqgate::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// sysexits.h EX_USAGE: the config (the program's input) is wrong.
+const EXIT_BAD_CONFIG: u8 = 64;
+/// sysexits.h EX_UNAVAILABLE: a listener could not be bound, the CA file unreadable, ...
+const EXIT_CANNOT_START: u8 = 69;
+
+#[derive(Parser)]
+#[command(name = "cliqgate", version, about = "Rate-limiting reverse proxy for the Zoho Cliq API")]
+struct Cli {
+    /// The YAML config file.
+    #[arg(long, short, global = true, default_value = "config/cliq.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print the route table; exit 64 if it is invalid.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("cliqgate: {} is not a valid config:\n{errors}", cli.config.display());
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => {
+            print!("{}", config.describe());
+            println!("{}: OK", cli.config.display());
+            ExitCode::SUCCESS
+        }
+        None => run(config),
+    }
+}
+
+fn init_logging(config: &Config) {
+    // RUST_LOG, when set, overrides the configured level.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cliqgate: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_CANNOT_START);
+        }
+    };
+    runtime.block_on(async move {
+        let running = match cliqgate::app::start(config).await {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::from(EXIT_CANNOT_START);
+            }
+        };
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new connections; finishing calls in flight");
+        running.shutdown().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,1 +1,418 @@
-//! TODO
+//! The request pipeline, top to bottom:
+//! route → user → limit (forward / delay / refuse) → forward → learn from the response →
+//! metrics and one access-log line.
+//!
+//! Each step is a function with the reason it sits where it does. Only this module and
+//! [`crate::upstream`] see both the caller's and Zoho's side of a call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{read_prefix, Limited, Prefixed, ProxyBody};
+use crate::config::{Config, OnLimit, Unmatched};
+use crate::error::ProxyError;
+use crate::headers::{fields_size, remove_hop_by_hop};
+use crate::identity::{identify, IdentityError};
+use crate::limit::{
+    Acquire, Key, Limiter, LockReason, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
+    Reservation, RouteId, UserKey,
+};
+use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
+use crate::route::RouteTable;
+use crate::throttle::{self, StatusSignal};
+use crate::upstream::Upstream;
+
+/// One route as the pipeline needs it, built once per config.
+pub struct RouteRuntime {
+    pub name: String,
+    pub policy: Policy,
+    pub queue: Option<QueueRule>,
+    pub metrics: RouteMetrics,
+    /// `RateLimit-Policy` value (draft-ietf-httpapi-ratelimit-headers): quota and window.
+    policy_header: HeaderValue,
+}
+
+/// Everything a call needs, shared by all connections.
+pub struct Proxy {
+    pub config: Config,
+    table: RouteTable,
+    pub routes: Vec<RouteRuntime>,
+    unmatched: RouteMetrics,
+    pub limiter: Arc<dyn Limiter>,
+    upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    pub fn new(config: Config, limiter: Arc<dyn Limiter>, upstream: Upstream, metrics: Arc<Metrics>) -> Self {
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                let policy = Policy::for_route(route, config.safety_margin);
+                let window_secs = (route.per + config.safety_margin).as_secs_f64().ceil() as u64;
+                let policy_header = HeaderValue::from_str(&format!(
+                    "\"{}\";q={};w={}",
+                    route.name,
+                    route.limit,
+                    window_secs.max(1)
+                ))
+                .unwrap_or_else(|_| HeaderValue::from_static("\"route\""));
+                RouteRuntime {
+                    name: route.name.clone(),
+                    policy,
+                    queue: (route.on_limit == OnLimit::Queue).then(|| QueueRule {
+                        max_wait: duration_nanos(route.max_wait),
+                        max_per_user: config.queue.max_per_user,
+                    }),
+                    metrics: metrics.route(&route.name),
+                    policy_header,
+                }
+            })
+            .collect();
+        Proxy {
+            table: RouteTable::new(&config.routes),
+            routes,
+            unmatched: metrics.route(UNMATCHED_ROUTE),
+            limiter,
+            upstream,
+            metrics,
+            config,
+        }
+    }
+
+    /// Brings per-route gauges that are derived from limiter state up to date (before a scrape).
+    pub fn refresh_gauges(&self) {
+        for (i, route) in self.routes.iter().enumerate() {
+            route.metrics.set_locks_active(self.limiter.locks_active(RouteId(i as u32)));
+        }
+        self.metrics.limiter_keys.set(self.limiter.len() as i64);
+    }
+
+    /// Handles one call from an app. Never fails: every outcome is a response.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let mut log = AccessLog::new(&req);
+        let response = match self.pipeline(req, &mut log).await {
+            Ok(response) => response,
+            Err(error) => error.to_response(),
+        };
+        log.status = response.status().as_u16();
+        log.finish();
+        response
+    }
+
+    async fn pipeline(&self, req: Request<Incoming>, log: &mut AccessLog) -> Result<Response<ProxyBody>, ProxyError> {
+        // Malformed or oversized calls are refused before they can cost anyone quota.
+        self.check_request(&req)?;
+
+        // Route: which of Zoho's per-endpoint quotas this call spends.
+        let Some(route_id) = self.table.find(req.method(), req.uri().path()) else {
+            log.route = UNMATCHED_ROUTE;
+            log.decision = Some(Decision::Unmatched);
+            self.unmatched.count(Decision::Unmatched);
+            return match self.config.unmatched {
+                Unmatched::Reject => Err(ProxyError::Unmatched),
+                Unmatched::Forward => self.forward(req.map(box_incoming), None, &self.unmatched).await.map(|(r, _)| r),
+            };
+        };
+        let route = &self.routes[route_id.0 as usize];
+        log.route_name = Some(route.name.clone());
+
+        // User: whose quota. A call nobody can be charged for is refused, never forwarded.
+        let user = match identify(&self.config.identity, req.headers(), req.uri().query()) {
+            Ok(user) => user,
+            Err(IdentityError::MissingCredential) => {
+                return Err(self.refuse(route, log, Decision::Invalid, ProxyError::MissingCredential {
+                    detail: "send Authorization: Zoho-oauthtoken <token> or the zapikey parameter",
+                }));
+            }
+        };
+        log.user = Some(user);
+        let key = Key { route: route_id, user };
+
+        // Limit: forward now, wait for a reserved slot, or refuse at once.
+        let (req, view, decision) = match self.limiter.acquire(&route.policy, key, route.queue) {
+            Acquire::Now { view, .. } => (req.map(box_incoming), view, Decision::Forwarded),
+            Acquire::Reserved { reservation, view } => {
+                let req = self.wait_for_slot(route, reservation, req, log).await?;
+                (req, view, Decision::Delayed)
+            }
+            Acquire::Refused(refusal) => return Err(self.refusal(route, log, refusal)),
+        };
+        log.decision = Some(decision);
+        route.metrics.count(decision);
+
+        // Forward, then learn: a throttle signal locks this (route, user) locally.
+        let (mut response, throttled) = self.forward(req, Some(key), &route.metrics).await?;
+        if let Some(retry_after) = throttled {
+            self.learn_lock(route, key, retry_after);
+        }
+        add_ratelimit_headers(&mut response, route, view);
+        Ok(response)
+    }
+
+    /// Rejects what cliqgate must not forward whatever the route: tunnels, non-path targets and
+    /// heads or bodies over the configured limits.
+    fn check_request(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::BadRequest("CONNECT is not supported: cliqgate is not a forward proxy."));
+        }
+        if !req.uri().path().starts_with('/') {
+            return Err(ProxyError::BadRequest("The request target must be a path."));
+        }
+        let limits = &self.config.http;
+        if fields_size(req.headers()) > limits.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge { limit: limits.max_header_bytes });
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limits.max_body_bytes) {
+            return Err(ProxyError::BodyTooLarge { limit: limits.max_body_bytes });
+        }
+        Ok(())
+    }
+
+    /// Waits for a reserved slot. If the caller goes away meanwhile, the future is dropped (hyper
+    /// drops it with the connection) or the body read fails: either way the guard gives the slot
+    /// back and the call is never sent.
+    async fn wait_for_slot(
+        &self,
+        route: &RouteRuntime,
+        reservation: Reservation,
+        req: Request<Incoming>,
+        log: &mut AccessLog,
+    ) -> Result<Request<ProxyBody>, ProxyError> {
+        let guard = QueueGuard::new(self.limiter.as_ref(), route, reservation);
+        let queued_at = Instant::now();
+        let wake = self.limiter.clock().instant(reservation.slot);
+        let (parts, mut body) = req.into_parts();
+        let mut first = None;
+        // Reading the first body frame while waiting notices a caller that hangs up mid-request;
+        // only that one frame is held, the rest still streams.
+        if !http_body::Body::is_end_stream(&body) {
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                frame = body.frame() => match frame {
+                    Some(Ok(frame)) => first = Some(frame),
+                    Some(Err(_)) => return Err(guard.cancelled(log)),
+                    None => {}
+                },
+            }
+        }
+        tokio::time::sleep_until(wake).await;
+        let waited = queued_at.elapsed();
+        log.queue_wait = Some(waited);
+        route.metrics.queue_wait.observe(waited.as_secs_f64());
+        if let Err(refusal) = guard.redeem() {
+            return Err(self.refusal(route, log, refusal));
+        }
+        let (prefix, trailers) = match first {
+            None => (Bytes::new(), None),
+            Some(frame) => match frame.into_data() {
+                Ok(data) => (data, None),
+                Err(frame) => (Bytes::new(), frame.into_trailers().ok()),
+            },
+        };
+        Ok(Request::from_parts(parts, Prefixed::new(prefix, trailers, Some(body)).boxed()))
+    }
+
+    /// Sends the call to Zoho and passes the answer back, streamed. Returns the response and,
+    /// if Zoho signalled a throttle, its Retry-After (if any).
+    async fn forward(
+        &self,
+        req: Request<ProxyBody>,
+        key: Option<Key>,
+        metrics: &RouteMetrics,
+    ) -> Result<(Response<ProxyBody>, Option<Option<Duration>>), ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        parts.uri = self.upstream.uri_for(parts.uri.path_and_query())?;
+        remove_hop_by_hop(&mut parts.headers);
+        let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
+        let started = Instant::now();
+        let response = self.upstream.send(Request::from_parts(parts, body)).await;
+        metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
+        let response = response?;
+        metrics.response(response.status().as_u16());
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        let signal = throttle::classify_status(parts.status);
+        // Unlimited calls cannot be locked; success bodies are never read.
+        let (body, throttled) = match (signal, key) {
+            (StatusSignal::Throttled, Some(_)) => (body.map_err(Into::into).boxed(), true),
+            (StatusSignal::Inspect, Some(_)) => {
+                let read = tokio::time::timeout(
+                    self.config.timeouts.response,
+                    read_prefix(body, throttle::MAX_ERROR_PREFIX),
+                )
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(self.config.timeouts.response))?
+                .map_err(|_| ProxyError::UpstreamUnavailable)?;
+                let (prefix, trailers, rest) = read;
+                let throttled = throttle::body_signals_throttle(&prefix, rest.is_none());
+                (Prefixed::new(prefix, trailers, rest).boxed(), throttled)
+            }
+            _ => (body.map_err(Into::into).boxed(), false),
+        };
+        let retry_after = throttled.then(|| throttle::retry_after(&parts.headers));
+        Ok((Response::from_parts(parts, body), retry_after))
+    }
+
+    /// Zoho locked this user out of this route: stop sending for the lock period (or Zoho's
+    /// Retry-After, if longer). The throttle response itself goes to the caller as it came.
+    fn learn_lock(&self, route: &RouteRuntime, key: Key, retry_after: Option<Duration>) {
+        route.metrics.throttled.inc();
+        let lock = Duration::from_nanos(route.policy.lock).max(retry_after.unwrap_or_default());
+        let until = self.limiter.clock().now().saturating_add(duration_nanos(lock));
+        self.limiter.lock(key, until, LockReason::UpstreamThrottle);
+        tracing::warn!(route = %route.name, user = %key.user.short(), lock_secs = lock.as_secs(),
+            "Zoho signalled a throttle; user locked out of this route");
+    }
+
+    fn refusal(&self, route: &RouteRuntime, log: &mut AccessLog, refusal: Refusal) -> ProxyError {
+        let (decision, why) = match refusal.reason {
+            RefusalReason::Limited => (Decision::Rejected, "This user's rate limit for this endpoint is used up."),
+            RefusalReason::QueueFull => (Decision::Rejected, "Too many calls are already waiting for this endpoint."),
+            RefusalReason::TooFar => {
+                (Decision::QueueTimeout, "The next free slot for this user is further away than max_wait.")
+            }
+            RefusalReason::Locked => {
+                (Decision::Locked, "Zoho locked this user out of this endpoint; wait for the lock to end.")
+            }
+        };
+        let now = self.limiter.clock().now();
+        let retry_after = Duration::from_nanos(refusal.retry_at.saturating_sub(now));
+        self.refuse(route, log, decision, ProxyError::RateLimited { retry_after, why })
+    }
+
+    fn refuse(&self, route: &RouteRuntime, log: &mut AccessLog, decision: Decision, error: ProxyError) -> ProxyError {
+        route.metrics.count(decision);
+        log.decision = Some(decision);
+        error
+    }
+}
+
+/// Holds a queue place; dropping it before `redeem` gives the slot back (the caller went away).
+struct QueueGuard<'a> {
+    limiter: &'a dyn Limiter,
+    route: &'a RouteRuntime,
+    reservation: Option<Reservation>,
+}
+
+impl<'a> QueueGuard<'a> {
+    fn new(limiter: &'a dyn Limiter, route: &'a RouteRuntime, reservation: Reservation) -> Self {
+        route.metrics.queue_depth.inc();
+        QueueGuard { limiter, route, reservation: Some(reservation) }
+    }
+
+    fn redeem(mut self) -> Result<(), Refusal> {
+        self.route.metrics.queue_depth.dec();
+        match self.reservation.take() {
+            Some(r) => self.limiter.redeem(&r),
+            None => Ok(()),
+        }
+    }
+
+    fn cancelled(self, log: &mut AccessLog) -> ProxyError {
+        log.decision = Some(Decision::Cancelled);
+        drop(self);
+        ProxyError::BadRequest("The request body ended early.")
+    }
+}
+
+impl Drop for QueueGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            self.route.metrics.queue_depth.dec();
+            self.route.metrics.count(Decision::Cancelled);
+            self.limiter.cancel(&self.route.policy, &reservation);
+            tracing::info!(target: "cliqgate::access", route = %self.route.name,
+                user = %reservation.key.user.short(), decision = "cancelled",
+                "caller went away while queued; slot given back, call not sent");
+        }
+    }
+}
+
+/// IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers): the route's quota and what is
+/// left of it for this user, as of the decision.
+fn add_ratelimit_headers(response: &mut Response<ProxyBody>, route: &RouteRuntime, view: QuotaView) {
+    let reset_secs = Duration::from_nanos(view.reset_in).as_secs_f64().ceil() as u64;
+    let value = format!("\"{}\";r={};t={}", route.name, view.remaining, reset_secs);
+    let headers = response.headers_mut();
+    headers.insert("ratelimit-policy", route.policy_header.clone());
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert("ratelimit", value);
+    }
+}
+
+fn box_incoming(body: Incoming) -> ProxyBody {
+    body.map_err(Into::into).boxed()
+}
+
+fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One access-log line per call, written once whatever the outcome. Never the query (it may
+/// carry `zapikey`) and never a credential: the user appears as a short hash.
+struct AccessLog {
+    started: Instant,
+    method: Method,
+    path: String,
+    route: &'static str,
+    route_name: Option<String>,
+    user: Option<UserKey>,
+    decision: Option<Decision>,
+    status: u16,
+    queue_wait: Option<Duration>,
+    done: bool,
+}
+
+impl AccessLog {
+    fn new<B>(req: &Request<B>) -> Self {
+        AccessLog {
+            started: Instant::now(),
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            route: UNMATCHED_ROUTE,
+            route_name: None,
+            user: None,
+            decision: None,
+            status: 0,
+            queue_wait: None,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        let route = self.route_name.as_deref().unwrap_or(self.route);
+        let user = self.user.map(|u| u.short()).unwrap_or_default();
+        let decision = self.decision.map_or("error", Decision::as_str);
+        let queue_wait_ms = self.queue_wait.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        tracing::info!(target: "cliqgate::access", method = %self.method, path = %self.path, route,
+            user, decision, status = self.status, queue_wait_ms,
+            total_ms = self.started.elapsed().as_secs_f64() * 1e3, "call");
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        if !self.done {
+            // The caller went away before an answer (hyper dropped the call).
+            self.status = 499;
+            if self.decision.is_none() || self.decision == Some(Decision::Delayed) {
+                self.decision = Some(Decision::Cancelled);
+            }
+            self.finish();
+        }
+    }
+}

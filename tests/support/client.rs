@@ -139,8 +139,10 @@ impl Client {
     /// `POST url` with `Authorization: Zoho-oauthtoken <token>` and a JSON body.
     pub async fn post(&self, url: &str, token: &str, body: impl Into<Bytes>) -> TestResponse {
         let mut req = request(Method::POST, url, Some(token), body);
-        req.headers_mut()
-            .insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        req.headers_mut().insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
         self.send(req).await
     }
 }

@@ -24,12 +24,9 @@ fn samples<'a>(
         .filter_map(parse_sample)
         .filter(move |sample| {
             sample.name == name
-                && labels.iter().all(|(k, v)| {
-                    sample
-                        .labels
-                        .iter()
-                        .any(|(sk, sv)| sk == k && sv == v)
-                })
+                && labels
+                    .iter()
+                    .all(|(k, v)| sample.labels.iter().any(|(sk, sv)| sk == k && sv == v))
         })
         .map(|sample| sample.value)
 }

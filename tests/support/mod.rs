@@ -34,3 +34,4 @@ pub use window::{max_in_any_window, template_matches, Quota, Verdict};
 pub use bytes::Bytes;
 pub use http::{Method, StatusCode};
 pub use std::time::Duration;
+pub use tokio::time::Instant;

@@ -488,7 +488,12 @@ impl ZohoStub {
     }
 
     fn count_where(&self, keep: impl Fn(&Arrival) -> bool) -> usize {
-        self.shared.state().arrivals.iter().filter(|a| keep(a)).count()
+        self.shared
+            .state()
+            .arrivals
+            .iter()
+            .filter(|a| keep(a))
+            .count()
     }
 }
 
@@ -564,11 +569,7 @@ async fn answer(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
     respond(plan)
 }
 
-fn judge(
-    shared: &Shared,
-    parts: http::request::Parts,
-    body: Result<Bytes, hyper::Error>,
-) -> Plan {
+fn judge(shared: &Shared, parts: http::request::Parts, body: Result<Bytes, hyper::Error>) -> Plan {
     let mut state = shared.state();
     let at = Instant::now();
     let seq = state.next_seq;
@@ -580,7 +581,8 @@ fn judge(
         .routes
         .iter()
         .find(|r| {
-            r.method.as_ref().is_none_or(|m| *m == parts.method) && template_matches(r.template, &path)
+            r.method.as_ref().is_none_or(|m| *m == parts.method)
+                && template_matches(r.template, &path)
         })
         .cloned();
     let user = state.user_key.user(&parts.headers, query.as_deref());
@@ -638,8 +640,8 @@ fn respond(plan: Plan) -> Response<Full<Bytes>> {
         return fixed.into_response();
     }
     if let Some((shape, retry_after)) = plan.throttle {
-        let mut fixed = FixedResponse::new(shape.status(), shape.body())
-            .header("content-type", ZOHO_JSON);
+        let mut fixed =
+            FixedResponse::new(shape.status(), shape.body()).header("content-type", ZOHO_JSON);
         if let Some(secs) = retry_after {
             fixed.headers.push((RETRY_AFTER, HeaderValue::from(secs)));
         }
@@ -659,7 +661,10 @@ fn respond(plan: Plan) -> Response<Full<Bytes>> {
         }
         Outcome::Allowed | Outcome::Unmatched | Outcome::Violation | Outcome::Locked => {}
     }
-    if let Some(fixed) = plan.responder.and_then(|responder| responder(&plan.arrival)) {
+    if let Some(fixed) = plan
+        .responder
+        .and_then(|responder| responder(&plan.arrival))
+    {
         return fixed.into_response();
     }
     let body = if plan.echo {

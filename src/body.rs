@@ -1,0 +1,150 @@
+//! Body types: one boxed body for every response, and the wrappers that keep bodies streamed.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> ProxyBody {
+    full(Bytes::new())
+}
+
+/// The request body exceeded `max_body_bytes` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body over {0} bytes")]
+pub struct BodyTooLarge(pub u64);
+
+/// Streams a body through, failing once more than `limit` bytes have passed. Used for request
+/// bodies of unknown length; a declared `Content-Length` over the limit is refused before this.
+pub struct Limited<B> {
+    inner: B,
+    remaining: u64,
+    limit: u64,
+}
+
+impl<B> Limited<B> {
+    pub fn new(inner: B, limit: u64) -> Self {
+        Limited { inner, remaining: limit, limit }
+    }
+}
+
+impl<B> Body for Limited<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.remaining {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
+                    }
+                    this.remaining -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body whose first bytes were already read (to inspect an error code, or to notice a caller
+/// leaving while queued): replays them, then streams the rest unchanged.
+pub struct Prefixed<B> {
+    prefix: Option<Bytes>,
+    /// A trailers frame met while reading the prefix, replayed after it.
+    trailers: Option<http::HeaderMap>,
+    rest: Option<B>,
+}
+
+impl<B> Prefixed<B> {
+    pub fn new(prefix: Bytes, trailers: Option<http::HeaderMap>, rest: Option<B>) -> Self {
+        Prefixed { prefix: (!prefix.is_empty()).then_some(prefix), trailers, rest }
+    }
+}
+
+impl<B> Body for Prefixed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        match this.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.trailers.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let rest = self.rest.as_ref().map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + extra);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + extra);
+        }
+        hint
+    }
+}
+
+/// Reads frames of `body` until at least `want` bytes, the end, or a trailers frame.
+/// Returns the bytes read, trailers if met, and the rest of the body if it did not end.
+pub async fn read_prefix<B>(mut body: B, want: usize) -> Result<(Bytes, Option<http::HeaderMap>, Option<B>), B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if buf.len() >= want {
+            return Ok((buf.freeze(), None, Some(body)));
+        }
+        match body.frame().await {
+            None => return Ok((buf.freeze(), None, None)),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => buf.extend_from_slice(&data),
+                Err(frame) => return Ok((buf.freeze(), frame.into_trailers().ok(), Some(body))),
+            },
+        }
+    }
+}
