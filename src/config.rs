@@ -207,7 +207,7 @@ impl Config {
             ConfigErrors(vec![ConfigError {
                 line: 0,
                 key: path.display().to_string(),
-                message: format!("cannot read config file {}: {e}", path.display()),
+                message: format!("cannot read the config file: {e}"),
             }])
         })?;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
@@ -219,12 +219,14 @@ impl Config {
             errors: Vec::new(),
             base_dir,
         };
-        let root = load_document(text, &mut cx);
+        // Unreadable YAML has no tree to walk: the syntax error is the one thing to report.
+        let Ok(root) = load_document(text, &mut cx) else {
+            return cx.finish(None);
+        };
         if let Some(root) = &root {
             report_duplicate_keys(root, &text.chars().collect::<Vec<_>>(), "", &mut cx);
         }
-        // Even a broken document is walked (as an empty one if unreadable as a mapping), so the
-        // caller learns about a missing `upstream` together with everything else.
+        // An empty file is walked as an empty mapping, so it reports the missing `upstream`.
         let config = match Section::open(root.as_ref(), String::new(), 1, &TOP, &mut cx) {
             Some(top) => read_config(&top, &mut cx),
             None => None,
@@ -264,9 +266,9 @@ impl Ctx<'_> {
     }
 }
 
-/// Parses the YAML text into its single document. `None` means "treat as empty": no document at
-/// all, or one that could not be read (the reason is already recorded).
-fn load_document(text: &str, cx: &mut Ctx) -> Option<MarkedYamlOwned> {
+/// Parses the YAML text into its single document (`None`: the file holds no document). `Err`:
+/// a syntax error, already recorded.
+fn load_document(text: &str, cx: &mut Ctx) -> Result<Option<MarkedYamlOwned>, ()> {
     let docs = match MarkedYamlOwned::load_from_str(text) {
         Ok(docs) => docs,
         Err(e) => {
@@ -275,7 +277,7 @@ fn load_document(text: &str, cx: &mut Ctx) -> Option<MarkedYamlOwned> {
                 DOCUMENT_KEY,
                 format!("YAML syntax error: {}", e.info()),
             );
-            return None;
+            return Err(());
         }
     };
     if let Some(second) = docs.get(1) {
@@ -285,9 +287,10 @@ fn load_document(text: &str, cx: &mut Ctx) -> Option<MarkedYamlOwned> {
             "only one YAML document is allowed; another one (after `---`) starts here",
         );
     }
-    docs.into_iter()
+    Ok(docs
+        .into_iter()
         .next()
-        .filter(|doc| !doc.data.is_badvalue())
+        .filter(|doc| !doc.data.is_badvalue()))
 }
 
 fn line_of(node: &MarkedYamlOwned) -> usize {
@@ -462,6 +465,9 @@ const ROUTE: Schema = Schema {
     refused: &[],
 };
 
+/// YAML 1.1's merge key; saphyr (YAML 1.2) reads it as an ordinary key named `<<`.
+const MERGE_KEY: &str = "<<";
+
 /// A mapping whose keys have been checked against its [`Schema`].
 struct Section<'a> {
     /// Dotted path of the mapping itself (`""` for the top level).
@@ -469,6 +475,8 @@ struct Section<'a> {
     /// Line of the mapping, for "missing key" errors.
     line: usize,
     entries: Vec<(&'a str, &'a MarkedYamlOwned)>,
+    /// Holds a `<<` merge key (reported): what it would have merged in is not reported as missing.
+    merges: bool,
 }
 
 /// One value and the dotted key it was found under.
@@ -497,6 +505,7 @@ impl<'a> Section<'a> {
             path,
             line,
             entries: Vec::new(),
+            merges: false,
         };
         let Some(node) = node.filter(|n| !n.data.is_null()) else {
             return Some(section);
@@ -515,6 +524,7 @@ impl<'a> Section<'a> {
             return None;
         };
         section.line = line_of(node);
+        section.merges = map.keys().any(|k| k.data.as_str() == Some(MERGE_KEY));
         for (k, v) in map {
             if let Some(name) = section.check_key(k, schema, cx) {
                 section.entries.push((name, v));
@@ -539,9 +549,11 @@ impl<'a> Section<'a> {
         }
         let message = match schema.refused.iter().find(|(refused, _)| *refused == name) {
             Some((_, why)) => (*why).to_string(),
-            None if name == "<<" => "YAML merge keys (`<<`) are not supported; put shared route \
+            None if name == MERGE_KEY => {
+                "YAML merge keys (`<<`) are not supported; put shared route \
                                      fields under `defaults`"
-                .to_string(),
+                    .to_string()
+            }
             None => unknown_key_message(name, schema.allowed),
         };
         cx.error(line_of(k), &key, message);
@@ -570,7 +582,9 @@ impl<'a> Section<'a> {
 
     /// Reports a required key that is absent, at the line of this mapping.
     fn missing(&self, name: &str, why: &str, cx: &mut Ctx) {
-        cx.error(self.line, &self.key(name), format!("missing: {why}"));
+        if !self.merges {
+            cx.error(self.line, &self.key(name), format!("missing: {why}"));
+        }
     }
 }
 
@@ -1261,6 +1275,8 @@ struct RouteFields {
     max_wait: Option<Spotted<Duration>>,
     algorithm: Option<Spotted<AlgorithmKind>>,
     burst: Option<Spotted<NonZeroU32>>,
+    /// Keys present in the file, valid or not: a bad value is reported once, not also as missing.
+    written: Vec<&'static str>,
 }
 
 impl RouteFields {
@@ -1301,6 +1317,11 @@ impl RouteFields {
             burst: sec
                 .field("burst")
                 .and_then(|f| spot(f, |f| non_zero_u32(f, cx))),
+            written: ROUTE_FIELDS
+                .iter()
+                .copied()
+                .filter(|k| sec.field(k).is_some())
+                .collect(),
         }
     }
 
@@ -1315,6 +1336,7 @@ impl RouteFields {
             max_wait: self.max_wait.or_else(|| defaults.max_wait.clone()),
             algorithm: self.algorithm.or_else(|| defaults.algorithm.clone()),
             burst: self.burst.or_else(|| defaults.burst.clone()),
+            written: [self.written, defaults.written.clone()].concat(),
         }
     }
 }
@@ -1364,21 +1386,21 @@ fn read_routes(top: &Section, cx: &mut Ctx) -> Vec<RouteConfig> {
         }
     };
     let mut names: Vec<(String, usize, usize)> = Vec::new(); // name, index, line
-    let mut routes = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let path = format!("routes[{i}]");
+    let mut built = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let path = format!("routes[{index}]");
         let Some(sec) = Section::open(Some(item), path, line_of(item), &ROUTE, cx) else {
             continue;
         };
-        let name = route_name(&sec, &mut names, i, cx);
+        let name = route_name(&sec, &mut names, index, cx);
         let paths = route_paths(&sec, cx);
         let fields = RouteFields::read(&sec, cx).or(&defaults);
         if let Some(route) = build_route(&sec, name, paths, fields, cx) {
-            routes.push((i, route));
+            built.push(route);
         }
     }
-    report_shadowed_paths(&routes, cx);
-    routes.into_iter().map(|(_, route)| route).collect()
+    report_shadowed_paths(&built, cx);
+    built.into_iter().map(|b| b.route).collect()
 }
 
 /// `name`: required, unique (it is the metric label and the admin API's key).
@@ -1423,7 +1445,7 @@ fn route_name(
 }
 
 /// `path`: one template or a non-empty list of templates sharing one quota.
-fn route_paths(sec: &Section, cx: &mut Ctx) -> Option<Vec<String>> {
+fn route_paths(sec: &Section, cx: &mut Ctx) -> Option<Vec<Spotted<String>>> {
     let Some(f) = sec.field("path") else {
         sec.missing(
             "path",
@@ -1454,15 +1476,19 @@ fn route_paths(sec: &Section, cx: &mut Ctx) -> Option<Vec<String>> {
             node: f.node,
         }],
     };
-    let mut paths: Vec<String> = Vec::new();
+    let mut paths: Vec<Spotted<String>> = Vec::new();
     let mut ok = true;
-    for item in &fields {
-        match template(item, cx) {
-            Some(t) if paths.contains(&t) => {
+    for item in fields {
+        match template(&item, cx) {
+            Some(t) if paths.iter().any(|p| p.value == t) => {
                 cx.error(item.line(), &item.key, format!("{t:?} is listed twice"));
                 ok = false;
             }
-            Some(t) => paths.push(t),
+            Some(value) => paths.push(Spotted {
+                value,
+                line: item.line(),
+                key: item.key,
+            }),
             None => ok = false,
         }
     }
@@ -1489,49 +1515,32 @@ fn template(f: &Field, cx: &mut Ctx) -> Option<String> {
 fn build_route(
     sec: &Section,
     name: Option<String>,
-    paths: Option<Vec<String>>,
+    paths: Option<Vec<Spotted<String>>>,
     fields: RouteFields,
     cx: &mut Ctx,
-) -> Option<RouteConfig> {
-    let from_defaults = "(on the route or under `defaults`)";
-    let require = |value: Option<&Spotted<Duration>>, key: &str, what: &str, cx: &mut Ctx| {
-        if value.is_none() {
-            sec.missing(
-                key,
-                &format!("every route needs `{key}`, {what} {from_defaults}"),
-                cx,
-            );
+) -> Option<Built> {
+    for (key, what) in [
+        ("limit", "the calls allowed per `per`"),
+        ("per", "the window the limit counts over"),
+        ("lock", "Zoho's lock period for the endpoint"),
+    ] {
+        if !fields.written.contains(&key) {
+            let why =
+                format!("every route needs `{key}`, {what} (on the route or under `defaults`)");
+            sec.missing(key, &why, cx);
         }
-    };
-    if fields.limit.is_none() {
-        sec.missing(
-            "limit",
-            &format!("every route needs `limit`, the calls allowed per `per` {from_defaults}"),
-            cx,
-        );
     }
-    require(
-        fields.per.as_ref(),
-        "per",
-        "the window the limit counts over",
-        cx,
-    );
-    require(
-        fields.lock.as_ref(),
-        "lock",
-        "Zoho's lock period for the endpoint",
-        cx,
-    );
     let on_limit = fields
         .on_limit
         .as_ref()
         .map_or(DEFAULT_ON_LIMIT, |s| s.value);
     check_max_wait(sec, &fields, on_limit, cx);
     let algorithm = route_algorithm(sec, &fields, cx);
-    Some(RouteConfig {
+    let paths = paths?;
+    let route = RouteConfig {
         name: name?,
         method: fields.method.and_then(|m| m.value),
-        paths: paths?,
+        paths: paths.iter().map(|p| p.value.clone()).collect(),
         limit: fields.limit?.value,
         per: fields.per?.value,
         lock: fields.lock?.value,
@@ -1539,7 +1548,14 @@ fn build_route(
         max_wait: fields.max_wait.map_or(DEFAULT_MAX_WAIT, |s| s.value),
         algorithm: algorithm?,
         line: sec.line,
-    })
+    };
+    Some(Built { route, paths })
+}
+
+/// A route that passed every check, with where each of its paths was written.
+struct Built {
+    route: RouteConfig,
+    paths: Vec<Spotted<String>>,
 }
 
 /// `max_wait` written on a route that rejects at once is a misunderstanding worth flagging; one
@@ -1575,6 +1591,7 @@ fn route_algorithm(sec: &Section, fields: &RouteFields, cx: &mut Ctx) -> Option<
             }
             Some(Algorithm::Window)
         }
+        (AlgorithmKind::Gcra, None) if fields.written.contains(&"burst") => None,
         (AlgorithmKind::Gcra, None) => {
             sec.missing(
                 "burst",
@@ -1611,23 +1628,22 @@ fn route_algorithm(sec: &Section, fields: &RouteFields, cx: &mut Ctx) -> Option<
 }
 
 /// The router takes the first route whose method and path match, so a path that an earlier route
-/// fully covers can never match: its limit would silently never apply. Routes carry their index
-/// in the file (routes with errors are not built, so positions in the slice can differ).
-fn report_shadowed_paths(routes: &[(usize, RouteConfig)], cx: &mut Ctx) {
-    for (j, (later_index, later)) in routes.iter().enumerate() {
+/// fully covers can never match: its limit would silently never apply.
+fn report_shadowed_paths(routes: &[Built], cx: &mut Ctx) {
+    for (j, later) in routes.iter().enumerate() {
         for path in &later.paths {
-            let earlier = routes[..j].iter().find(|(_, r)| {
-                method_covers(r.method.as_ref(), later.method.as_ref())
-                    && r.paths.iter().any(|p| template_covers(p, path))
+            let earlier = routes[..j].iter().map(|b| &b.route).find(|r| {
+                method_covers(r.method.as_ref(), later.route.method.as_ref())
+                    && r.paths.iter().any(|p| template_covers(p, &path.value))
             });
-            if let Some((index, r)) = earlier {
+            if let Some(r) = earlier {
                 cx.error(
-                    later.line,
-                    &format!("routes[{later_index}].path"),
+                    path.line,
+                    &path.key,
                     format!(
-                        "{path:?} can never match: route {:?} (routes[{index}], line {}) comes \
-                         first and matches every such request; move the more specific route up",
-                        r.name, r.line
+                        "{:?} can never match: route {:?} (line {}) comes first and matches \
+                         every such request; move the more specific route up",
+                        path.value, r.name, r.line
                     ),
                 );
             }
@@ -2130,11 +2146,11 @@ mod tests {
             "{UPSTREAM}routes:\n  - name: any\n    path: \"/a/{{x}}\"\n{FULL_ROUTE}  - name: get\n    method: GET\n    path: \"/A/b\"\n{FULL_ROUTE}"
         ));
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert_eq!((errs[0].key.as_str(), errs[0].line), ("routes[1].path", 7));
+        assert_eq!((errs[0].key.as_str(), errs[0].line), ("routes[1].path", 10));
         assert!(
             errs[0]
                 .message
-                .contains("route \"any\" (routes[0], line 3)"),
+                .contains("route \"any\" (line 3) comes first"),
             "{}",
             errs[0].message
         );
@@ -2142,6 +2158,19 @@ mod tests {
         parse(&format!(
             "routes:\n  - name: get\n    method: GET\n    path: \"/a/b\"\n{FULL_ROUTE}  - name: any\n    path: \"/a/{{x}}\"\n{FULL_ROUTE}"
         ));
+    }
+
+    #[test]
+    fn a_bad_value_is_not_also_reported_as_missing() {
+        let errs = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    limit: 0\n    per: \"0s\"\n    lock: \"5m\"\n    algorithm: gcra\n    burst: -1\n"
+        ));
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["routes[0].limit", "routes[0].per", "routes[0].burst"],
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -2171,7 +2200,7 @@ mod tests {
         let c = parse(
             "log:\n  level: &lvl   # a comment: with a colon\n    \"info\"\n  format: !!str pretty\n\
              defaults: {max_wait: \"5s\", on_limit: queue}\n\
-             routes:\n  - name: r\n    path: &p \"/a\"\n    limit: 5\n    per: |-\n      1m\n    lock: >\n      5m\n",
+             routes:\n  - name: r\n    path: &p \"/a\"\n    limit: 5\n    per: |-\n      1m\n    lock: >-\n      5m\n",
         );
         assert_eq!(c.routes[0].per, Duration::from_secs(60));
         assert_eq!(c.routes[0].max_wait, Duration::from_secs(5));
@@ -2180,7 +2209,7 @@ mod tests {
     #[test]
     fn aliases_are_resolved() {
         let c = parse(&format!(
-            "routes:\n  - name: a\n    path: &shared [\"/a\", \"/b\"]\n{FULL_ROUTE}  - name: b\n    method: GET\n    path: *shared\n{FULL_ROUTE}"
+            "routes:\n  - name: a\n    method: POST\n    path: &shared [\"/a\", \"/b\"]\n{FULL_ROUTE}  - name: b\n    method: GET\n    path: *shared\n{FULL_ROUTE}"
         ));
         assert_eq!(c.routes[1].paths, c.routes[0].paths);
     }

@@ -16,6 +16,7 @@
 
 mod client;
 mod metrics;
+mod proxy;
 mod stub;
 mod window;
 
@@ -24,6 +25,7 @@ pub use client::{
     POLL_INTERVAL,
 };
 pub use metrics::{metric_sum, metric_value, parse_sample, Sample};
+pub use proxy::{base_url, config_yaml, start_proxy};
 pub use stub::{
     credential, Arrival, FixedResponse, Outcome, Responder, StubRoute, ThrottleShape, UserKey,
     UserKeyFn, ZohoStub,

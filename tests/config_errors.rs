@@ -1,0 +1,453 @@
+//! One fixture per config mistake (tests/fixtures/config/*.yaml), each loaded through
+//! `Config::load` as `cliqgate check` does. Every test asserts the complete list of errors (key
+//! and line exactly, a telling part of the message), so an extra or a lost report fails too.
+
+use std::path::{Path, PathBuf};
+
+use cliqgate::config::{Config, ConfigError, IdentityConfig, DOCUMENT_KEY};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(name)
+}
+
+fn errors_of(name: &str) -> Vec<ConfigError> {
+    match Config::load(&fixture(name)) {
+        Ok(_) => panic!("{name} should be refused"),
+        Err(errors) => errors.0,
+    }
+}
+
+/// Asserts the exact errors of a fixture: `(line, key, part of the message)`, in line order.
+fn assert_errors(name: &str, expected: &[(usize, &str, &str)]) {
+    let errors = errors_of(name);
+    let listing: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors.len(),
+        expected.len(),
+        "{name}: expected {} errors, got:\n{}",
+        expected.len(),
+        listing.join("\n")
+    );
+    for (error, (line, key, fragment)) in errors.iter().zip(expected) {
+        assert_eq!(
+            (error.line, error.key.as_str()),
+            (*line, *key),
+            "{name}: {error}"
+        );
+        assert!(
+            error.message.contains(fragment),
+            "{name}: {error}\nshould contain: {fragment}"
+        );
+    }
+}
+
+#[test]
+fn valid_fixture_with_every_key_loads() {
+    let config = match Config::load(&fixture("valid.yaml")) {
+        Ok(config) => config,
+        Err(errors) => panic!("valid.yaml:\n{errors}"),
+    };
+    assert_eq!(config.listen.port(), 0);
+    assert!(matches!(config.identity, IdentityConfig::Header { .. }));
+    assert_eq!(
+        config.upstream_ca_file,
+        Some(fixture("valid.yaml")),
+        "a relative CA path is taken from the config file's directory"
+    );
+    assert_eq!(config.routes.len(), 2);
+}
+
+#[test]
+fn unreadable_file_is_one_error_naming_the_file() {
+    let path = fixture("does_not_exist.yaml");
+    let errors = match Config::load(&path) {
+        Ok(_) => panic!("a missing file cannot load"),
+        Err(errors) => errors.0,
+    };
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].line, 0);
+    assert_eq!(errors[0].key, path.display().to_string());
+    assert!(errors[0].message.contains("cannot read the config file"));
+}
+
+#[test]
+fn yaml_syntax_error_is_reported_at_the_scanner_line() {
+    assert_errors(
+        "yaml_syntax.yaml",
+        &[(5, DOCUMENT_KEY, "YAML syntax error")],
+    );
+}
+
+#[test]
+fn top_level_must_be_a_mapping() {
+    assert_errors(
+        "top_level_list.yaml",
+        &[(1, DOCUMENT_KEY, "expected a mapping of keys, found a list")],
+    );
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_the_allowed_keys() {
+    assert_errors(
+        "unknown_key.yaml",
+        &[
+            (
+                2,
+                "listn",
+                "did you mean `listen`? allowed here: listen, admin_listen",
+            ),
+            (
+                6,
+                "routes[0].limt",
+                "did you mean `limit`? allowed here: name, method, path",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn duplicate_keys_are_rejected() {
+    assert_errors(
+        "duplicate_key.yaml",
+        &[(
+            8,
+            "routes[0].limit",
+            "duplicate key: it is also set at line 5",
+        )],
+    );
+}
+
+#[test]
+fn merge_keys_are_rejected_without_knock_on_errors() {
+    assert_errors(
+        "merge_key.yaml",
+        &[(9, "routes[1].<<", "merge keys (`<<`) are not supported")],
+    );
+}
+
+#[test]
+fn bad_durations_name_the_problem() {
+    assert_errors(
+        "bad_duration.yaml",
+        &[
+            (
+                6,
+                "routes[0].per",
+                "\"1 minute\" is not a duration: spaces are not allowed",
+            ),
+            (
+                7,
+                "routes[0].lock",
+                "\"10\" is not a duration: 10 has no unit",
+            ),
+            (
+                8,
+                "routes[0].max_wait",
+                "\"-1s\" is not a duration: it is negative",
+            ),
+            (12, "routes[1].per", "unknown unit \"x\""),
+            (
+                13,
+                "routes[1].lock",
+                "expected a duration string with a unit",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn zero_timeout_is_rejected() {
+    assert_errors(
+        "zero_timeout.yaml",
+        &[(3, "timeouts.connect", "must be greater than zero")],
+    );
+}
+
+#[test]
+fn missing_limit_is_reported_at_the_route() {
+    assert_errors(
+        "missing_limit.yaml",
+        &[(5, "routes[0].limit", "missing: every route needs `limit`")],
+    );
+}
+
+#[test]
+fn missing_upstream_is_reported() {
+    assert_errors(
+        "missing_upstream.yaml",
+        &[(1, "upstream", "missing: the Zoho Cliq base URL")],
+    );
+}
+
+#[test]
+fn duplicate_route_name_points_at_the_first() {
+    assert_errors(
+        "duplicate_route_name.yaml",
+        &[(
+            9,
+            "routes[1].name",
+            "duplicate route name \"chats.post_message\": already used by routes[0] at line 7",
+        )],
+    );
+}
+
+#[test]
+fn resolve_identity_is_refused_as_not_supported_yet() {
+    assert_errors(
+        "resolve_mode_refused.yaml",
+        &[
+            (
+                3,
+                "identity.mode",
+                "\"resolve\" is not supported yet (planned: identity resolution); use token or header",
+            ),
+            (4, "identity.url", "not supported yet (planned: identity resolution)"),
+            (5, "identity.user_field", "not supported yet (planned: identity resolution)"),
+            (6, "identity.ttl", "not supported yet (planned: identity resolution)"),
+        ],
+    );
+}
+
+#[test]
+fn redis_store_and_state_file_are_refused_as_not_supported_yet() {
+    assert_errors(
+        "redis_store_refused.yaml",
+        &[
+            (
+                3,
+                "store.kind",
+                "\"redis\" is not supported yet (planned: shared Redis store)",
+            ),
+            (
+                4,
+                "store.url",
+                "not supported yet (planned: shared Redis store)",
+            ),
+            (
+                5,
+                "store.on_error",
+                "not supported yet (planned: shared Redis store)",
+            ),
+            (
+                6,
+                "store.replicas",
+                "not supported yet (planned: shared Redis store)",
+            ),
+            (
+                7,
+                "store.state_file",
+                "not supported yet (planned: restart safety)",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn upstream_with_a_path_is_refused() {
+    assert_errors("bad_upstream.yaml", &[(2, "upstream", "no path or query")]);
+}
+
+#[test]
+fn missing_ca_file_is_reported_with_its_resolved_path() {
+    let expected = fixture("no-such-ca.pem").display().to_string();
+    assert_errors(
+        "missing_ca_file.yaml",
+        &[(2, "upstream_ca_file", &format!("no such file: {expected}"))],
+    );
+}
+
+#[test]
+fn bad_addresses_are_refused() {
+    assert_errors(
+        "bad_address.yaml",
+        &[
+            (2, "listen", "\"localhost:8080\" is not a socket address"),
+            (
+                3,
+                "admin_listen",
+                "\"127.0.0.1:99999\" is not a socket address",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn header_mode_needs_a_valid_header_name() {
+    assert_errors(
+        "header_mode_without_header.yaml",
+        &[(3, "identity.header", "missing: mode header needs `header`")],
+    );
+    assert_errors(
+        "bad_header_name.yaml",
+        &[(
+            4,
+            "identity.header",
+            "\"X Cliq User\" is not a valid HTTP header name",
+        )],
+    );
+}
+
+#[test]
+fn bad_path_templates_are_reported_per_list_item() {
+    assert_errors(
+        "bad_template.yaml",
+        &[
+            (
+                6,
+                "routes[0].path[1]",
+                "segment \"{chat_id}x\" must be a whole {name} placeholder",
+            ),
+            (7, "routes[0].path[2]", "must start with '/'"),
+        ],
+    );
+}
+
+#[test]
+fn a_route_hidden_by_an_earlier_route_is_refused() {
+    assert_errors(
+        "hidden_route.yaml",
+        &[(
+            11,
+            "routes[1].path",
+            "can never match: route \"messages.any\" (line 7) comes first",
+        )],
+    );
+}
+
+#[test]
+fn bad_enum_values_list_the_allowed_ones() {
+    assert_errors(
+        "bad_enum.yaml",
+        &[
+            (
+                2,
+                "unmatched",
+                "unknown value \"drop\"; allowed: forward, reject",
+            ),
+            (
+                4,
+                "log.format",
+                "unknown value \"text\"; allowed: pretty, json",
+            ),
+            (
+                7,
+                "routes[0].method",
+                "unknown method \"FETCH\"; allowed: GET, HEAD, POST",
+            ),
+            (
+                12,
+                "routes[0].on_limit",
+                "unknown value \"wait\"; allowed: queue, reject",
+            ),
+            (
+                13,
+                "routes[0].algorithm",
+                "unknown value \"token_bucket\"; allowed: window, gcra",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn wrong_types_say_what_was_found() {
+    assert_errors(
+        "wrong_type.yaml",
+        &[
+            (2, "safety_margin", "found the integer 1"),
+            (
+                3,
+                "identity",
+                "expected a mapping of keys, found the string \"token\"",
+            ),
+            (
+                7,
+                "routes[0].limit",
+                "expected a whole number, found the string \"twenty\"",
+            ),
+            (
+                10,
+                "routes[1]",
+                "expected a mapping of keys, found the string \"just a string\"",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn zero_negative_float_and_huge_numbers_are_refused() {
+    assert_errors(
+        "bad_numbers.yaml",
+        &[
+            (3, "queue.max_per_user", "must be at least 1, found 0"),
+            (4, "queue.max_total", "must be at least 1, found -5"),
+            (8, "routes[0].limit", "expected a whole number, found 2.5"),
+            (13, "routes[1].limit", "99999999999 is too large"),
+        ],
+    );
+}
+
+#[test]
+fn bad_sizes_are_refused() {
+    assert_errors(
+        "bad_sizes.yaml",
+        &[
+            (
+                3,
+                "http.max_header_bytes",
+                "must be at least 1024 bytes, found 512",
+            ),
+            (4, "http.max_body_bytes", "\"64KB\" is not a size"),
+        ],
+    );
+}
+
+#[test]
+fn gcra_burst_over_limit_is_refused() {
+    assert_errors(
+        "gcra_burst_over_limit.yaml",
+        &[(9, "routes[0].burst", "burst 6 must be at most limit 5")],
+    );
+}
+
+#[test]
+fn every_error_in_a_file_is_reported_at_once() {
+    assert_errors(
+        "many_errors.yaml",
+        &[
+            (2, "listen", "\"0.0.0.0\" is not a socket address"),
+            (3, "upstream", "scheme \"ftp\" is not supported"),
+            (4, "safety_margin", "spaces are not allowed"),
+            (
+                6,
+                "identity.mode",
+                "not supported yet (planned: identity resolution)",
+            ),
+            (
+                8,
+                "store.state_file",
+                "not supported yet (planned: restart safety)",
+            ),
+            (12, "defaults.name", "belongs to each route"),
+            (17, "routes[0].limit", "must be at least 1, found 0"),
+            (20, "routes[1].name", "use only letters, digits"),
+            (21, "routes[1].path", "must be a whole {name} placeholder"),
+            (25, "routes[1].colour", "unknown key"),
+            (26, "routes[2].name", "already used by routes[0] at line 14"),
+            (26, "routes[2].limit", "missing: every route needs `limit`"),
+        ],
+    );
+}
+
+#[test]
+fn errors_display_as_line_key_message() {
+    let errors = match Config::load(&fixture("gcra_burst_over_limit.yaml")) {
+        Ok(_) => panic!("should be refused"),
+        Err(errors) => errors,
+    };
+    assert_eq!(
+        errors.to_string(),
+        "line 9: routes[0].burst: burst 6 must be at most limit 5"
+    );
+}
