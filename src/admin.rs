@@ -18,7 +18,9 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<ProxyBody
         "/metrics" => {
             proxy.refresh_gauges();
             let mut response = Response::new(full(Bytes::from(proxy.metrics.encode())));
-            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
             response
         }
         // Alive: the process answers.
@@ -32,6 +34,9 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<ProxyBody
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }

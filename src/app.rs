@@ -43,7 +43,11 @@ pub struct Running {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot bind {what} on {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
 }
@@ -51,7 +55,10 @@ pub enum StartError {
 /// Starts the proxy and admin listeners on the configured addresses.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let limiter: Arc<dyn Limiter> = Arc::new(MemoryStore::new(Arc::new(TokioClock::new()), config.queue.max_total));
+    let limiter: Arc<dyn Limiter> = Arc::new(MemoryStore::new(
+        Arc::new(TokioClock::new()),
+        config.queue.max_total,
+    ));
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let proxy = Arc::new(Proxy::new(config, limiter.clone(), upstream, metrics));
@@ -78,11 +85,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             async move { Ok::<_, Infallible>(crate::admin::handle(proxy, req).await) }
         };
         let builder = auto::Builder::new(TokioExecutor::new());
-        tokio::spawn(serve(admin_listener, builder, service, stopped.clone(), Duration::from_secs(1)))
+        tokio::spawn(serve(
+            admin_listener,
+            builder,
+            service,
+            stopped.clone(),
+            Duration::from_secs(1),
+        ))
     };
     let sweeper = tokio::spawn(sweep(limiter, stopped));
     tracing::info!(%proxy_addr, %admin_addr, "cliqgate listening");
-    Ok(Running { proxy_addr, admin_addr, proxy, stop, server, admin, sweeper })
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        proxy,
+        stop,
+        server,
+        admin,
+        sweeper,
+    })
 }
 
 impl Running {
@@ -121,11 +142,17 @@ fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
 }
 
 fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    listener.local_addr().map_err(|source| StartError::Bind { what: "listener", addr, source })
+    listener.local_addr().map_err(|source| StartError::Bind {
+        what: "listener",
+        addr,
+        source,
+    })
 }
 
 /// Accepts connections until told to stop, then drains them for at most `drain`.
@@ -137,7 +164,9 @@ async fn serve<S, F>(
     drain: Duration,
 ) where
     S: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Result<hyper::Response<crate::body::ProxyBody>, Infallible>> + Send + 'static,
+    F: Future<Output = Result<hyper::Response<crate::body::ProxyBody>, Infallible>>
+        + Send
+        + 'static,
 {
     let graceful = GracefulShutdown::new();
     loop {
@@ -165,8 +194,14 @@ async fn serve<S, F>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?drain, "connections still open after the shutdown timeout; closing them");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "connections still open after the shutdown timeout; closing them"
+        );
     }
 }
 

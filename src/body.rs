@@ -34,7 +34,11 @@ pub struct Limited<B> {
 
 impl<B> Limited<B> {
     pub fn new(inner: B, limit: u64) -> Self {
-        Limited { inner, remaining: limit, limit }
+        Limited {
+            inner,
+            remaining: limit,
+            limit,
+        }
     }
 }
 
@@ -46,7 +50,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -85,7 +92,11 @@ pub struct Prefixed<B> {
 
 impl<B> Prefixed<B> {
     pub fn new(prefix: Bytes, trailers: Option<http::HeaderMap>, rest: Option<B>) -> Self {
-        Prefixed { prefix: (!prefix.is_empty()).then_some(prefix), trailers, rest }
+        Prefixed {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            trailers,
+            rest,
+        }
     }
 }
 
@@ -97,7 +108,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -106,18 +120,25 @@ where
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         match this.rest.as_mut() {
-            Some(rest) => Pin::new(rest).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            Some(rest) => Pin::new(rest)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
             None => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.trailers.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+        self.prefix.is_none()
+            && self.trailers.is_none()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let rest = self.rest.as_ref().map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + extra);
         if let Some(upper) = rest.upper() {
@@ -129,7 +150,10 @@ where
 
 /// Reads frames of `body` until at least `want` bytes, the end, or a trailers frame.
 /// Returns the bytes read, trailers if met, and the rest of the body if it did not end.
-pub async fn read_prefix<B>(mut body: B, want: usize) -> Result<(Bytes, Option<http::HeaderMap>, Option<B>), B::Error>
+pub async fn read_prefix<B>(
+    mut body: B,
+    want: usize,
+) -> Result<(Bytes, Option<http::HeaderMap>, Option<B>), B::Error>
 where
     B: Body<Data = Bytes> + Unpin,
 {

@@ -159,7 +159,8 @@ pub struct RouteConfig {
 pub struct ConfigError {
     /// 1-based line in the file; 0 when the problem is the file as a whole (cannot be read).
     pub line: usize,
-    /// Dotted key, e.g. `routes[2].per`, `identity.header`; [`DOCUMENT_KEY`] for the document itself.
+    /// Dotted key, e.g. `routes[2].per`, `identity.header`; [`DOCUMENT_KEY`] for the document
+    /// itself; the file's path when it cannot be read.
     pub key: String,
     pub message: String,
 }
@@ -467,6 +468,8 @@ const ROUTE: Schema = Schema {
 
 /// YAML 1.1's merge key; saphyr (YAML 1.2) reads it as an ordinary key named `<<`.
 const MERGE_KEY: &str = "<<";
+const MERGE_REFUSED: &str =
+    "YAML merge keys (`<<`) are not supported; put shared route fields under `defaults`";
 
 /// A mapping whose keys have been checked against its [`Schema`].
 struct Section<'a> {
@@ -549,11 +552,7 @@ impl<'a> Section<'a> {
         }
         let message = match schema.refused.iter().find(|(refused, _)| *refused == name) {
             Some((_, why)) => (*why).to_string(),
-            None if name == MERGE_KEY => {
-                "YAML merge keys (`<<`) are not supported; put shared route \
-                                     fields under `defaults`"
-                    .to_string()
-            }
+            None if name == MERGE_KEY => MERGE_REFUSED.to_string(),
             None => unknown_key_message(name, schema.allowed),
         };
         cx.error(line_of(k), &key, message);
@@ -677,14 +676,6 @@ fn string<'a>(f: &Field<'a>, what: &str, cx: &mut Ctx) -> Option<&'a str> {
 fn positive<T: TryFrom<i64>>(f: &Field, cx: &mut Ctx) -> Option<T> {
     let n = match &f.node.data {
         YamlDataOwned::Value(ScalarOwned::Integer(n)) => *n,
-        YamlDataOwned::Value(ScalarOwned::FloatingPoint(x)) => {
-            cx.error(
-                f.line(),
-                &f.key,
-                format!("expected a whole number, found {x}"),
-            );
-            return None;
-        }
         _ => {
             cx.error(
                 f.line(),
@@ -854,24 +845,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// The shortest exact spelling that [`parse_duration`] reads back: `10m`, `1m1s`, `1500ms`.
+/// The shortest exact spelling that [`parse_duration`] reads back: `10m`, `1m1s`, `1m1500ms`.
 pub fn format_duration(d: Duration) -> String {
-    let mut millis = d.as_millis();
-    if millis == 0 {
+    const WHOLE_SECONDS: [(&str, u128); 3] = [("h", 3_600_000), ("m", 60_000), ("s", 1_000)];
+    const SUB_SECOND: [(&str, u128); 3] = [("h", 3_600_000), ("m", 60_000), ("ms", 1)];
+    let mut rest = d.as_millis();
+    if rest == 0 {
         return "0s".to_string();
     }
+    let units = if rest % 1_000 == 0 {
+        WHOLE_SECONDS
+    } else {
+        SUB_SECOND
+    };
     let mut out = String::new();
-    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if millis % 1_000 != 0 && unit == "s" {
-            break; // sub-second remainder: spell seconds and below in ms
+    for (unit, size) in units {
+        if rest >= size {
+            out.push_str(&format!("{}{unit}", rest / size));
+            rest %= size;
         }
-        if millis >= size {
-            out.push_str(&format!("{}{unit}", millis / size));
-            millis %= size;
-        }
-    }
-    if millis > 0 {
-        out.push_str(&format!("{millis}ms"));
     }
     out
 }
@@ -904,6 +896,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn read_config(top: &Section, cx: &mut Ctx) -> Option<Config> {
     let listen = address(top, "listen", DEFAULT_LISTEN, cx);
     let admin_listen = address(top, "admin_listen", DEFAULT_ADMIN_LISTEN, cx);
+    check_distinct_listeners(top, listen, admin_listen, cx);
     let upstream = match top.field("upstream") {
         Some(f) => upstream(&f, cx),
         None => {
@@ -967,6 +960,15 @@ fn address(top: &Section, name: &str, default: &'static str, cx: &mut Ctx) -> So
         })
 }
 
+/// The proxy and admin listeners cannot share a port (port 0 picks two different free ports).
+fn check_distinct_listeners(top: &Section, listen: SocketAddr, admin: SocketAddr, cx: &mut Ctx) {
+    if listen == admin && listen.port() != 0 {
+        let line = top.field("admin_listen").map_or(top.line, |f| f.line());
+        let why = format!("{admin} is also `listen`; the admin endpoints need their own port");
+        cx.error(line, "admin_listen", why);
+    }
+}
+
 /// `upstream`: the one origin cliqgate dials. Only scheme and host[:port] are meaningful: a path,
 /// query or credentials here would be silently dropped or leaked, so they are refused.
 fn upstream(f: &Field, cx: &mut Ctx) -> Option<UpstreamTarget> {
@@ -1009,11 +1011,9 @@ fn parse_upstream(text: &str) -> Result<UpstreamTarget, String> {
     }
     check_port(&authority)?;
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(
-            "only scheme and host[:port] are allowed: no path or query, because \
-                    callers' request paths are forwarded as they are"
-                .into(),
-        );
+        let why = "only scheme and host[:port] are allowed: no path or query, because callers' \
+                   request paths are forwarded as they are";
+        return Err(why.into());
     }
     Ok(UpstreamTarget { scheme, authority })
 }
@@ -1048,6 +1048,11 @@ fn ca_file(f: &Field, cx: &mut Ctx) -> Option<PathBuf> {
     Some(path)
 }
 
+const RESOLVE_REFUSED: &str =
+    "\"resolve\" is not supported yet (planned: identity resolution); use token or header";
+const HEADER_NEEDED: &str = "mode header needs `header`, the trusted request header that names \
+                             the user, e.g. \"X-Cliq-User\"";
+
 fn read_identity(top: &Section, cx: &mut Ctx) -> IdentityConfig {
     #[derive(Clone, Copy, PartialEq)]
     enum Mode {
@@ -1063,28 +1068,27 @@ fn read_identity(top: &Section, cx: &mut Ctx) -> IdentityConfig {
         ("header", Mode::Header),
         ("resolve", Mode::Resolve),
     ];
-    let mode_field = sec.field("mode");
-    let mode = match &mode_field {
-        Some(f) => choice(f, &modes, cx),
+    let mode = match sec.field("mode") {
         None => Some(Mode::Token),
+        Some(f) => {
+            let mode = choice(&f, &modes, cx);
+            if mode == Some(Mode::Resolve) {
+                cx.error(f.line(), &f.key, RESOLVE_REFUSED);
+            }
+            mode
+        }
     };
-    let header = sec.field("header");
-    match (mode, mode_field, header) {
-        (Some(Mode::Resolve), Some(f), _) => {
-            cx.error(
-                f.line(),
-                &f.key,
-                "\"resolve\" is not supported yet (planned: identity resolution); use token or header",
-            );
+    match (mode, sec.field("header")) {
+        (Some(Mode::Header), Some(h)) => {
+            header_name(&h, cx).map(|name| IdentityConfig::Header { name })
+        }
+        (Some(Mode::Header), None) => {
+            sec.missing("header", HEADER_NEEDED, cx);
             None
         }
-        (Some(Mode::Header), _, Some(h)) => header_name(&h, cx).map(|name| IdentityConfig::Header { name }),
-        (Some(Mode::Header), _, None) => {
-            sec.missing("header", "mode header needs `header`, the trusted request header that names the user, e.g. \"X-Cliq-User\"", cx);
-            None
-        }
-        (Some(Mode::Token), _, Some(h)) => {
-            cx.error(h.line(), &h.key, "only used with `mode: header` (mode here is token)");
+        (Some(Mode::Token), Some(h)) => {
+            let why = "only used with `mode: header` (mode here is token)";
+            cx.error(h.line(), &h.key, why);
             None
         }
         _ => None,
@@ -1659,8 +1663,8 @@ fn method_covers(earlier: Option<&Method>, later: Option<&Method>) -> bool {
     }
 }
 
-/// True if every path `later` matches is also matched by `earlier`, with the router's rules
-/// (src/route.rs): `{x}` is any one segment, empty segments are skipped, literals ignore ASCII case.
+/// True if every path `later` matches is also matched by `earlier`, by the router's rules
+/// (src/route.rs): `{x}` is any one segment, empty segments are skipped, literals ignore case.
 fn template_covers(earlier: &str, later: &str) -> bool {
     let is_param = |s: &str| s.starts_with('{');
     let a: Vec<&str> = earlier.split('/').filter(|s| !s.is_empty()).collect();
@@ -1688,14 +1692,20 @@ impl Config {
             Unmatched::Forward => "forward",
             Unmatched::Reject => "reject",
         };
-        let mut out = format!(
-            "upstream {}://{}  identity {identity}  store {store}  safety_margin {}  unmatched {unmatched}  listen {}  admin {}\n",
-            self.upstream.scheme,
-            self.upstream.authority,
-            format_duration(self.safety_margin),
-            self.listen,
-            self.admin_listen,
-        );
+        let settings = [
+            (
+                "upstream",
+                format!("{}://{}", self.upstream.scheme, self.upstream.authority),
+            ),
+            ("identity", identity),
+            ("store", store.to_string()),
+            ("safety_margin", format_duration(self.safety_margin)),
+            ("unmatched", unmatched.to_string()),
+            ("listen", self.listen.to_string()),
+            ("admin", self.admin_listen.to_string()),
+        ];
+        let settings: Vec<String> = settings.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let mut out = settings.join("  ") + "\n";
         let header = [
             "ROUTE",
             "METHOD",
@@ -1790,6 +1800,31 @@ mod tests {
     }
 
     const FULL_ROUTE: &str = "    limit: 5\n    per: \"1m\"\n    lock: \"5m\"\n";
+
+    /// Multi-line YAML written indented in the test: drops the first newline and the common
+    /// indentation, so line numbers count from the first YAML line.
+    fn dedent(text: &str) -> String {
+        let text = text.strip_prefix('\n').unwrap_or(text);
+        let indent = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.len() - l.trim_start().len())
+            .min()
+            .unwrap_or(0);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(|l| l.get(indent..).unwrap_or(""))
+            .collect();
+        lines.join("\n") + "\n"
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).expect("non-zero")
+    }
 
     // ---- Defaults ----
 
@@ -1960,6 +1995,13 @@ mod tests {
     }
 
     #[test]
+    fn proxy_and_admin_cannot_share_a_port() {
+        let errs = errors(&format!("{UPSTREAM}listen: \"127.0.0.1:9090\"\n"));
+        assert_eq!((errs[0].key.as_str(), errs[0].line), ("admin_listen", 1));
+        parse("listen: \"127.0.0.1:0\"\nadmin_listen: \"127.0.0.1:0\"\n");
+    }
+
+    #[test]
     fn upstream_keeps_scheme_and_authority() {
         let c = Config::from_yaml("upstream: \"https://cliq.zoho.eu/\"").expect("valid");
         assert_eq!(c.upstream.scheme, Scheme::HTTPS);
@@ -2027,36 +2069,48 @@ mod tests {
 
     #[test]
     fn path_may_be_one_template_or_a_list() {
-        assert_eq!(one_route(FULL_ROUTE).paths, vec!["/a".to_string()]);
-        let c = parse(&format!(
-            "routes:\n  - name: r\n    path: [\"/a\", \"/b/{{id}}\"]\n{FULL_ROUTE}"
+        assert_eq!(one_route(FULL_ROUTE).paths, ["/a"]);
+        let c = parse(&dedent(
+            r#"
+            routes:
+              - name: r
+                path: ["/a", "/b/{id}"]
+                limit: 5
+                per: "1m"
+                lock: "5m"
+            "#,
         ));
-        assert_eq!(
-            c.routes[0].paths,
-            vec!["/a".to_string(), "/b/{id}".to_string()]
-        );
+        assert_eq!(c.routes[0].paths, ["/a", "/b/{id}"]);
     }
 
     #[test]
     fn empty_path_list_and_repeated_template_are_refused() {
-        let errs = errors(&format!(
-            "{UPSTREAM}routes:\n  - name: r\n    path: []\n{FULL_ROUTE}"
-        ));
-        assert_eq!(errs[0].key, "routes[0].path");
-        let errs = errors(&format!(
-            "{UPSTREAM}routes:\n  - name: r\n    path: [\"/a\", \"/a\"]\n{FULL_ROUTE}"
-        ));
-        assert_eq!(errs[0].key, "routes[0].path[1]");
+        for (path, key) in [
+            ("[]", "routes[0].path"),
+            (r#"["/a", "/a"]"#, "routes[0].path[1]"),
+        ] {
+            let text = format!("{UPSTREAM}routes:\n  - name: r\n    path: {path}\n{FULL_ROUTE}");
+            let errs = errors(&text);
+            assert_eq!((errs.len(), errs[0].key.as_str()), (1, key), "{errs:?}");
+        }
     }
 
     #[test]
     fn method_is_case_insensitive_and_star_means_every_method() {
-        assert_eq!(
-            one_route(&format!("    method: post\n{FULL_ROUTE}")).method,
-            Some(Method::POST)
-        );
-        let c = parse(&format!(
-            "defaults:\n  method: GET\nroutes:\n  - name: r\n    path: \"/a\"\n    method: \"*\"\n{FULL_ROUTE}"
+        let post = one_route(&format!("    method: post\n{FULL_ROUTE}"));
+        assert_eq!(post.method, Some(Method::POST));
+        let c = parse(&dedent(
+            r#"
+            defaults:
+              method: GET
+            routes:
+              - name: r
+                path: "/a"
+                method: "*"
+                limit: 5
+                per: "1m"
+                lock: "5m"
+            "#,
         ));
         assert_eq!(
             c.routes[0].method, None,
@@ -2066,43 +2120,47 @@ mod tests {
 
     #[test]
     fn defaults_fill_what_a_route_leaves_out_and_a_route_value_wins() {
-        let c = parse(
-            "defaults:\n  limit: 7\n  per: \"2m\"\n  lock: \"10m\"\n  on_limit: reject\n  algorithm: gcra\n  burst: 3\n\
-             routes:\n  - name: a\n    path: \"/a\"\n  - name: b\n    path: \"/b\"\n    limit: 9\n    on_limit: queue\n    max_wait: \"5s\"\n    algorithm: window\n",
-        );
+        let c = parse(&dedent(
+            r#"
+            defaults:
+              limit: 7
+              per: "2m"
+              lock: "10m"
+              on_limit: reject
+              algorithm: gcra
+              burst: 3
+            routes:
+              - name: a
+                path: "/a"
+              - name: b
+                path: "/b"
+                limit: 9
+                on_limit: queue
+                max_wait: "5s"
+                algorithm: window
+            "#,
+        ));
         let (a, b) = (&c.routes[0], &c.routes[1]);
-        assert_eq!(
-            (a.limit.get(), a.per, a.lock),
-            (7, Duration::from_secs(120), Duration::from_secs(600))
-        );
+        assert_eq!((a.limit.get(), a.per, a.lock), (7, secs(120), secs(600)));
         assert_eq!(a.on_limit, OnLimit::Reject);
-        assert_eq!(
-            a.algorithm,
-            Algorithm::Gcra {
-                burst: NonZeroU32::new(3).expect("3")
-            }
-        );
-        assert_eq!((b.limit.get(), b.per), (9, Duration::from_secs(120)));
-        assert_eq!(
-            (b.on_limit, b.max_wait),
-            (OnLimit::Queue, Duration::from_secs(5))
-        );
+        assert_eq!(a.algorithm, Algorithm::Gcra { burst: nz(3) });
+        assert_eq!((b.limit.get(), b.per), (9, secs(120)));
+        assert_eq!((b.on_limit, b.max_wait), (OnLimit::Queue, secs(5)));
         assert_eq!(
             b.algorithm,
             Algorithm::Window,
-            "a burst from defaults does not bind a window route"
+            "a burst from defaults does not bind window"
         );
     }
 
     #[test]
-    fn gcra_needs_a_burst_within_the_limit() {
+    fn gcra_takes_a_burst() {
         let r = one_route(&format!("    algorithm: gcra\n    burst: 5\n{FULL_ROUTE}"));
-        assert_eq!(
-            r.algorithm,
-            Algorithm::Gcra {
-                burst: NonZeroU32::new(5).expect("5")
-            }
-        );
+        assert_eq!(r.algorithm, Algorithm::Gcra { burst: nz(5) });
+    }
+
+    #[test]
+    fn gcra_without_burst_and_window_with_burst_are_refused() {
         let missing = errors(&format!(
             "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    algorithm: gcra\n{FULL_ROUTE}"
         ));
@@ -2116,17 +2174,28 @@ mod tests {
         assert!(window[0]
             .message
             .contains("only used with `algorithm: gcra`"));
-        let from_defaults = errors(&format!(
-            "{UPSTREAM}defaults:\n  burst: 9\nroutes:\n  - name: r\n    path: \"/a\"\n    algorithm: gcra\n{FULL_ROUTE}"
+    }
+
+    #[test]
+    fn a_default_burst_over_a_route_limit_names_both() {
+        let errs = errors(&dedent(
+            r#"
+            upstream: "http://127.0.0.1:1"
+            defaults:
+              burst: 9
+            routes:
+              - name: r
+                path: "/a"
+                algorithm: gcra
+                limit: 5
+                per: "1m"
+                lock: "5m"
+            "#,
         ));
-        assert_eq!(from_defaults[0].key, "routes[0].burst");
-        assert!(
-            from_defaults[0]
-                .message
-                .contains("from defaults.burst, line 3"),
-            "{}",
-            from_defaults[0].message
-        );
+        assert_eq!((errs[0].key.as_str(), errs[0].line), ("routes[0].burst", 5));
+        assert!(errs[0]
+            .message
+            .contains("burst 9 (from defaults.burst, line 3) must be at most limit 5"));
     }
 
     #[test]
@@ -2142,8 +2211,22 @@ mod tests {
 
     #[test]
     fn a_route_hidden_by_an_earlier_one_is_refused() {
-        let errs = errors(&format!(
-            "{UPSTREAM}routes:\n  - name: any\n    path: \"/a/{{x}}\"\n{FULL_ROUTE}  - name: get\n    method: GET\n    path: \"/A/b\"\n{FULL_ROUTE}"
+        let errs = errors(&dedent(
+            r#"
+            upstream: "http://127.0.0.1:1"
+            routes:
+              - name: any
+                path: "/a/{x}"
+                limit: 5
+                per: "1m"
+                lock: "5m"
+              - name: get
+                method: GET
+                path: "/A/b"
+                limit: 5
+                per: "1m"
+                lock: "5m"
+            "#,
         ));
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert_eq!((errs[0].key.as_str(), errs[0].line), ("routes[1].path", 10));
@@ -2154,16 +2237,43 @@ mod tests {
             "{}",
             errs[0].message
         );
-        // The other way round is fine: the specific route first.
-        parse(&format!(
-            "routes:\n  - name: get\n    method: GET\n    path: \"/a/b\"\n{FULL_ROUTE}  - name: any\n    path: \"/a/{{x}}\"\n{FULL_ROUTE}"
+    }
+
+    #[test]
+    fn a_specific_route_before_a_general_one_is_fine() {
+        let c = parse(&dedent(
+            r#"
+            routes:
+              - name: get
+                method: GET
+                path: "/a/b"
+                limit: 5
+                per: "1m"
+                lock: "5m"
+              - name: any
+                path: "/a/{x}"
+                limit: 5
+                per: "1m"
+                lock: "5m"
+            "#,
         ));
+        assert_eq!(c.routes.len(), 2);
     }
 
     #[test]
     fn a_bad_value_is_not_also_reported_as_missing() {
-        let errs = errors(&format!(
-            "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    limit: 0\n    per: \"0s\"\n    lock: \"5m\"\n    algorithm: gcra\n    burst: -1\n"
+        let errs = errors(&dedent(
+            r#"
+            upstream: "http://127.0.0.1:1"
+            routes:
+              - name: r
+                path: "/a"
+                limit: 0
+                per: "0s"
+                lock: "5m"
+                algorithm: gcra
+                burst: -1
+            "#,
         ));
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(
@@ -2175,7 +2285,22 @@ mod tests {
 
     #[test]
     fn route_line_is_the_line_of_its_mapping() {
-        let c = parse(&format!("routes:\n  - name: a\n    path: \"/a\"\n{FULL_ROUTE}\n  - path: \"/b\"\n    name: b\n{FULL_ROUTE}"));
+        let c = parse(&dedent(
+            r#"
+            routes:
+              - name: a
+                path: "/a"
+                limit: 5
+                per: "1m"
+                lock: "5m"
+
+              - path: "/b"
+                name: b
+                limit: 5
+                per: "1m"
+                lock: "5m"
+            "#,
+        ));
         assert_eq!((c.routes[0].line, c.routes[1].line), (3, 9));
     }
 
@@ -2197,19 +2322,45 @@ mod tests {
 
     #[test]
     fn anchors_tags_comments_and_block_scalars_are_not_mistaken_for_duplicates() {
-        let c = parse(
-            "log:\n  level: &lvl   # a comment: with a colon\n    \"info\"\n  format: !!str pretty\n\
-             defaults: {max_wait: \"5s\", on_limit: queue}\n\
-             routes:\n  - name: r\n    path: &p \"/a\"\n    limit: 5\n    per: |-\n      1m\n    lock: >-\n      5m\n",
-        );
-        assert_eq!(c.routes[0].per, Duration::from_secs(60));
-        assert_eq!(c.routes[0].max_wait, Duration::from_secs(5));
+        let c = parse(&dedent(
+            r#"
+            log:
+              level: &lvl   # a comment: with a colon
+                "info"
+              format: !!str pretty
+            defaults: {max_wait: "5s", on_limit: queue}
+            routes:
+              - name: r
+                path: &p "/a"
+                limit: 5
+                per: |-
+                  1m
+                lock: >-
+                  5m
+            "#,
+        ));
+        assert_eq!(c.routes[0].per, secs(60));
+        assert_eq!(c.routes[0].max_wait, secs(5));
     }
 
     #[test]
     fn aliases_are_resolved() {
-        let c = parse(&format!(
-            "routes:\n  - name: a\n    method: POST\n    path: &shared [\"/a\", \"/b\"]\n{FULL_ROUTE}  - name: b\n    method: GET\n    path: *shared\n{FULL_ROUTE}"
+        let c = parse(&dedent(
+            r#"
+            routes:
+              - name: a
+                method: POST
+                path: &shared ["/a", "/b"]
+                limit: 5
+                per: "1m"
+                lock: "5m"
+              - name: b
+                method: GET
+                path: *shared
+                limit: 5
+                per: "1m"
+                lock: "5m"
+            "#,
         ));
         assert_eq!(c.routes[1].paths, c.routes[0].paths);
     }
@@ -2250,6 +2401,36 @@ mod tests {
             "{}",
             errs[0].message
         );
+    }
+
+    #[test]
+    fn odd_documents_are_reported_not_panicked_on() {
+        for text in [
+            "~",
+            "[]",
+            "42",
+            "{}",
+            "routes: {a: 1}",
+            "routes:\n  - ~\n",
+            "? [a]\n: 1\n",
+            "identity: !custom {mode: token}",
+            "limit: !!int x",
+            "upstream: *a",
+            "\u{0}",
+            "routes:\n  - name: r\n    path: [[\"/a\"]]\n",
+        ] {
+            assert!(Config::from_yaml(text).is_err(), "{text:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_gives_a_config_or_errors_never_a_panic(
+            text in "[a-z_:\\-\\[\\]{}\"'&*!#|>,.0-9 \n]{0,300}"
+        ) {
+            let _ = Config::from_yaml(&format!("{UPSTREAM}{text}"));
+            let _ = Config::from_yaml(&text);
+        }
     }
 
     // ---- Shipped files ----

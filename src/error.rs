@@ -16,7 +16,10 @@ pub enum ProxyError {
     #[error("no OAuth token or zapikey on a rate-limited route")]
     MissingCredential { detail: &'static str },
     #[error("rate limit: retry after {retry_after:?}")]
-    RateLimited { retry_after: Duration, why: &'static str },
+    RateLimited {
+        retry_after: Duration,
+        why: &'static str,
+    },
     #[error("no route matches and unmatched calls are refused")]
     Unmatched,
     #[error("invalid request: {0}")]
@@ -40,15 +43,21 @@ impl ProxyError {
                 "oauthtoken_missing",
                 format!("No credential: {detail}."),
             ),
-            ProxyError::RateLimited { why, .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", (*why).to_string())
-            }
+            ProxyError::RateLimited { why, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                (*why).to_string(),
+            ),
             ProxyError::Unmatched => (
                 StatusCode::FORBIDDEN,
                 "route_not_allowed",
                 "This proxy forwards only the configured Cliq endpoints.".into(),
             ),
-            ProxyError::BadRequest(why) => (StatusCode::BAD_REQUEST, "invalid_request", (*why).to_string()),
+            ProxyError::BadRequest(why) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                (*why).to_string(),
+            ),
             ProxyError::BodyTooLarge { limit } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
@@ -76,7 +85,8 @@ impl ProxyError {
     fn retry_after_secs(&self) -> Option<u64> {
         match self {
             ProxyError::RateLimited { retry_after, .. } => {
-                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).map(|s| s.max(1))
+                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
+                    .map(|s| s.max(1))
             }
             _ => None,
         }
@@ -96,7 +106,10 @@ impl ProxyError {
         let mut response = Response::new(full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json;charset=UTF-8"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+        );
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -110,7 +123,10 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
-        let e = |ms| ProxyError::RateLimited { retry_after: Duration::from_millis(ms), why: "x" };
+        let e = |ms| ProxyError::RateLimited {
+            retry_after: Duration::from_millis(ms),
+            why: "x",
+        };
         assert_eq!(e(0).retry_after_secs(), Some(1));
         assert_eq!(e(1).retry_after_secs(), Some(1));
         assert_eq!(e(1000).retry_after_secs(), Some(1));
@@ -120,9 +136,15 @@ mod tests {
 
     #[test]
     fn refusal_is_zoho_envelope_with_retry_after() {
-        let r = ProxyError::RateLimited { retry_after: Duration::from_millis(2500), why: "full" }.to_response();
+        let r = ProxyError::RateLimited {
+            retry_after: Duration::from_millis(2500),
+            why: "full",
+        }
+        .to_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");
-        assert!(r.headers()[header::CONTENT_TYPE].to_str().is_ok_and(|v| v.starts_with("application/json")));
+        assert!(r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .is_ok_and(|v| v.starts_with("application/json")));
     }
 }

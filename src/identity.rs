@@ -31,7 +31,9 @@ pub fn identify(
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| bearer_token(v.as_bytes()))
                 .or_else(|| query.and_then(zapikey));
-            token.map(|t| hash(b"token", t)).ok_or(IdentityError::MissingCredential)
+            token
+                .map(|t| hash(b"token", t))
+                .ok_or(IdentityError::MissingCredential)
         }
         IdentityConfig::Header { name } => headers
             .get(name)
@@ -50,6 +52,9 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
         return None;
     }
     for scheme in [&b"zoho-oauthtoken"[..], b"bearer"] {
+        if value.eq_ignore_ascii_case(scheme) {
+            return None; // a scheme without a token
+        }
         if value.len() > scheme.len()
             && value[..scheme.len()].eq_ignore_ascii_case(scheme)
             && value[scheme.len()] == b' '
@@ -100,13 +105,20 @@ mod tests {
 
     fn auth(value: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(http::header::AUTHORIZATION, HeaderValue::from_str(value).expect("valid"));
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(value).expect("valid"),
+        );
         h
     }
 
     #[test]
     fn both_schemes_of_one_token_are_one_user() {
-        let a = identify(&IdentityConfig::Token, &auth("Zoho-oauthtoken 1000.abc"), None);
+        let a = identify(
+            &IdentityConfig::Token,
+            &auth("Zoho-oauthtoken 1000.abc"),
+            None,
+        );
         let b = identify(&IdentityConfig::Token, &auth("bearer  1000.abc "), None);
         assert_eq!(a, b);
         assert!(a.is_ok());
@@ -121,7 +133,11 @@ mod tests {
 
     #[test]
     fn zapikey_query_parameter_is_a_credential() {
-        let a = identify(&IdentityConfig::Token, &HeaderMap::new(), Some("x=1&zapikey=abc"));
+        let a = identify(
+            &IdentityConfig::Token,
+            &HeaderMap::new(),
+            Some("x=1&zapikey=abc"),
+        );
         let b = identify(&IdentityConfig::Token, &auth("Bearer abc"), None);
         assert_eq!(a, b, "one credential, however it is sent");
     }
@@ -142,17 +158,28 @@ mod tests {
 
     #[test]
     fn header_mode_keys_by_the_trusted_header() {
-        let mode = IdentityConfig::Header { name: http::HeaderName::from_static("x-cliq-user") };
+        let mode = IdentityConfig::Header {
+            name: http::HeaderName::from_static("x-cliq-user"),
+        };
         let mut h = HeaderMap::new();
         h.insert("x-cliq-user", HeaderValue::from_static("alice"));
         let alice = identify(&mode, &h, None);
         assert!(alice.is_ok());
-        assert_ne!(alice, identify(&IdentityConfig::Token, &auth("Bearer alice"), None));
-        assert_eq!(identify(&mode, &auth("Bearer x"), None), Err(IdentityError::MissingCredential));
+        assert_ne!(
+            alice,
+            identify(&IdentityConfig::Token, &auth("Bearer alice"), None)
+        );
+        assert_eq!(
+            identify(&mode, &auth("Bearer x"), None),
+            Err(IdentityError::MissingCredential)
+        );
     }
 
     #[test]
     fn redaction_hides_only_the_key() {
-        assert_eq!(redact_query("a=1&zapikey=secret&b=2"), "a=1&zapikey=REDACTED&b=2");
+        assert_eq!(
+            redact_query("a=1&zapikey=secret&b=2"),
+            "a=1&zapikey=REDACTED&b=2"
+        );
     }
 }

@@ -14,7 +14,11 @@ const EXIT_BAD_CONFIG: u8 = 64;
 const EXIT_CANNOT_START: u8 = 69;
 
 #[derive(Parser)]
-#[command(name = "cliqgate", version, about = "Rate-limiting reverse proxy for the Zoho Cliq API")]
+#[command(
+    name = "cliqgate",
+    version,
+    about = "Rate-limiting reverse proxy for the Zoho Cliq API"
+)]
 struct Cli {
     /// The YAML config file.
     #[arg(long, short, global = true, default_value = "config/cliq.yaml")]
@@ -34,7 +38,10 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(errors) => {
-            eprintln!("cliqgate: {} is not a valid config:\n{errors}", cli.config.display());
+            eprintln!(
+                "cliqgate: {} is not a valid config:\n{errors}",
+                cli.config.display()
+            );
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
@@ -50,8 +57,11 @@ fn main() -> ExitCode {
 
 fn init_logging(config: &Config) {
     // RUST_LOG, when set, overrides the configured level.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Pretty => builder.init(),
@@ -60,7 +70,10 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> ExitCode {
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cliqgate: cannot start the runtime: {e}");
@@ -86,7 +99,10 @@ fn run(config: Config) -> ExitCode {
 /// SIGINT or SIGTERM.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::warn!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

@@ -116,12 +116,20 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     pub fn count(&self, decision: Decision) {
-        let index = Decision::ALL.iter().position(|d| *d == decision).unwrap_or(0);
+        let index = Decision::ALL
+            .iter()
+            .position(|d| *d == decision)
+            .unwrap_or(0);
         self.decisions[index].inc();
     }
 
     pub fn response(&self, status: u16) {
-        self.responses.get_or_create(&RouteCode { route: self.name.clone(), code: status }).inc();
+        self.responses
+            .get_or_create(&RouteCode {
+                route: self.name.clone(),
+                code: status,
+            })
+            .inc();
     }
 
     pub fn set_locks_active(&self, n: usize) {
@@ -156,7 +164,9 @@ impl Metrics {
             requests: Family::default(),
             responses: Family::default(),
             throttled: Family::default(),
-            upstream_duration: Family::new_with_constructor(upstream_histogram as fn() -> Histogram),
+            upstream_duration: Family::new_with_constructor(
+                upstream_histogram as fn() -> Histogram,
+            ),
             queue_depth: Family::default(),
             queue_wait: Family::new_with_constructor(queue_histogram as fn() -> Histogram),
             locks_active: Family::default(),
@@ -166,23 +176,64 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register(REQUESTS, "Calls by route and decision", m.requests.clone());
-        registry.register(UPSTREAM_RESPONSES, "Upstream responses by route and HTTP status", m.responses.clone());
-        registry.register(UPSTREAM_THROTTLED, "Throttle signals from Zoho (alert on any)", m.throttled.clone());
-        registry.register(UPSTREAM_DURATION, "Time to the upstream's response head", m.upstream_duration.clone());
-        registry.register(QUEUE_DEPTH, "Calls waiting for a slot", m.queue_depth.clone());
-        registry.register(QUEUE_WAIT, "Time queued calls waited for their slot", m.queue_wait.clone());
-        registry.register(LOCKS_ACTIVE, "Users currently locked out of a route", m.locks_active.clone());
-        registry.register(STORE_ERRORS, "Limiter store failures by operation", m.store_errors.clone());
-        registry.register(CONFIG_RELOADS, "Config reloads by result", m.config_reloads.clone());
-        registry.register(LIMITER_KEYS, "(route, user) keys held by the limiter", m.limiter_keys.clone());
+        registry.register(
+            UPSTREAM_RESPONSES,
+            "Upstream responses by route and HTTP status",
+            m.responses.clone(),
+        );
+        registry.register(
+            UPSTREAM_THROTTLED,
+            "Throttle signals from Zoho (alert on any)",
+            m.throttled.clone(),
+        );
+        registry.register(
+            UPSTREAM_DURATION,
+            "Time to the upstream's response head",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            QUEUE_DEPTH,
+            "Calls waiting for a slot",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            QUEUE_WAIT,
+            "Time queued calls waited for their slot",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            LOCKS_ACTIVE,
+            "Users currently locked out of a route",
+            m.locks_active.clone(),
+        );
+        registry.register(
+            STORE_ERRORS,
+            "Limiter store failures by operation",
+            m.store_errors.clone(),
+        );
+        registry.register(
+            CONFIG_RELOADS,
+            "Config reloads by result",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            LIMITER_KEYS,
+            "(route, user) keys held by the limiter",
+            m.limiter_keys.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Handles for a route; also makes every family show the route at zero from the start.
     pub fn route(&self, name: &str) -> RouteMetrics {
-        let label = RouteLabel { route: name.to_string() };
+        let label = RouteLabel {
+            route: name.to_string(),
+        };
         let decisions = Decision::ALL.map(|d| {
-            self.requests.get_or_create_owned(&RouteDecision { route: name.to_string(), decision: d.as_str() })
+            self.requests.get_or_create_owned(&RouteDecision {
+                route: name.to_string(),
+                decision: d.as_str(),
+            })
         });
         RouteMetrics {
             name: name.to_string(),
@@ -201,7 +252,9 @@ impl Metrics {
     }
 
     pub fn config_reload(&self, result: &'static str) {
-        self.config_reloads.get_or_create(&ResultLabel { result }).inc();
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// The text exposition format.

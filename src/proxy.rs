@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -27,6 +27,10 @@ use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
 use crate::route::RouteTable;
 use crate::throttle::{self, StatusSignal};
 use crate::upstream::Upstream;
+
+/// Body bytes a queued call may hold while it waits: enough for any Cliq message call, small
+/// enough that a full queue stays small. Larger bodies wait in the socket.
+const QUEUE_BODY_PEEK: usize = 64 * 1024;
 
 /// One route as the pipeline needs it, built once per config.
 pub struct RouteRuntime {
@@ -50,7 +54,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Config, limiter: Arc<dyn Limiter>, upstream: Upstream, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Config,
+        limiter: Arc<dyn Limiter>,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let routes = config
             .routes
             .iter()
@@ -90,7 +99,9 @@ impl Proxy {
     /// Brings per-route gauges that are derived from limiter state up to date (before a scrape).
     pub fn refresh_gauges(&self) {
         for (i, route) in self.routes.iter().enumerate() {
-            route.metrics.set_locks_active(self.limiter.locks_active(RouteId(i as u32)));
+            route
+                .metrics
+                .set_locks_active(self.limiter.locks_active(RouteId(i as u32)));
         }
         self.metrics.limiter_keys.set(self.limiter.len() as i64);
     }
@@ -107,7 +118,11 @@ impl Proxy {
         response
     }
 
-    async fn pipeline(&self, req: Request<Incoming>, log: &mut AccessLog) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn pipeline(
+        &self,
+        req: Request<Incoming>,
+        log: &mut AccessLog,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         // Malformed or oversized calls are refused before they can cost anyone quota.
         self.check_request(&req)?;
 
@@ -118,7 +133,10 @@ impl Proxy {
             self.unmatched.count(Decision::Unmatched);
             return match self.config.unmatched {
                 Unmatched::Reject => Err(ProxyError::Unmatched),
-                Unmatched::Forward => self.forward(req.map(box_incoming), None, &self.unmatched).await.map(|(r, _)| r),
+                Unmatched::Forward => self
+                    .forward(req.map(box_incoming), None, &self.unmatched, log)
+                    .await
+                    .map(|(r, _)| r),
             };
         };
         let route = &self.routes[route_id.0 as usize];
@@ -128,13 +146,22 @@ impl Proxy {
         let user = match identify(&self.config.identity, req.headers(), req.uri().query()) {
             Ok(user) => user,
             Err(IdentityError::MissingCredential) => {
-                return Err(self.refuse(route, log, Decision::Invalid, ProxyError::MissingCredential {
-                    detail: "send Authorization: Zoho-oauthtoken <token> or the zapikey parameter",
-                }));
+                return Err(self.refuse(
+                    route,
+                    log,
+                    Decision::Invalid,
+                    ProxyError::MissingCredential {
+                        detail:
+                            "send Authorization: Zoho-oauthtoken <token> or the zapikey parameter",
+                    },
+                ));
             }
         };
         log.user = Some(user);
-        let key = Key { route: route_id, user };
+        let key = Key {
+            route: route_id,
+            user,
+        };
 
         // Limit: forward now, wait for a reserved slot, or refuse at once.
         let (req, view, decision) = match self.limiter.acquire(&route.policy, key, route.queue) {
@@ -149,7 +176,7 @@ impl Proxy {
         route.metrics.count(decision);
 
         // Forward, then learn: a throttle signal locks this (route, user) locally.
-        let (mut response, throttled) = self.forward(req, Some(key), &route.metrics).await?;
+        let (mut response, throttled) = self.forward(req, Some(key), &route.metrics, log).await?;
         if let Some(retry_after) = throttled {
             self.learn_lock(route, key, retry_after);
         }
@@ -161,14 +188,18 @@ impl Proxy {
     /// heads or bodies over the configured limits.
     fn check_request(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
         if req.method() == Method::CONNECT {
-            return Err(ProxyError::BadRequest("CONNECT is not supported: cliqgate is not a forward proxy."));
+            return Err(ProxyError::BadRequest(
+                "CONNECT is not supported: cliqgate is not a forward proxy.",
+            ));
         }
         if !req.uri().path().starts_with('/') {
             return Err(ProxyError::BadRequest("The request target must be a path."));
         }
         let limits = &self.config.http;
         if fields_size(req.headers()) > limits.max_header_bytes {
-            return Err(ProxyError::HeadersTooLarge { limit: limits.max_header_bytes });
+            return Err(ProxyError::HeadersTooLarge {
+                limit: limits.max_header_bytes,
+            });
         }
         let declared = req
             .headers()
@@ -176,7 +207,9 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limits.max_body_bytes) {
-            return Err(ProxyError::BodyTooLarge { limit: limits.max_body_bytes });
+            return Err(ProxyError::BodyTooLarge {
+                limit: limits.max_body_bytes,
+            });
         }
         Ok(())
     }
@@ -195,16 +228,25 @@ impl Proxy {
         let queued_at = Instant::now();
         let wake = self.limiter.clock().instant(reservation.slot);
         let (parts, mut body) = req.into_parts();
-        let mut first = None;
-        // Reading the first body frame while waiting notices a caller that hangs up mid-request;
-        // only that one frame is held, the rest still streams.
-        if !http_body::Body::is_end_stream(&body) {
+        // Reading the body while waiting is how a caller that hangs up mid-request is noticed
+        // (hyper notices one that hangs up after its request is complete). At most
+        // QUEUE_BODY_PEEK bytes are held; a larger body waits in the socket and streams later.
+        let mut held = BytesMut::new();
+        let mut trailers = None;
+        let mut ended = http_body::Body::is_end_stream(&body);
+        while !ended && held.len() < QUEUE_BODY_PEEK {
             tokio::select! {
-                () = tokio::time::sleep_until(wake) => {}
+                () = tokio::time::sleep_until(wake) => break,
                 frame = body.frame() => match frame {
-                    Some(Ok(frame)) => first = Some(frame),
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => held.extend_from_slice(&data),
+                        Err(frame) => {
+                            trailers = frame.into_trailers().ok();
+                            ended = true;
+                        }
+                    },
                     Some(Err(_)) => return Err(guard.cancelled(log)),
-                    None => {}
+                    None => ended = true,
                 },
             }
         }
@@ -215,14 +257,11 @@ impl Proxy {
         if let Err(refusal) = guard.redeem() {
             return Err(self.refusal(route, log, refusal));
         }
-        let (prefix, trailers) = match first {
-            None => (Bytes::new(), None),
-            Some(frame) => match frame.into_data() {
-                Ok(data) => (data, None),
-                Err(frame) => (Bytes::new(), frame.into_trailers().ok()),
-            },
-        };
-        Ok(Request::from_parts(parts, Prefixed::new(prefix, trailers, Some(body)).boxed()))
+        let rest = (!ended).then_some(body);
+        Ok(Request::from_parts(
+            parts,
+            Prefixed::new(held.freeze(), trailers, rest).boxed(),
+        ))
     }
 
     /// Sends the call to Zoho and passes the answer back, streamed. Returns the response and,
@@ -232,6 +271,7 @@ impl Proxy {
         req: Request<ProxyBody>,
         key: Option<Key>,
         metrics: &RouteMetrics,
+        log: &mut AccessLog,
     ) -> Result<(Response<ProxyBody>, Option<Option<Duration>>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         parts.uri = self.upstream.uri_for(parts.uri.path_and_query())?;
@@ -239,7 +279,11 @@ impl Proxy {
         let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
         let started = Instant::now();
         let response = self.upstream.send(Request::from_parts(parts, body)).await;
-        metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
+        let upstream_time = started.elapsed();
+        log.upstream = Some(upstream_time);
+        metrics
+            .upstream_duration
+            .observe(upstream_time.as_secs_f64());
         let response = response?;
         metrics.response(response.status().as_u16());
         let (mut parts, body) = response.into_parts();
@@ -271,7 +315,11 @@ impl Proxy {
     fn learn_lock(&self, route: &RouteRuntime, key: Key, retry_after: Option<Duration>) {
         route.metrics.throttled.inc();
         let lock = Duration::from_nanos(route.policy.lock).max(retry_after.unwrap_or_default());
-        let until = self.limiter.clock().now().saturating_add(duration_nanos(lock));
+        let until = self
+            .limiter
+            .clock()
+            .now()
+            .saturating_add(duration_nanos(lock));
         self.limiter.lock(key, until, LockReason::UpstreamThrottle);
         tracing::warn!(route = %route.name, user = %key.user.short(), lock_secs = lock.as_secs(),
             "Zoho signalled a throttle; user locked out of this route");
@@ -279,21 +327,40 @@ impl Proxy {
 
     fn refusal(&self, route: &RouteRuntime, log: &mut AccessLog, refusal: Refusal) -> ProxyError {
         let (decision, why) = match refusal.reason {
-            RefusalReason::Limited => (Decision::Rejected, "This user's rate limit for this endpoint is used up."),
-            RefusalReason::QueueFull => (Decision::Rejected, "Too many calls are already waiting for this endpoint."),
-            RefusalReason::TooFar => {
-                (Decision::QueueTimeout, "The next free slot for this user is further away than max_wait.")
-            }
-            RefusalReason::Locked => {
-                (Decision::Locked, "Zoho locked this user out of this endpoint; wait for the lock to end.")
-            }
+            RefusalReason::Limited => (
+                Decision::Rejected,
+                "This user's rate limit for this endpoint is used up.",
+            ),
+            RefusalReason::QueueFull => (
+                Decision::Rejected,
+                "Too many calls are already waiting for this endpoint.",
+            ),
+            RefusalReason::TooFar => (
+                Decision::QueueTimeout,
+                "The next free slot for this user is further away than max_wait.",
+            ),
+            RefusalReason::Locked => (
+                Decision::Locked,
+                "Zoho locked this user out of this endpoint; wait for the lock to end.",
+            ),
         };
         let now = self.limiter.clock().now();
         let retry_after = Duration::from_nanos(refusal.retry_at.saturating_sub(now));
-        self.refuse(route, log, decision, ProxyError::RateLimited { retry_after, why })
+        self.refuse(
+            route,
+            log,
+            decision,
+            ProxyError::RateLimited { retry_after, why },
+        )
     }
 
-    fn refuse(&self, route: &RouteRuntime, log: &mut AccessLog, decision: Decision, error: ProxyError) -> ProxyError {
+    fn refuse(
+        &self,
+        route: &RouteRuntime,
+        log: &mut AccessLog,
+        decision: Decision,
+        error: ProxyError,
+    ) -> ProxyError {
         route.metrics.count(decision);
         log.decision = Some(decision);
         error
@@ -310,7 +377,11 @@ struct QueueGuard<'a> {
 impl<'a> QueueGuard<'a> {
     fn new(limiter: &'a dyn Limiter, route: &'a RouteRuntime, reservation: Reservation) -> Self {
         route.metrics.queue_depth.inc();
-        QueueGuard { limiter, route, reservation: Some(reservation) }
+        QueueGuard {
+            limiter,
+            route,
+            reservation: Some(reservation),
+        }
     }
 
     fn redeem(mut self) -> Result<(), Refusal> {
@@ -333,17 +404,19 @@ impl Drop for QueueGuard<'_> {
         if let Some(reservation) = self.reservation.take() {
             self.route.metrics.queue_depth.dec();
             self.route.metrics.count(Decision::Cancelled);
+            // The call is never sent; the access log records it as cancelled.
             self.limiter.cancel(&self.route.policy, &reservation);
-            tracing::info!(target: "cliqgate::access", route = %self.route.name,
-                user = %reservation.key.user.short(), decision = "cancelled",
-                "caller went away while queued; slot given back, call not sent");
         }
     }
 }
 
 /// IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers): the route's quota and what is
 /// left of it for this user, as of the decision.
-fn add_ratelimit_headers(response: &mut Response<ProxyBody>, route: &RouteRuntime, view: QuotaView) {
+fn add_ratelimit_headers(
+    response: &mut Response<ProxyBody>,
+    route: &RouteRuntime,
+    view: QuotaView,
+) {
     let reset_secs = Duration::from_nanos(view.reset_in).as_secs_f64().ceil() as u64;
     let value = format!("\"{}\";r={};t={}", route.name, view.remaining, reset_secs);
     let headers = response.headers_mut();
@@ -373,6 +446,8 @@ struct AccessLog {
     decision: Option<Decision>,
     status: u16,
     queue_wait: Option<Duration>,
+    /// Time to the upstream's response head.
+    upstream: Option<Duration>,
     done: bool,
 }
 
@@ -388,6 +463,7 @@ impl AccessLog {
             decision: None,
             status: 0,
             queue_wait: None,
+            upstream: None,
             done: false,
         }
     }
@@ -398,8 +474,9 @@ impl AccessLog {
         let user = self.user.map(|u| u.short()).unwrap_or_default();
         let decision = self.decision.map_or("error", Decision::as_str);
         let queue_wait_ms = self.queue_wait.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let upstream_ms = self.upstream.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         tracing::info!(target: "cliqgate::access", method = %self.method, path = %self.path, route,
-            user, decision, status = self.status, queue_wait_ms,
+            user, decision, status = self.status, queue_wait_ms, upstream_ms,
             total_ms = self.started.elapsed().as_secs_f64() * 1e3, "call");
     }
 }

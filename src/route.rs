@@ -16,7 +16,9 @@ pub fn validate_template(template: &str) -> Result<(), String> {
             let name = segment
                 .strip_prefix('{')
                 .and_then(|s| s.strip_suffix('}'))
-                .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                .filter(|n| {
+                    !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
             if name.is_none() {
                 return Err(format!(
                     "path template {template:?}: segment {segment:?} must be a whole {{name}} placeholder"
@@ -86,7 +88,9 @@ impl RouteTable {
         let segments = &segments[..n];
         self.entries
             .iter()
-            .find(|c| c.method.as_ref().is_none_or(|m| m == method) && matches(&c.segments, segments))
+            .find(|c| {
+                c.method.as_ref().is_none_or(|m| m == method) && matches(&c.segments, segments)
+            })
             .map(|c| c.id)
     }
 }
@@ -145,8 +149,19 @@ mod tests {
 
     fn table() -> RouteTable {
         RouteTable::new(&[
-            route("post", Some(Method::POST), &["/api/v3/chats/{chat_id}/message", "/api/v3/chats/{chat_id}/messages"]),
-            route("get_one", Some(Method::GET), &["/api/v2/chats/{chat_id}/messages/{message_id}"]),
+            route(
+                "post",
+                Some(Method::POST),
+                &[
+                    "/api/v3/chats/{chat_id}/message",
+                    "/api/v3/chats/{chat_id}/messages",
+                ],
+            ),
+            route(
+                "get_one",
+                Some(Method::GET),
+                &["/api/v2/chats/{chat_id}/messages/{message_id}"],
+            ),
             route("any", None, &["/api/v2/me"]),
         ])
     }
@@ -154,11 +169,25 @@ mod tests {
     #[test]
     fn templates_match_one_segment_per_placeholder() {
         let t = table();
-        assert_eq!(t.find(&Method::POST, "/api/v3/chats/C1/message"), Some(RouteId(0)));
-        assert_eq!(t.find(&Method::POST, "/api/v3/chats/C1/messages"), Some(RouteId(0)), "path list shares a route");
+        assert_eq!(
+            t.find(&Method::POST, "/api/v3/chats/C1/message"),
+            Some(RouteId(0))
+        );
+        assert_eq!(
+            t.find(&Method::POST, "/api/v3/chats/C1/messages"),
+            Some(RouteId(0)),
+            "path list shares a route"
+        );
         assert_eq!(t.find(&Method::POST, "/api/v3/chats/C1/x/message"), None);
-        assert_eq!(t.find(&Method::POST, "/api/v3/chats//message"), None, "a placeholder needs a segment");
-        assert_eq!(t.find(&Method::GET, "/api/v2/chats/C1/messages/a%20b"), Some(RouteId(1)));
+        assert_eq!(
+            t.find(&Method::POST, "/api/v3/chats//message"),
+            None,
+            "a placeholder needs a segment"
+        );
+        assert_eq!(
+            t.find(&Method::GET, "/api/v2/chats/C1/messages/a%20b"),
+            Some(RouteId(1))
+        );
     }
 
     #[test]
@@ -171,8 +200,14 @@ mod tests {
     #[test]
     fn spelling_variants_cannot_dodge_a_quota() {
         let t = table();
-        assert_eq!(t.find(&Method::POST, "/API/v3/Chats/C1/message/"), Some(RouteId(0)));
-        assert_eq!(t.find(&Method::POST, "//api/v3/%63hats/C1/message"), Some(RouteId(0)));
+        assert_eq!(
+            t.find(&Method::POST, "/API/v3/Chats/C1/message/"),
+            Some(RouteId(0))
+        );
+        assert_eq!(
+            t.find(&Method::POST, "//api/v3/%63hats/C1/message"),
+            Some(RouteId(0))
+        );
     }
 
     #[test]

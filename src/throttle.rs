@@ -41,8 +41,12 @@ fn is_throttle_code(code: &str) -> bool {
 pub fn body_signals_throttle(prefix: &[u8], complete: bool) -> bool {
     if complete {
         if let Ok(json) = serde_json::from_slice::<serde_json::Value>(prefix) {
-            let code = |v: &serde_json::Value| v.get("code").and_then(|c| c.as_str()).map(is_throttle_code);
-            return code(&json).or_else(|| json.get("error").and_then(code)).unwrap_or(false);
+            let code = |v: &serde_json::Value| {
+                v.get("code").and_then(|c| c.as_str()).map(is_throttle_code)
+            };
+            return code(&json)
+                .or_else(|| json.get("error").and_then(code))
+                .unwrap_or(false);
         }
         return false;
     }
@@ -52,12 +56,19 @@ pub fn body_signals_throttle(prefix: &[u8], complete: bool) -> bool {
 
 /// The upstream's `Retry-After`, in seconds or as an HTTP date (RFC 9110 10.2.3).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 #[cfg(test)]
@@ -66,7 +77,10 @@ mod tests {
 
     #[test]
     fn every_documented_shape_is_a_throttle() {
-        assert_eq!(classify_status(StatusCode::TOO_MANY_REQUESTS), StatusSignal::Throttled);
+        assert_eq!(
+            classify_status(StatusCode::TOO_MANY_REQUESTS),
+            StatusSignal::Throttled
+        );
         for body in [
             r#"{"code":"request_limit_exceeded","message":"You have exceeded the URL throttle limits."}"#,
             r#"{"error":{"code":"rate_limit_exceeded","message":"x"}}"#,
@@ -80,7 +94,10 @@ mod tests {
     #[test]
     fn other_errors_are_not_throttles() {
         assert_eq!(classify_status(StatusCode::OK), StatusSignal::NotThrottled);
-        assert_eq!(classify_status(StatusCode::BAD_REQUEST), StatusSignal::Inspect);
+        assert_eq!(
+            classify_status(StatusCode::BAD_REQUEST),
+            StatusSignal::Inspect
+        );
         for body in [
             r#"{"code":"invalid_parameters","message":"rate_limit_exceeded"}"#,
             r#"{"error":{"code":"invalid.inputs.submitted"}}"#,

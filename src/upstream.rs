@@ -79,7 +79,10 @@ impl Upstream {
     }
 
     /// Sends one call and waits (bounded) for the response head; the body streams afterwards.
-    pub async fn send(&self, mut req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         // Requests that arrive over h2c go out as HTTP/1.1.
         *req.version_mut() = Version::HTTP_11;
         req.headers_mut().insert(header::HOST, self.host.clone());
@@ -87,6 +90,10 @@ impl Upstream {
             Err(_) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) if is_timeout(&e) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
+            // A streamed request body went over `max_body_bytes`: the caller's fault, not Zoho's.
+            Ok(Err(e)) if body_too_large(&e).is_some() => Err(ProxyError::BodyTooLarge {
+                limit: body_too_large(&e).unwrap_or_default(),
+            }),
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), "upstream call failed");
                 Err(ProxyError::UpstreamUnavailable)
@@ -108,6 +115,18 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The limit, if the call failed because the caller's streamed body outgrew it ([`crate::body::Limited`]).
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(too_large) = err.downcast_ref::<crate::body::BodyTooLarge>() {
+            return Some(too_large.0);
+        }
+        source = err.source();
+    }
+    None
+}
+
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -121,21 +140,33 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Bundled web roots, plus the operator's extra roots (e.g. a TLS-inspecting firewall's CA).
 fn tls_config(config: &Config) -> Result<rustls::ClientConfig, UpstreamSetupError> {
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     if let Some(path) = &config.upstream_ca_file {
         let shown = path.display().to_string();
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| UpstreamSetupError::CaFile { path: shown.clone(), reason: e.to_string() })?;
+        let certs =
+            CertificateDer::pem_file_iter(path).map_err(|e| UpstreamSetupError::CaFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
         let mut added = 0;
         for cert in certs {
-            let cert = cert.map_err(|e| UpstreamSetupError::CaFile { path: shown.clone(), reason: e.to_string() })?;
-            roots
-                .add(cert)
-                .map_err(|e| UpstreamSetupError::CaFile { path: shown.clone(), reason: e.to_string() })?;
+            let cert = cert.map_err(|e| UpstreamSetupError::CaFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+            roots.add(cert).map_err(|e| UpstreamSetupError::CaFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
             added += 1;
         }
         if added == 0 {
-            return Err(UpstreamSetupError::CaFile { path: shown, reason: "no PEM certificate in file".into() });
+            return Err(UpstreamSetupError::CaFile {
+                path: shown,
+                reason: "no PEM certificate in file".into(),
+            });
         }
     }
     // The provider is chosen explicitly: rustls panics if two are compiled in and none is picked.

@@ -382,7 +382,11 @@ fn zero_negative_float_and_huge_numbers_are_refused() {
         &[
             (3, "queue.max_per_user", "must be at least 1, found 0"),
             (4, "queue.max_total", "must be at least 1, found -5"),
-            (8, "routes[0].limit", "expected a whole number, found 2.5"),
+            (
+                8,
+                "routes[0].limit",
+                "expected a whole number, found the number 2.5",
+            ),
             (13, "routes[1].limit", "99999999999 is too large"),
         ],
     );

@@ -16,18 +16,29 @@ use cliqgate::limit::{
 };
 use proptest::prelude::*;
 
-/// Every store under test, built on a shared fake clock.
-fn stores() -> Vec<(&'static str, fn(Arc<ManualClock>) -> Box<dyn Limiter>)> {
+/// Builds a store on a shared fake clock.
+type MakeStore = fn(Arc<ManualClock>) -> Box<dyn Limiter>;
+
+/// Every store under test.
+fn stores() -> Vec<(&'static str, MakeStore)> {
     vec![("memory", |clock| Box::new(MemoryStore::new(clock, 10_000)))]
 }
 
 fn key(user: u8) -> Key {
-    Key { route: RouteId(0), user: UserKey([user; 16]) }
+    Key {
+        route: RouteId(0),
+        user: UserKey([user; 16]),
+    }
 }
 
 fn policy(limit: u32, window: u64, algorithm: Algorithm) -> Policy {
     let limit = NonZeroU32::new(limit).expect("limit >= 1");
-    Policy::new(limit, Duration::from_nanos(window), Duration::from_nanos(window * 5), algorithm)
+    Policy::new(
+        limit,
+        Duration::from_nanos(window),
+        Duration::from_nanos(window * 5),
+        algorithm,
+    )
 }
 
 /// Largest number of sends inside any half-open window `[t, t + window)`.
@@ -56,9 +67,14 @@ fn max_in_window_counts_half_open_windows() {
 #[derive(Debug, Clone)]
 enum Op {
     Advance(u64),
-    Call { user: u8, queue: Option<u64> },
+    Call {
+        user: u8,
+        queue: Option<u64>,
+    },
     /// The caller of the oldest pending reservation of `user` goes away.
-    Cancel { user: u8 },
+    Cancel {
+        user: u8,
+    },
 }
 
 fn op(window: u64) -> impl Strategy<Value = Op> {
@@ -72,12 +88,19 @@ fn op(window: u64) -> impl Strategy<Value = Op> {
 fn algorithm(limit: u32) -> impl Strategy<Value = Algorithm> {
     prop_oneof![
         Just(Algorithm::Window),
-        (1..=limit).prop_map(|b| Algorithm::Gcra { burst: NonZeroU32::new(b).expect("b >= 1") }),
+        (1..=limit).prop_map(|b| Algorithm::Gcra {
+            burst: NonZeroU32::new(b).expect("b >= 1")
+        }),
     ]
 }
 
 /// Runs `ops` against a store and returns the send times per user, checking each answer's shape.
-fn simulate(store: &dyn Limiter, clock: &ManualClock, policy: &Policy, ops: &[Op]) -> Vec<Vec<Nanos>> {
+fn simulate(
+    store: &dyn Limiter,
+    clock: &ManualClock,
+    policy: &Policy,
+    ops: &[Op],
+) -> Vec<Vec<Nanos>> {
     let mut sends = vec![Vec::new(); 3];
     let mut pending: Vec<Vec<Reservation>> = vec![Vec::new(); 3];
     let redeem_due = |pending: &mut Vec<Vec<Reservation>>, sends: &mut Vec<Vec<Nanos>>| {
@@ -87,7 +110,10 @@ fn simulate(store: &dyn Limiter, clock: &ManualClock, policy: &Policy, ops: &[Op
                 if r.slot > now {
                     return true;
                 }
-                assert!(store.redeem(r).is_ok(), "no lock was set, so a due slot is always redeemed");
+                assert!(
+                    store.redeem(r).is_ok(),
+                    "no lock was set, so a due slot is always redeemed"
+                );
                 sends[user].push(r.slot);
                 false
             });
@@ -100,7 +126,10 @@ fn simulate(store: &dyn Limiter, clock: &ManualClock, policy: &Policy, ops: &[Op
                 redeem_due(&mut pending, &mut sends);
             }
             Op::Call { user, queue } => {
-                let rule = queue.map(|max_wait| QueueRule { max_wait, max_per_user: 1_000 });
+                let rule = queue.map(|max_wait| QueueRule {
+                    max_wait,
+                    max_per_user: 1_000,
+                });
                 let now = clock.now();
                 match store.acquire(policy, key(user), rule) {
                     Acquire::Now { at, .. } => {
@@ -113,10 +142,15 @@ fn simulate(store: &dyn Limiter, clock: &ManualClock, policy: &Policy, ops: &[Op
                         pending[user as usize].push(reservation);
                     }
                     Acquire::Refused(refusal) => {
-                        assert!(refusal.retry_at > now, "a refusal always points to the future");
+                        assert!(
+                            refusal.retry_at > now,
+                            "a refusal always points to the future"
+                        );
                         match refusal.reason {
                             RefusalReason::Limited => assert!(queue.is_none()),
-                            RefusalReason::TooFar => assert!(refusal.retry_at - now > queue.unwrap_or(0)),
+                            RefusalReason::TooFar => {
+                                assert!(refusal.retry_at - now > queue.unwrap_or(0))
+                            }
                             other => panic!("unexpected refusal {other:?}"),
                         }
                     }
@@ -195,10 +229,15 @@ fn burst_of_limit_from_idle_goes_at_once() {
         let policy = policy(20, 61_000, Algorithm::Window);
         for i in 0..20 {
             let answer = store.acquire(&policy, key(1), None);
-            assert!(matches!(answer, Acquire::Now { .. }), "{name}: call {i} of the burst: {answer:?}");
+            assert!(
+                matches!(answer, Acquire::Now { .. }),
+                "{name}: call {i} of the burst: {answer:?}"
+            );
         }
         let over = store.acquire(&policy, key(1), None);
-        assert!(matches!(over, Acquire::Refused(r) if r.reason == RefusalReason::Limited && r.retry_at == 61_000));
+        assert!(
+            matches!(over, Acquire::Refused(r) if r.reason == RefusalReason::Limited && r.retry_at == 61_000)
+        );
     }
 }
 
@@ -220,8 +259,14 @@ fn sustained_demand_gets_the_whole_quota() {
             }
         }
         let quota = u64::from(limit) * windows;
-        assert!(sent * 100 >= quota * 95, "{name}: sent {sent} of a quota of {quota}");
-        assert!(sent <= quota + u64::from(limit), "{name}: sent {sent}, more than the quota {quota}");
+        assert!(
+            sent * 100 >= quota * 95,
+            "{name}: sent {sent} of a quota of {quota}"
+        );
+        assert!(
+            sent <= quota + u64::from(limit),
+            "{name}: sent {sent}, more than the quota {quota}"
+        );
     }
 }
 
@@ -231,16 +276,27 @@ fn slot_beyond_max_wait_is_refused_at_once() {
         let clock = Arc::new(ManualClock::new());
         let store = make(clock.clone());
         let policy = policy(2, 1_000, Algorithm::Window);
-        let rule = Some(QueueRule { max_wait: 500, max_per_user: 100 });
-        assert!(matches!(store.acquire(&policy, key(1), rule), Acquire::Now { .. }));
-        assert!(matches!(store.acquire(&policy, key(1), rule), Acquire::Now { .. }));
+        let rule = Some(QueueRule {
+            max_wait: 500,
+            max_per_user: 100,
+        });
+        assert!(matches!(
+            store.acquire(&policy, key(1), rule),
+            Acquire::Now { .. }
+        ));
+        assert!(matches!(
+            store.acquire(&policy, key(1), rule),
+            Acquire::Now { .. }
+        ));
         let answer = store.acquire(&policy, key(1), rule);
         assert!(
             matches!(answer, Acquire::Refused(r) if r.reason == RefusalReason::TooFar && r.retry_at == 1_000),
             "{name}: {answer:?}"
         );
         clock.set(600);
-        assert!(matches!(store.acquire(&policy, key(1), rule), Acquire::Reserved { reservation, .. } if reservation.slot == 1_000));
+        assert!(
+            matches!(store.acquire(&policy, key(1), rule), Acquire::Reserved { reservation, .. } if reservation.slot == 1_000)
+        );
     }
 }
 
@@ -250,19 +306,35 @@ fn queue_is_fifo_and_bounded_per_user() {
         let clock = Arc::new(ManualClock::new());
         let store = make(clock.clone());
         let policy = policy(1, 100, Algorithm::Window);
-        let rule = Some(QueueRule { max_wait: 10_000, max_per_user: 3 });
-        assert!(matches!(store.acquire(&policy, key(1), rule), Acquire::Now { .. }));
+        let rule = Some(QueueRule {
+            max_wait: 10_000,
+            max_per_user: 3,
+        });
+        assert!(matches!(
+            store.acquire(&policy, key(1), rule),
+            Acquire::Now { .. }
+        ));
         let slots: Vec<Nanos> = (0..3)
             .map(|_| match store.acquire(&policy, key(1), rule) {
                 Acquire::Reserved { reservation, .. } => reservation.slot,
                 other => panic!("{name}: {other:?}"),
             })
             .collect();
-        assert_eq!(slots, vec![100, 200, 300], "{name}: one slot per window, in arrival order");
+        assert_eq!(
+            slots,
+            vec![100, 200, 300],
+            "{name}: one slot per window, in arrival order"
+        );
         let full = store.acquire(&policy, key(1), rule);
-        assert!(matches!(full, Acquire::Refused(r) if r.reason == RefusalReason::QueueFull), "{name}: {full:?}");
+        assert!(
+            matches!(full, Acquire::Refused(r) if r.reason == RefusalReason::QueueFull),
+            "{name}: {full:?}"
+        );
         // Another user is not behind this one.
-        assert!(matches!(store.acquire(&policy, key(2), rule), Acquire::Now { .. }), "{name}");
+        assert!(
+            matches!(store.acquire(&policy, key(2), rule), Acquire::Now { .. }),
+            "{name}"
+        );
     }
 }
 
@@ -272,12 +344,28 @@ fn cancelled_reservation_gives_its_slot_back() {
         let clock = Arc::new(ManualClock::new());
         let store = make(clock.clone());
         let policy = policy(1, 100, Algorithm::Window);
-        let rule = Some(QueueRule { max_wait: 10_000, max_per_user: 10 });
-        assert!(matches!(store.acquire(&policy, key(1), rule), Acquire::Now { .. }));
-        let Acquire::Reserved { reservation, .. } = store.acquire(&policy, key(1), rule) else { panic!("{name}") };
+        let rule = Some(QueueRule {
+            max_wait: 10_000,
+            max_per_user: 10,
+        });
+        assert!(matches!(
+            store.acquire(&policy, key(1), rule),
+            Acquire::Now { .. }
+        ));
+        let Acquire::Reserved { reservation, .. } = store.acquire(&policy, key(1), rule) else {
+            panic!("{name}")
+        };
         store.cancel(&policy, &reservation);
-        let Acquire::Reserved { reservation: next, .. } = store.acquire(&policy, key(1), rule) else { panic!("{name}") };
-        assert_eq!(next.slot, reservation.slot, "{name}: the next caller takes the freed slot");
+        let Acquire::Reserved {
+            reservation: next, ..
+        } = store.acquire(&policy, key(1), rule)
+        else {
+            panic!("{name}")
+        };
+        assert_eq!(
+            next.slot, reservation.slot,
+            "{name}: the next caller takes the freed slot"
+        );
     }
 }
 
@@ -287,19 +375,39 @@ fn lock_refuses_until_it_ends_and_stops_waiters() {
         let clock = Arc::new(ManualClock::new());
         let store = make(clock.clone());
         let policy = policy(1, 100, Algorithm::Window);
-        let rule = Some(QueueRule { max_wait: 10_000, max_per_user: 10 });
-        assert!(matches!(store.acquire(&policy, key(1), rule), Acquire::Now { .. }));
-        let Acquire::Reserved { reservation, .. } = store.acquire(&policy, key(1), rule) else { panic!("{name}") };
+        let rule = Some(QueueRule {
+            max_wait: 10_000,
+            max_per_user: 10,
+        });
+        assert!(matches!(
+            store.acquire(&policy, key(1), rule),
+            Acquire::Now { .. }
+        ));
+        let Acquire::Reserved { reservation, .. } = store.acquire(&policy, key(1), rule) else {
+            panic!("{name}")
+        };
         store.lock(key(1), 5_000, LockReason::UpstreamThrottle);
         assert_eq!(store.locks_active(RouteId(0)), 1, "{name}");
         clock.set(reservation.slot);
         let redeemed = store.redeem(&reservation);
-        assert!(matches!(redeemed, Err(r) if r.reason == RefusalReason::Locked && r.retry_at == 5_000), "{name}");
+        assert!(
+            matches!(redeemed, Err(r) if r.reason == RefusalReason::Locked && r.retry_at == 5_000),
+            "{name}"
+        );
         let answer = store.acquire(&policy, key(1), rule);
-        assert!(matches!(answer, Acquire::Refused(r) if r.reason == RefusalReason::Locked), "{name}: {answer:?}");
-        assert!(matches!(store.acquire(&policy, key(2), rule), Acquire::Now { .. }), "{name}: other users unaffected");
+        assert!(
+            matches!(answer, Acquire::Refused(r) if r.reason == RefusalReason::Locked),
+            "{name}: {answer:?}"
+        );
+        assert!(
+            matches!(store.acquire(&policy, key(2), rule), Acquire::Now { .. }),
+            "{name}: other users unaffected"
+        );
         clock.set(5_000);
-        assert!(matches!(store.acquire(&policy, key(1), rule), Acquire::Now { .. }), "{name}: lock over");
+        assert!(
+            matches!(store.acquire(&policy, key(1), rule), Acquire::Now { .. }),
+            "{name}: lock over"
+        );
         assert_eq!(store.locks_active(RouteId(0)), 0, "{name}");
     }
 }
@@ -331,7 +439,12 @@ fn concurrent_callers_never_break_the_bound() {
     const THREADS: usize = 4;
     const CALLS: usize = 3_000;
     for (name, make) in stores() {
-        for algorithm in [Algorithm::Window, Algorithm::Gcra { burst: NonZeroU32::new(3).expect("3") }] {
+        for algorithm in [
+            Algorithm::Window,
+            Algorithm::Gcra {
+                burst: NonZeroU32::new(3).expect("3"),
+            },
+        ] {
             let clock = Arc::new(ManualClock::new());
             let store: Arc<dyn Limiter> = Arc::from(make(clock.clone()));
             let policy = policy(7, 1_000, algorithm);
@@ -352,7 +465,10 @@ fn concurrent_callers_never_break_the_bound() {
                     std::thread::spawn(move || {
                         for i in 0..CALLS {
                             let rule = (i + t) % 2 == 0;
-                            let rule = rule.then_some(QueueRule { max_wait: 3_000, max_per_user: 1_000 });
+                            let rule = rule.then_some(QueueRule {
+                                max_wait: 3_000,
+                                max_per_user: 1_000,
+                            });
                             let sent = match store.acquire(&policy, key(9), rule) {
                                 Acquire::Now { at, .. } => Some(at),
                                 Acquire::Reserved { reservation, .. } if i % 5 == 0 => {
@@ -377,7 +493,10 @@ fn concurrent_callers_never_break_the_bound() {
             let sends = sends.lock().expect("workers done").clone();
             assert!(sends.len() > 7, "{name}: the test must actually send");
             let worst = max_in_window(&sends, policy.window);
-            assert!(worst <= 7, "{name} {algorithm:?}: {worst} sends in one window");
+            assert!(
+                worst <= 7,
+                "{name} {algorithm:?}: {worst} sends in one window"
+            );
         }
     }
 }

@@ -25,7 +25,9 @@ pub struct TokioClock {
 
 impl TokioClock {
     pub fn new() -> Self {
-        TokioClock { origin: tokio::time::Instant::now() }
+        TokioClock {
+            origin: tokio::time::Instant::now(),
+        }
     }
 }
 

@@ -45,12 +45,18 @@ impl Tat {
     pub(super) fn view(self, burst: u32, period: Nanos, now: Nanos) -> QuotaView {
         let earliest = self.next_free(burst, period, now);
         if earliest > now {
-            return QuotaView { remaining: 0, reset_in: earliest - now };
+            return QuotaView {
+                remaining: 0,
+                reset_in: earliest - now,
+            };
         }
         // Cells that could still go at `now`: each one moves the TAT on by one period.
         let headroom = (now + Self::tolerance(burst, period)).saturating_sub(self.0.max(now));
         let remaining = (headroom / period + 1).min(u64::from(burst)) as u32;
-        QuotaView { remaining, reset_in: 0 }
+        QuotaView {
+            remaining,
+            reset_in: 0,
+        }
     }
 }
 
@@ -87,6 +93,10 @@ mod tests {
         tat.cancel(first, period);
         assert_eq!(tat.0, second, "an earlier reservation cannot be undone");
         tat.cancel(second, period);
-        assert_eq!(tat.next_free(burst, period, 0), 20, "the first reservation (at 10) still holds");
+        assert_eq!(
+            tat.next_free(burst, period, 0),
+            20,
+            "the first reservation (at 10) still holds"
+        );
     }
 }

@@ -39,7 +39,12 @@ impl Entry {
             Kind::Window => History::Window(SendLog::default()),
             Kind::Gcra { .. } => History::Gcra(Tat::default()),
         };
-        Entry { history, idle_at: 0, locked_until: 0, queued: 0 }
+        Entry {
+            history,
+            idle_at: 0,
+            locked_until: 0,
+            queued: 0,
+        }
     }
 
     fn next_free(&mut self, policy: &Policy, now: Nanos) -> Nanos {
@@ -50,7 +55,11 @@ impl Entry {
             // conservatively treating the key as if it had just used its whole window.
             _ => {
                 let restart = self.idle_at.max(now);
-                *self = Entry { locked_until: self.locked_until, queued: self.queued, ..Entry::new(policy.kind) };
+                *self = Entry {
+                    locked_until: self.locked_until,
+                    queued: self.queued,
+                    ..Entry::new(policy.kind)
+                };
                 self.idle_at = restart;
                 restart
             }
@@ -115,7 +124,9 @@ impl MemoryStore {
             entry.queued = entry.queued.saturating_sub(1);
         }
         // Saturating: never underflow even if a caller misuses the API.
-        let _ = self.queued_total.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        let _ = self
+            .queued_total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Calls holding a reservation in this store, all routes together.
@@ -136,33 +147,53 @@ impl Limiter for MemoryStore {
         let entry = shard.entry(key).or_insert_with(|| Entry::new(policy.kind));
         if entry.locked_until > now {
             let retry_at = entry.locked_until;
-            return Acquire::Refused(Refusal { reason: RefusalReason::Locked, retry_at });
+            return Acquire::Refused(Refusal {
+                reason: RefusalReason::Locked,
+                retry_at,
+            });
         }
         let slot = entry.next_free(policy, now);
         if slot <= now {
             entry.record(policy, now);
-            return Acquire::Now { at: now, view: entry.view(policy, now) };
+            return Acquire::Now {
+                at: now,
+                view: entry.view(policy, now),
+            };
         }
         let Some(rule) = queue else {
-            return Acquire::Refused(Refusal { reason: RefusalReason::Limited, retry_at: slot });
+            return Acquire::Refused(Refusal {
+                reason: RefusalReason::Limited,
+                retry_at: slot,
+            });
         };
         if slot - now > rule.max_wait {
-            return Acquire::Refused(Refusal { reason: RefusalReason::TooFar, retry_at: slot });
+            return Acquire::Refused(Refusal {
+                reason: RefusalReason::TooFar,
+                retry_at: slot,
+            });
         }
         let total = &self.queued_total;
         let room_in_total = total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_queued_total).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_queued_total).then_some(n + 1)
+            })
             .is_ok();
         if !room_in_total || entry.queued as usize >= rule.max_per_user {
             if room_in_total {
                 total.fetch_sub(1, Ordering::AcqRel);
             }
-            return Acquire::Refused(Refusal { reason: RefusalReason::QueueFull, retry_at: slot });
+            return Acquire::Refused(Refusal {
+                reason: RefusalReason::QueueFull,
+                retry_at: slot,
+            });
         }
         entry.queued += 1;
         let undo = entry.record(policy, slot);
         let view = entry.view(policy, now);
-        Acquire::Reserved { reservation: Reservation { key, slot, undo }, view }
+        Acquire::Reserved {
+            reservation: Reservation { key, slot, undo },
+            view,
+        }
     }
 
     fn cancel(&self, policy: &Policy, reservation: &Reservation) {
@@ -193,7 +224,10 @@ impl Limiter for MemoryStore {
         let locked_until = entry.as_ref().map_or(0, |e| e.locked_until);
         self.release_queue_slot(entry);
         if locked_until > now {
-            return Err(Refusal { reason: RefusalReason::Locked, retry_at: locked_until });
+            return Err(Refusal {
+                reason: RefusalReason::Locked,
+                retry_at: locked_until,
+            });
         }
         Ok(())
     }
@@ -231,7 +265,10 @@ impl Limiter for MemoryStore {
 
     fn locks_active(&self, route: RouteId) -> usize {
         let now = self.clock.now();
-        relock(&self.locks).iter().filter(|(k, &until)| k.route == route && until > now).count()
+        relock(&self.locks)
+            .iter()
+            .filter(|(k, &until)| k.route == route && until > now)
+            .count()
     }
 
     fn clock(&self) -> &dyn Clock {

@@ -74,15 +74,28 @@ impl Policy {
             Algorithm::Window => Kind::Window,
             Algorithm::Gcra { burst } => {
                 let burst = burst.get().min(limit.get());
-                Kind::Gcra { burst, period: gcra_period(limit.get(), burst, window) }
+                Kind::Gcra {
+                    burst,
+                    period: gcra_period(limit.get(), burst, window),
+                }
             }
         };
-        Policy { limit: limit.get(), window, lock: clock::nanos(lock), kind }
+        Policy {
+            limit: limit.get(),
+            window,
+            lock: clock::nanos(lock),
+            kind,
+        }
     }
 
     /// The policy a configured route runs under, with the global safety margin added.
     pub fn for_route(route: &RouteConfig, safety_margin: Duration) -> Self {
-        Policy::new(route.limit, route.per + safety_margin, route.lock, route.algorithm)
+        Policy::new(
+            route.limit,
+            route.per + safety_margin,
+            route.lock,
+            route.algorithm,
+        )
     }
 }
 
@@ -99,7 +112,10 @@ pub enum Acquire {
     /// Send now; the send is already counted at `at`.
     Now { at: Nanos, view: QuotaView },
     /// A future slot is reserved; the caller waits for it, and gives it back if it goes away.
-    Reserved { reservation: Reservation, view: QuotaView },
+    Reserved {
+        reservation: Reservation,
+        view: QuotaView,
+    },
     /// Not now: the reason and the earliest time a new call could go.
     Refused(Refusal),
 }
@@ -171,6 +187,10 @@ pub trait Limiter: Send + Sync + 'static {
 
     /// Number of (route, user) keys held.
     fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 
     /// Keys currently locked, per route.
     fn locks_active(&self, route: RouteId) -> usize;

@@ -52,10 +52,17 @@ impl SendLog {
 
     /// Remaining calls in the window ending now, and when the next one frees up.
     pub(super) fn view(&self, limit: u32, window: Nanos, now: Nanos) -> QuotaView {
-        let used = self.times.iter().filter(|&&t| t.saturating_add(window) > now).count();
+        let used = self
+            .times
+            .iter()
+            .filter(|&&t| t.saturating_add(window) > now)
+            .count();
         let remaining = (limit as usize).saturating_sub(used) as u32;
         let reset_in = self.next_free(limit, window, now) - now;
-        QuotaView { remaining, reset_in }
+        QuotaView {
+            remaining,
+            reset_in,
+        }
     }
 
     #[cfg(test)]
@@ -112,7 +119,19 @@ mod tests {
     #[test]
     fn view_counts_calls_in_window() {
         let log = log_after(&[0, 10], 3);
-        assert_eq!(log.view(3, W, 20), QuotaView { remaining: 1, reset_in: 0 });
-        assert_eq!(log.view(3, W, 65), QuotaView { remaining: 2, reset_in: 0 });
+        assert_eq!(
+            log.view(3, W, 20),
+            QuotaView {
+                remaining: 1,
+                reset_in: 0
+            }
+        );
+        assert_eq!(
+            log.view(3, W, 65),
+            QuotaView {
+                remaining: 2,
+                reset_in: 0
+            }
+        );
     }
 }

@@ -17,7 +17,9 @@ pub async fn start_proxy(yaml: &str) -> Running {
         Ok(config) => config,
         Err(errors) => panic!("test config is invalid:\n{errors}\n---\n{yaml}"),
     };
-    cliqgate::app::start(config).await.expect("proxy starts on 127.0.0.1:0")
+    cliqgate::app::start(config)
+        .await
+        .expect("proxy starts on 127.0.0.1:0")
 }
 
 /// `http://ADDR` of a running proxy.

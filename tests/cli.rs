@@ -1,0 +1,621 @@
+//! The real binary: `cliqgate check`, `cliqgate --config FILE`, its logs and its signals
+//! (SPEC "Running", promise 5 "leak nothing").
+//!
+//! Every test runs `target/.../cliqgate` as a child process (killed if the test fails) and bounds
+//! every wait on it.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use http::header::AUTHORIZATION;
+use http::HeaderValue;
+use tokio::net::TcpStream;
+
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cliqgate");
+/// sysexits.h EX_USAGE: what the binary exits with on a bad config (SPEC "Running").
+const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Upper bound on `cliqgate check` and on a start that must fail: they read one small file.
+/// Generous for a loaded CI machine, far below a CI job's timeout.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound on the binary logging `cliqgate listening` after spawn (same reasoning).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The drain deadline written into the test config (`timeouts.shutdown`).
+const DRAIN_DEADLINE: &str = "20s";
+/// Upper bound on exiting after SIGTERM/SIGINT. Well under [`DRAIN_DEADLINE`]: a drain that only
+/// ends by hitting its deadline (e.g. waiting on idle keep-alive connections) fails the test.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the stub sits on the call that is in flight when SIGTERM arrives: long enough that
+/// the signal surely lands while it is in flight.
+const SLOW_CALL: Duration = Duration::from_secs(1);
+/// How soon after the signal the proxy must refuse new connections: it closes its listener as
+/// soon as the signal is handled.
+const STOP_ACCEPTING_WITHIN: Duration = Duration::from_secs(5);
+/// Upper bound on reading the rest of the child's output once it has exited.
+const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Credentials that must never appear in any log line, stdout, or `/metrics`.
+const SECRET_TOKEN: &str = "SECRET-TOKEN-123";
+const SECRET_ZAPIKEY: &str = "SECRET-ZAPI-456";
+
+const CHAT: &str = "/api/v3/chats/{chat_id}/message";
+const CHAT_ROUTE: &str = "chats.post_message";
+
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// A child process of the binary, its output collected line by line as it comes (on threads:
+/// tokio's `process` feature is not enabled in this crate). Killed on drop, so a failing test
+/// leaves nothing running.
+struct Spawned {
+    child: Child,
+    stderr: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn collect_lines(
+    stream: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<String>>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            into.lock().expect("output lines").push(line);
+        }
+    })
+}
+
+impl Spawned {
+    fn new(args: &[&std::ffi::OsStr]) -> Spawned {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cliqgate");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            collect_lines(child.stderr.take().expect("piped stderr"), stderr.clone()),
+            collect_lines(child.stdout.take().expect("piped stdout"), stdout.clone()),
+        ];
+        Spawned {
+            child,
+            stderr,
+            stdout,
+            readers,
+        }
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("poll cliqgate")
+    }
+
+    /// Waits (bounded) for the process to exit, then (bounded) for the rest of its output.
+    async fn exit(&mut self, within: Duration) -> ExitStatus {
+        let give_up = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.try_wait() {
+                break status;
+            }
+            if Instant::now() >= give_up {
+                panic!(
+                    "cliqgate did not exit within {within:?}:\n{}",
+                    self.stderr_text()
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        };
+        let give_up = Instant::now() + OUTPUT_DRAIN_TIMEOUT;
+        while !self.readers.iter().all(JoinHandle::is_finished) {
+            assert!(
+                Instant::now() < give_up,
+                "the child's output did not end after it exited"
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        status
+    }
+
+    fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().expect("output lines").clone()
+    }
+
+    fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().expect("output lines").clone()
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr_lines().join("\n")
+    }
+
+    fn stdout_text(&self) -> String {
+        self.stdout_lines().join("\n")
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a finished run printed.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary to completion with `args`, bounded by [`COMMAND_TIMEOUT`].
+async fn run(args: &[&std::ffi::OsStr]) -> Finished {
+    let mut spawned = Spawned::new(args);
+    let status = spawned.exit(COMMAND_TIMEOUT).await;
+    Finished {
+        status,
+        stdout: spawned.stdout_text(),
+        stderr: spawned.stderr_text(),
+    }
+}
+
+// ---- cliqgate check ----
+
+#[tokio::test]
+async fn check_accepts_the_shipped_config_and_lists_every_route() {
+    let path = repo_file("config/cliq.yaml");
+    let output = run(&["check".as_ref(), "--config".as_ref(), path.as_os_str()]).await;
+    let stdout = output.stdout.clone();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        output.stderr.clone()
+    );
+    // Route names read straight from the file, independently of the config loader.
+    let file = std::fs::read_to_string(&path).expect("read config/cliq.yaml");
+    let names: Vec<&str> = file
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("- name:"))
+        .map(|name| {
+            name.split('#')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"')
+        })
+        .collect();
+    assert!(
+        names.len() > 20,
+        "too few routes found in the file: {names:?}"
+    );
+    for name in names {
+        assert!(
+            stdout
+                .lines()
+                .any(|line| line.split_whitespace().next() == Some(name)),
+            "route {name} missing from the table:\n{stdout}"
+        );
+    }
+}
+
+/// One unknown key (line 4), one bad duration (line 5) and a route without `limit` (line 7).
+const INVALID_CONFIG: &str = r#"listen: "127.0.0.1:0"
+admin_listen: "127.0.0.1:0"
+upstream: "http://127.0.0.1:1"
+colour: blue
+safety_margin: "1 fortnight"
+routes:
+  - name: chats.post_message
+    method: POST
+    path: "/api/v3/chats/{chat_id}/message"
+    per: "1m"
+    lock: "10m"
+"#;
+
+fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
+    let path = dir.path().join("cliqgate.yaml");
+    std::fs::write(&path, yaml).expect("write the test config");
+    path
+}
+
+fn assert_every_error_reported(output: &Finished) {
+    let stderr = output.stderr.clone();
+    assert_eq!(output.status.code(), Some(EXIT_BAD_CONFIG), "{stderr}");
+    for (line, key) in [(4, "colour"), (5, "safety_margin"), (7, "routes[0].limit")] {
+        let wanted = format!("line {line}: {key}:");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&wanted)),
+            "no error {wanted:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_reports_every_error_with_its_key_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(&dir, INVALID_CONFIG);
+    let output = run(&["check".as_ref(), "--config".as_ref(), path.as_os_str()]).await;
+    assert_every_error_reported(&output);
+    assert!(
+        !output.stdout.clone().contains("OK"),
+        "{}",
+        output.stdout.clone()
+    );
+}
+
+#[tokio::test]
+async fn invalid_config_stops_the_proxy_from_starting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(&dir, INVALID_CONFIG);
+    let output = run(&["--config".as_ref(), path.as_os_str()]).await;
+    assert_every_error_reported(&output);
+}
+
+#[tokio::test]
+async fn check_on_a_missing_file_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("no-such.yaml");
+    let output = run(&["check".as_ref(), "--config".as_ref(), path.as_os_str()]).await;
+    let stderr = output.stderr.clone();
+    assert_eq!(output.status.code(), Some(EXIT_BAD_CONFIG), "{stderr}");
+    assert!(stderr.contains("no-such.yaml"), "{stderr}");
+}
+
+// ---- the running proxy ----
+
+/// The running proxy binary and the addresses it logged.
+struct Gate {
+    process: Spawned,
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// A config with JSON logs at debug level (the most a troubleshooting operator would turn on),
+/// ephemeral listeners, and one reject-mode route allowing two calls per minute.
+fn gate_yaml(upstream: &str) -> String {
+    format!(
+        r#"listen: "127.0.0.1:0"
+admin_listen: "127.0.0.1:0"
+upstream: "{upstream}"
+log:
+  format: json
+  level: "debug"
+timeouts:
+  shutdown: "{DRAIN_DEADLINE}"
+routes:
+  - name: {CHAT_ROUTE}
+    method: POST
+    path: "{CHAT}"
+    limit: 2
+    per: "1m"
+    lock: "10m"
+    on_limit: reject
+"#
+    )
+}
+
+impl Gate {
+    async fn start(upstream: &str) -> Gate {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_config(&dir, &gate_yaml(upstream));
+        let mut process = Spawned::new(&["--config".as_ref(), path.as_os_str()]);
+        let give_up = Instant::now() + START_TIMEOUT;
+        let listening = loop {
+            let found = process
+                .stderr_lines()
+                .iter()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .find(|event| event["message"] == "cliqgate listening");
+            if let Some(event) = found {
+                break event;
+            }
+            if let Some(status) = process.try_wait() {
+                panic!(
+                    "cliqgate exited ({status}) before listening:\n{}",
+                    process.stderr_text()
+                );
+            }
+            assert!(
+                Instant::now() < give_up,
+                "cliqgate did not log `cliqgate listening` within {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        };
+        let addr = |field: &str| -> SocketAddr {
+            listening[field]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no {field} in {listening}"))
+        };
+        Gate {
+            proxy_addr: addr("proxy_addr"),
+            admin_addr: addr("admin_addr"),
+            process,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.proxy_addr)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// Sends `SIGTERM`, `SIGINT`, ... with the `kill` command.
+    fn signal(&self, name: &str) {
+        let pid = self.process.child.id();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}: {status}");
+    }
+
+    async fn exit(&mut self, within: Duration) -> ExitStatus {
+        self.process.exit(within).await
+    }
+
+    /// Every stderr line that is a JSON event.
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.process
+            .stderr_lines()
+            .iter()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// Access-log events (target `cliqgate::access`), in order.
+    fn access_log(&self) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|event| event["target"] == "cliqgate::access")
+            .collect()
+    }
+}
+
+/// A call carrying both secrets: the OAuth token in `Authorization` and the webhook key in the
+/// query.
+fn secret_call(url: &str, with_token: bool) -> http::Request<http_body_util::Full<Bytes>> {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{sep}zapikey={SECRET_ZAPIKEY}");
+    let mut req = request(Method::POST, &url, None, r#"{"text":"hi"}"#);
+    if with_token {
+        req.headers_mut().insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Zoho-oauthtoken {SECRET_TOKEN}")).expect("valid"),
+        );
+    }
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_proxy_serves_logs_each_call_and_never_shows_a_credential() {
+    let stub = ZohoStub::start(vec![StubRoute::new(
+        Method::POST,
+        CHAT,
+        100,
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    )])
+    .await;
+    let mut gate = Gate::start(&stub.url()).await;
+    let client = Client::new();
+
+    for path in ["/healthz", "/readyz"] {
+        let answer = client
+            .send(request(
+                Method::GET,
+                &gate.admin_url(path),
+                None,
+                Bytes::new(),
+            ))
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}: {}", answer.text());
+    }
+
+    // Token user: forwarded, with both secrets reaching Zoho untouched.
+    let chat = gate.url("/api/v3/chats/C1/message");
+    let ok = client.send(secret_call(&chat, true)).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let arrival = stub.arrivals().pop().expect("the call reached the stub");
+    assert_eq!(
+        arrival.query.as_deref(),
+        Some(format!("zapikey={SECRET_ZAPIKEY}").as_str())
+    );
+    assert_eq!(
+        arrival
+            .headers
+            .get(AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+        Some(format!("Zoho-oauthtoken {SECRET_TOKEN}").as_bytes())
+    );
+    let first = gate
+        .access_log()
+        .into_iter()
+        .find(|e| e["status"] == 200)
+        .expect("an access-log line for the forwarded call");
+    assert_eq!(first["route"], CHAT_ROUTE, "{first}");
+    assert_eq!(first["decision"], "forwarded", "{first}");
+    assert!(first["queue_wait_ms"].is_number(), "{first}");
+    let user = first["user"].as_str().expect("user in the access log");
+    assert!(
+        user.len() == 16 && user.bytes().all(|b| b.is_ascii_hexdigit()),
+        "user is not a short hash: {first}"
+    );
+
+    // Zoho refuses the token (401): passed through. That is the token user's second call.
+    stub.set_fixed_response(Some(FixedResponse::json(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({"code": "oauthtoken_invalid", "message": "Invalid OAuth token"}),
+    )));
+    let unauthorized = client.send(secret_call(&chat, true)).await;
+    assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
+    // Third call within the minute: refused by cliqgate (429, rejected).
+    let rejected = client.send(secret_call(&chat, true)).await;
+    assert_eq!(rejected.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(rejected.json()["code"], "rate_limit_exceeded");
+
+    // Webhook-key user (no Authorization): Zoho throttles it, which locks it (and is logged).
+    stub.set_fixed_response(Some(FixedResponse::json(
+        StatusCode::TOO_MANY_REQUESTS,
+        &serde_json::json!({"message": "Too many requests within a certain time frame."}),
+    )));
+    let throttled = client.send(secret_call(&chat, false)).await;
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    let locked = client.send(secret_call(&chat, false)).await;
+    assert_eq!(locked.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(locked.json()["code"], "rate_limit_exceeded");
+
+    // Zoho unreachable: 502 from cliqgate, on an unmatched path (forwarded) with both secrets.
+    stub.stop().await;
+    let unavailable = client
+        .send(secret_call(&gate.url("/api/v2/other/thing"), true))
+        .await;
+    assert_eq!(unavailable.status, StatusCode::BAD_GATEWAY);
+
+    let metrics = scrape(gate.admin_addr).await;
+    for secret in [SECRET_TOKEN, SECRET_ZAPIKEY] {
+        assert!(!metrics.contains(secret), "{secret} in /metrics");
+    }
+
+    gate.signal("TERM");
+    let status = gate.exit(EXIT_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+
+    // One access-log line per call, each with the fields operators rely on.
+    let access = gate.access_log();
+    let statuses: Vec<u64> = access.iter().filter_map(|e| e["status"].as_u64()).collect();
+    assert_eq!(statuses, [200, 401, 429, 429, 429, 502], "{access:#?}");
+    for event in &access {
+        for field in ["route", "user", "decision", "status", "queue_wait_ms"] {
+            assert!(event.get(field).is_some(), "no {field} in {event}");
+        }
+    }
+    let decisions: Vec<&str> = access
+        .iter()
+        .filter_map(|e| e["decision"].as_str())
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            "forwarded",
+            "forwarded",
+            "rejected",
+            "forwarded",
+            "locked",
+            "unmatched"
+        ],
+        "{access:#?}"
+    );
+    assert!(
+        gate.events()
+            .iter()
+            .any(|e| e["level"] == "WARN" && e["route"] == CHAT_ROUTE),
+        "the learned lock was not logged"
+    );
+
+    // Nothing anywhere in the output carries a credential.
+    let output = [gate.process.stderr_lines(), gate.process.stdout_lines()].concat();
+    for line in &output {
+        for secret in [SECRET_TOKEN, SECRET_ZAPIKEY] {
+            assert!(!line.contains(secret), "{secret} leaked: {line}");
+        }
+    }
+}
+
+/// Whether a TCP connection to `addr` is refused (nothing listening).
+async fn refuses_connections(addr: SocketAddr) -> bool {
+    TcpStream::connect(addr).await.is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_call_in_flight_refuses_new_ones_and_exits_zero() {
+    let stub = ZohoStub::start(vec![StubRoute::new(
+        Method::POST,
+        CHAT,
+        100,
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    )])
+    .await;
+    stub.set_delay(SLOW_CALL);
+    let mut gate = Gate::start(&stub.url()).await;
+    let client = Client::new();
+
+    let in_flight = tokio::spawn({
+        let (client, url) = (client.clone(), gate.url("/api/v3/chats/C1/message"));
+        async move { client.post(&url, "alice", "{}").await }
+    });
+    wait_for(
+        "the slow call to reach the stub",
+        CLIENT_TIMEOUT,
+        || async { !stub.arrivals().is_empty() },
+    )
+    .await;
+
+    gate.signal("TERM");
+    let proxy_addr = gate.proxy_addr;
+    wait_for(
+        "the proxy to refuse new connections",
+        STOP_ACCEPTING_WITHIN,
+        || refuses_connections(proxy_addr),
+    )
+    .await;
+
+    let answer = in_flight.await.expect("in-flight call task");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let status = gate.exit(EXIT_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert_eq!(stub.arrivals().len(), 1);
+    let messages: Vec<String> = gate
+        .events()
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.starts_with("shutting down")),
+        "{messages:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_the_proxy_with_exit_zero() {
+    let stub = ZohoStub::start(vec![]).await;
+    let mut gate = Gate::start(&stub.url()).await;
+    // One call first, so a pooled keep-alive connection is open when the signal comes.
+    let client = Client::new();
+    let answer = client
+        .send(request(
+            Method::GET,
+            &gate.url("/api/v2/anything"),
+            None,
+            Bytes::new(),
+        ))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+
+    gate.signal("INT");
+    let status = gate.exit(EXIT_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(refuses_connections(gate.proxy_addr).await);
+    assert!(refuses_connections(gate.admin_addr).await);
+}
