@@ -1,5 +1,8 @@
 //! Path templates -> a compiled route table. Pure: no HTTP types beyond `Method`.
 
+/// Deeper than any Cliq endpoint; bounds the matcher's work per call.
+pub const MAX_SEGMENTS: usize = 16;
+
 /// Checks one path template: starts with `/`, has no query or fragment, and every `{name}` is a
 /// whole segment with a non-empty name of letters, digits and `_`.
 pub fn validate_template(template: &str) -> Result<(), String> {
@@ -10,6 +13,9 @@ pub fn validate_template(template: &str) -> Result<(), String> {
         return Err(format!(
             "path template {template:?} must not contain a query or fragment"
         ));
+    }
+    if template.split('/').filter(|s| !s.is_empty()).count() > MAX_SEGMENTS {
+        return Err(format!("path template {template:?} has more than {MAX_SEGMENTS} segments"));
     }
     for segment in template.split('/').skip(1) {
         if segment.contains(['{', '}']) {
@@ -76,7 +82,7 @@ impl RouteTable {
     /// ignoring ASCII case, and empty segments (`//`, a trailing `/`) are skipped, so a caller
     /// cannot dodge a quota with a spelling that Zoho would still route to the same endpoint.
     pub fn find(&self, method: &Method, path: &str) -> Option<RouteId> {
-        let mut segments: [&str; 16] = [""; 16];
+        let mut segments: [&str; MAX_SEGMENTS] = [""; MAX_SEGMENTS];
         let mut n = 0;
         for segment in path.split('/').filter(|s| !s.is_empty()) {
             if n == segments.len() {
@@ -223,5 +229,7 @@ mod tests {
         assert!(validate_template("/api/{x}y").is_err());
         assert!(validate_template("/api/{}").is_err());
         assert!(validate_template("/api?x=1").is_err());
+        assert!(validate_template(&"/a".repeat(MAX_SEGMENTS)).is_ok());
+        assert!(validate_template(&"/a".repeat(MAX_SEGMENTS + 1)).is_err());
     }
 }
