@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 
 use http::header::AUTHORIZATION;
 use http::HeaderValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::*;
@@ -542,9 +543,18 @@ async fn running_proxy_serves_logs_each_call_and_never_shows_a_credential() {
     }
 }
 
-/// Whether a TCP connection to `addr` is refused (nothing listening).
+/// Upper bound on one connection attempt while polling for the listener to close: a listener
+/// that is open but no longer accepting fills its backlog, and connects then hang instead of
+/// failing.
+const CONNECT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Whether a TCP connection to `addr` is refused (nothing listening). A connect that neither
+/// succeeds nor fails within [`CONNECT_PROBE_TIMEOUT`] counts as not refused.
 async fn refuses_connections(addr: SocketAddr) -> bool {
-    TcpStream::connect(addr).await.is_err()
+    matches!(
+        tokio::time::timeout(CONNECT_PROBE_TIMEOUT, TcpStream::connect(addr)).await,
+        Ok(Err(_))
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,6 +605,64 @@ async fn sigterm_finishes_the_call_in_flight_refuses_new_ones_and_exits_zero() {
         messages.iter().any(|m| m.starts_with("shutting down")),
         "{messages:?}"
     );
+}
+
+/// A request head and the first part of its body; the rest is sent when the test says so.
+const BODY_START: &[u8] = br#"{"text":"#;
+const BODY_REST: &[u8] = br#""hi"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_the_listener_while_a_call_is_still_in_flight() {
+    // The call stays in flight for as long as the test holds back the end of its body (the stub
+    // answers only whole requests), so the order of events does not depend on timing.
+    let stub = ZohoStub::start(vec![StubRoute::new(
+        Method::POST,
+        CHAT,
+        100,
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    )])
+    .await;
+    let mut gate = Gate::start(&stub.url()).await;
+    let mut call = TcpStream::connect(gate.proxy_addr)
+        .await
+        .expect("connect to the proxy");
+    let head = format!(
+        "POST /api/v3/chats/C1/message HTTP/1.1\r\nHost: cliq\r\nAuthorization: Zoho-oauthtoken alice\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        BODY_START.len() + BODY_REST.len()
+    );
+    call.write_all(head.as_bytes()).await.expect("send head");
+    call.write_all(BODY_START).await.expect("send body start");
+    // The proxy dials Zoho only once it has read the head and decided to forward.
+    wait_for("the proxy to dial the stub", CLIENT_TIMEOUT, || async {
+        stub.connections_accepted() > 0
+    })
+    .await;
+
+    gate.signal("TERM");
+    let proxy_addr = gate.proxy_addr;
+    wait_for(
+        "the proxy to refuse new connections",
+        STOP_ACCEPTING_WITHIN,
+        || refuses_connections(proxy_addr),
+    )
+    .await;
+    assert!(stub.arrivals().is_empty(), "the call completed too early");
+
+    // The call in flight still completes.
+    call.write_all(BODY_REST).await.expect("send body rest");
+    let mut answer = Vec::new();
+    tokio::time::timeout(CLIENT_TIMEOUT, call.read_to_end(&mut answer))
+        .await
+        .expect("the answer within the client timeout")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let arrival = stub.arrivals().pop().expect("the call reached the stub");
+    assert_eq!(&arrival.body[..], [BODY_START, BODY_REST].concat());
+
+    let status = gate.exit(EXIT_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -561,3 +561,48 @@ async fn large_bodies_pass_through_whole() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttle_code_at_the_start_of_a_large_body_is_recognised_and_the_body_passed_whole() {
+    let stub = ZohoStub::start(vec![StubRoute::new(
+        Method::POST,
+        CHAT,
+        100,
+        STUB_PER,
+        STUB_LOCK,
+    )])
+    .await;
+    let running = start_proxy(&proxy_yaml(&stub.url(), LOCK)).await;
+    let base = base_url(&running);
+    let client = Client::new();
+    // Only the start of the body is read, so this cannot be parsed as JSON: the code is found by
+    // searching the prefix.
+    let mut body = br#"{"code":"request_limit_exceeded","message":"You have exceeded the URL throttle limits.","pad":""#.to_vec();
+    body.resize(LARGE_BODY - 2, b'x');
+    body.extend_from_slice(br#""}"#);
+    let body = Bytes::from(body);
+    stub.set_fixed_response(Some(FixedResponse::new(
+        StatusCode::BAD_REQUEST,
+        body.clone(),
+    )));
+
+    let throttled = client.post(&chat_url(&base, "C1"), "alice", "{}").await;
+    assert_eq!(throttled.status, StatusCode::BAD_REQUEST);
+    assert!(
+        throttled.body == body,
+        "the throttle body changed on the way"
+    );
+    let refused = client.post(&chat_url(&base, "C1"), "alice", "{}").await;
+    assert_local_refusal(&refused, ceil_secs(LOCK));
+    assert_eq!(stub.count_for(CHAT, "alice"), 1);
+    let metrics = scrape(running.admin_addr).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "cliqgate_upstream_throttled_total",
+            &[("route", CHAT_ROUTE)]
+        ),
+        1.0
+    );
+    running.shutdown().await;
+}
