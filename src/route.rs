@@ -15,7 +15,9 @@ pub fn validate_template(template: &str) -> Result<(), String> {
         ));
     }
     if template.split('/').filter(|s| !s.is_empty()).count() > MAX_SEGMENTS {
-        return Err(format!("path template {template:?} has more than {MAX_SEGMENTS} segments"));
+        return Err(format!(
+            "path template {template:?} has more than {MAX_SEGMENTS} segments"
+        ));
     }
     for segment in template.split('/').skip(1) {
         if segment.contains(['{', '}']) {
