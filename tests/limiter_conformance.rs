@@ -19,6 +19,15 @@ use proptest::prelude::*;
 /// Builds a store on a shared fake clock.
 type MakeStore = fn(Arc<ManualClock>) -> Box<dyn Limiter>;
 
+/// Runs `test` once per store, each on a fresh store and a fake clock at 0.
+fn each_store(test: impl Fn(&str, &ManualClock, &dyn Limiter)) {
+    for (name, make) in stores() {
+        let clock = Arc::new(ManualClock::new());
+        let store = make(clock.clone());
+        test(name, &clock, store.as_ref());
+    }
+}
+
 /// Every store under test.
 fn stores() -> Vec<(&'static str, MakeStore)> {
     vec![("memory", |clock| Box::new(MemoryStore::new(clock, 10_000)))]
@@ -223,9 +232,7 @@ proptest! {
 
 #[test]
 fn burst_of_limit_from_idle_goes_at_once() {
-    for (name, make) in stores() {
-        let clock = Arc::new(ManualClock::new());
-        let store = make(clock.clone());
+    each_store(|name, _clock, store| {
         let policy = policy(20, 61_000, Algorithm::Window);
         for i in 0..20 {
             let answer = store.acquire(&policy, key(1), None);
@@ -238,14 +245,12 @@ fn burst_of_limit_from_idle_goes_at_once() {
         assert!(
             matches!(over, Acquire::Refused(r) if r.reason == RefusalReason::Limited && r.retry_at == 61_000)
         );
-    }
+    });
 }
 
 #[test]
 fn sustained_demand_gets_the_whole_quota() {
-    for (name, make) in stores() {
-        let clock = Arc::new(ManualClock::new());
-        let store = make(clock.clone());
+    each_store(|name, clock, store| {
         let (limit, window) = (20u32, 61_000u64);
         let policy = policy(limit, window, Algorithm::Window);
         let mut sent = 0u64;
@@ -267,14 +272,12 @@ fn sustained_demand_gets_the_whole_quota() {
             sent <= quota + u64::from(limit),
             "{name}: sent {sent}, more than the quota {quota}"
         );
-    }
+    });
 }
 
 #[test]
 fn slot_beyond_max_wait_is_refused_at_once() {
-    for (name, make) in stores() {
-        let clock = Arc::new(ManualClock::new());
-        let store = make(clock.clone());
+    each_store(|name, clock, store| {
         let policy = policy(2, 1_000, Algorithm::Window);
         let rule = Some(QueueRule {
             max_wait: 500,
@@ -297,14 +300,12 @@ fn slot_beyond_max_wait_is_refused_at_once() {
         assert!(
             matches!(store.acquire(&policy, key(1), rule), Acquire::Reserved { reservation, .. } if reservation.slot == 1_000)
         );
-    }
+    });
 }
 
 #[test]
 fn queue_is_fifo_and_bounded_per_user() {
-    for (name, make) in stores() {
-        let clock = Arc::new(ManualClock::new());
-        let store = make(clock.clone());
+    each_store(|name, _clock, store| {
         let policy = policy(1, 100, Algorithm::Window);
         let rule = Some(QueueRule {
             max_wait: 10_000,
@@ -335,14 +336,12 @@ fn queue_is_fifo_and_bounded_per_user() {
             matches!(store.acquire(&policy, key(2), rule), Acquire::Now { .. }),
             "{name}"
         );
-    }
+    });
 }
 
 #[test]
 fn cancelled_reservation_gives_its_slot_back() {
-    for (name, make) in stores() {
-        let clock = Arc::new(ManualClock::new());
-        let store = make(clock.clone());
+    each_store(|name, _clock, store| {
         let policy = policy(1, 100, Algorithm::Window);
         let rule = Some(QueueRule {
             max_wait: 10_000,
@@ -366,14 +365,12 @@ fn cancelled_reservation_gives_its_slot_back() {
             next.slot, reservation.slot,
             "{name}: the next caller takes the freed slot"
         );
-    }
+    });
 }
 
 #[test]
 fn lock_refuses_until_it_ends_and_stops_waiters() {
-    for (name, make) in stores() {
-        let clock = Arc::new(ManualClock::new());
-        let store = make(clock.clone());
+    each_store(|name, clock, store| {
         let policy = policy(1, 100, Algorithm::Window);
         let rule = Some(QueueRule {
             max_wait: 10_000,
@@ -409,14 +406,12 @@ fn lock_refuses_until_it_ends_and_stops_waiters() {
             "{name}: lock over"
         );
         assert_eq!(store.locks_active(RouteId(0)), 0, "{name}");
-    }
+    });
 }
 
 #[test]
 fn idle_keys_are_evicted() {
-    for (name, make) in stores() {
-        let clock = Arc::new(ManualClock::new());
-        let store = make(clock.clone());
+    each_store(|name, clock, store| {
         let policy = policy(5, 100, Algorithm::Window);
         for user in 0..50 {
             store.acquire(&policy, key(user), None);
@@ -430,7 +425,7 @@ fn idle_keys_are_evicted() {
         clock.set(1_000);
         assert_eq!(store.evict_idle(), 1, "{name}");
         assert_eq!(store.len(), 0, "{name}");
-    }
+    });
 }
 
 /// Many threads hammer one key while another thread moves the fake clock: the bound still holds.
