@@ -80,7 +80,74 @@ pub enum IdentityConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
+    /// The embedded store: one process, state in memory.
     Memory,
+    /// Shared state in Redis (or Valkey): several replicas, one quota.
+    Redis(RedisStoreConfig),
+}
+
+pub const DEFAULT_REDIS_ON_ERROR: OnStoreError = OnStoreError::Reject;
+pub const DEFAULT_REDIS_REPLICAS: u32 = 1;
+/// One limiter decision is one short script on loopback or in the same zone: well under this.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+pub const DEFAULT_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisStoreConfig {
+    /// `redis://[user:password@]host:port/db` or `rediss://...`. May hold a password: print it
+    /// only through [`RedisStoreConfig::redacted_url`].
+    pub url: String,
+    pub on_error: OnStoreError,
+    /// How many replicas share the quota; with `on_error: local` each gets `limit / replicas`.
+    pub replicas: NonZeroU32,
+    /// Per operation (one decision); slower counts as a store error.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl RedisStoreConfig {
+    /// The URL with any password replaced by `REDACTED`.
+    pub fn redacted_url(&self) -> String {
+        redact_url_password(&self.url)
+    }
+}
+
+impl std::fmt::Debug for RedisStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreConfig")
+            .field("url", &self.redacted_url())
+            .field("on_error", &self.on_error)
+            .field("replicas", &self.replicas)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host` -> `scheme://user:REDACTED@host`; other URLs unchanged.
+pub fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let user = if userinfo.contains(':') { format!("{user}:REDACTED") } else { "REDACTED".to_string() };
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// What a replica does while Redis is unreachable or slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Refuse limited calls with 503 until Redis answers again.
+    Reject,
+    /// Decide locally, each replica with `limit / replicas` of every quota.
+    Local,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1685,8 +1752,9 @@ impl Config {
             IdentityConfig::Token => "token".to_string(),
             IdentityConfig::Header { name } => format!("header {name}"),
         };
-        let store = match self.store {
-            StoreConfig::Memory => "memory",
+        let store = match &self.store {
+            StoreConfig::Memory => "memory".to_string(),
+            StoreConfig::Redis(redis) => format!("redis {}", redis.redacted_url()),
         };
         let unmatched = match self.unmatched {
             Unmatched::Forward => "forward",
