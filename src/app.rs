@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::limit::{Limiter, MemoryStore, TokioClock};
+use crate::limit::{Limiter, MemoryStore, Store, TokioClock};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::upstream::{Upstream, UpstreamSetupError};
@@ -55,10 +55,10 @@ pub enum StartError {
 /// Starts the proxy and admin listeners on the configured addresses.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let limiter: Arc<dyn Limiter> = Arc::new(MemoryStore::new(
+    let limiter = Arc::new(Store::Memory(MemoryStore::new(
         Arc::new(TokioClock::new()),
         config.queue.max_total,
-    ));
+    )));
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let proxy = Arc::new(Proxy::new(config, limiter.clone(), upstream, metrics));
@@ -205,7 +205,7 @@ async fn serve<S, F>(
     }
 }
 
-async fn sweep(limiter: Arc<dyn Limiter>, mut stopped: watch::Receiver<bool>) {
+async fn sweep(limiter: Arc<Store>, mut stopped: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(EVICT_INTERVAL);
     loop {
         tokio::select! {

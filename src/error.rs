@@ -33,6 +33,9 @@ pub enum ProxyError {
     UpstreamUnavailable,
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    // --- cliqgate itself ---
+    #[error("limiter store unavailable")]
+    StoreUnavailable,
 }
 
 impl ProxyError {
@@ -72,6 +75,11 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
                 "Zoho Cliq could not be reached.".into(),
+            ),
+            ProxyError::StoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "The rate limiter's shared store is unavailable; the call was not sent.".into(),
             ),
             ProxyError::UpstreamTimeout(after) => (
                 StatusCode::GATEWAY_TIMEOUT,

@@ -21,7 +21,7 @@ use crate::headers::{fields_size, remove_hop_by_hop};
 use crate::identity::{identify, IdentityError};
 use crate::limit::{
     Acquire, Key, Limiter, LockReason, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
-    Reservation, RouteId, UserKey,
+    Reservation, RouteId, Store, StoreError, UserKey,
 };
 use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
 use crate::route::RouteTable;
@@ -48,7 +48,7 @@ pub struct Proxy {
     table: RouteTable,
     pub routes: Vec<RouteRuntime>,
     unmatched: RouteMetrics,
-    pub limiter: Arc<dyn Limiter>,
+    pub limiter: Arc<Store>,
     upstream: Upstream,
     pub metrics: Arc<Metrics>,
 }
@@ -56,7 +56,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         config: Config,
-        limiter: Arc<dyn Limiter>,
+        limiter: Arc<Store>,
         upstream: Upstream,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -164,7 +164,9 @@ impl Proxy {
         };
 
         // Limit: forward now, wait for a reserved slot, or refuse at once.
-        let (req, view, decision) = match self.limiter.acquire(&route.policy, key, route.queue) {
+        let acquired = self.limiter.acquire(&route.policy, key, route.queue).await;
+        let acquired = acquired.map_err(|e| self.store_failed(route, log, e))?;
+        let (req, view, decision) = match acquired {
             Acquire::Now { view, .. } => (req.map(box_incoming), view, Decision::Forwarded),
             Acquire::Reserved { reservation, view } => {
                 let req = self.wait_for_slot(route, reservation, req, log).await?;
@@ -224,7 +226,7 @@ impl Proxy {
         req: Request<Incoming>,
         log: &mut AccessLog,
     ) -> Result<Request<ProxyBody>, ProxyError> {
-        let guard = QueueGuard::new(self.limiter.as_ref(), route, reservation);
+        let guard = QueueGuard::new(&self.limiter, route, reservation);
         let queued_at = Instant::now();
         let wake = self.limiter.clock().instant(reservation.slot);
         let (parts, mut body) = req.into_parts();
@@ -254,8 +256,10 @@ impl Proxy {
         let waited = queued_at.elapsed();
         log.queue_wait = Some(waited);
         route.metrics.queue_wait.observe(waited.as_secs_f64());
-        if let Err(refusal) = guard.redeem() {
-            return Err(self.refusal(route, log, refusal));
+        match guard.redeem().await {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => return Err(self.refusal(route, log, refusal)),
+            Err(e) => return Err(self.store_failed(route, log, e)),
         }
         let rest = (!ended).then_some(body);
         Ok(Request::from_parts(
@@ -320,7 +324,17 @@ impl Proxy {
             .clock()
             .now()
             .saturating_add(duration_nanos(lock));
-        self.limiter.lock(key, until, LockReason::UpstreamThrottle);
+        // The lock is also kept by the store; if the store fails here the throttle response still
+        // reaches the caller, and Zoho's own lock answers the next call (counted as an error).
+        let limiter = self.limiter.clone();
+        let policy = route.policy;
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = limiter.lock(&policy, key, until, LockReason::UpstreamThrottle).await {
+                metrics.store_error("lock");
+                tracing::error!(error = %e, "could not record a lock learned from Zoho");
+            }
+        });
         tracing::warn!(route = %route.name, user = %key.user.short(), lock_secs = lock.as_secs(),
             "Zoho signalled a throttle; user locked out of this route");
     }
@@ -354,6 +368,12 @@ impl Proxy {
         )
     }
 
+    /// The store could not decide: refuse (the store already counted the error), never guess.
+    fn store_failed(&self, route: &RouteRuntime, log: &mut AccessLog, error: StoreError) -> ProxyError {
+        tracing::warn!(route = %route.name, error = %error, "limiter store failed; call refused");
+        self.refuse(route, log, Decision::Rejected, ProxyError::StoreUnavailable)
+    }
+
     fn refuse(
         &self,
         route: &RouteRuntime,
@@ -369,13 +389,13 @@ impl Proxy {
 
 /// Holds a queue place; dropping it before `redeem` gives the slot back (the caller went away).
 struct QueueGuard<'a> {
-    limiter: &'a dyn Limiter,
+    limiter: &'a Arc<Store>,
     route: &'a RouteRuntime,
     reservation: Option<Reservation>,
 }
 
 impl<'a> QueueGuard<'a> {
-    fn new(limiter: &'a dyn Limiter, route: &'a RouteRuntime, reservation: Reservation) -> Self {
+    fn new(limiter: &'a Arc<Store>, route: &'a RouteRuntime, reservation: Reservation) -> Self {
         route.metrics.queue_depth.inc();
         QueueGuard {
             limiter,
@@ -384,11 +404,11 @@ impl<'a> QueueGuard<'a> {
         }
     }
 
-    fn redeem(mut self) -> Result<(), Refusal> {
+    async fn redeem(mut self) -> Result<Result<(), Refusal>, StoreError> {
         self.route.metrics.queue_depth.dec();
         match self.reservation.take() {
-            Some(r) => self.limiter.redeem(&r),
-            None => Ok(()),
+            Some(r) => self.limiter.redeem(&self.route.policy, &r).await,
+            None => Ok(Ok(())),
         }
     }
 
@@ -405,7 +425,7 @@ impl Drop for QueueGuard<'_> {
             self.route.metrics.queue_depth.dec();
             self.route.metrics.count(Decision::Cancelled);
             // The call is never sent; the access log records it as cancelled.
-            self.limiter.cancel(&self.route.policy, &reservation);
+            self.limiter.cancel_detached(self.route.policy, reservation);
         }
     }
 }

@@ -11,8 +11,9 @@ use super::gcra::Tat;
 use super::window::SendLog;
 use super::{
     Acquire, Clock, Key, Kind, Limiter, LockReason, Nanos, Policy, QueueRule, QuotaView, Refusal,
-    RefusalReason, Reservation, RouteId,
+    RefusalReason, Reservation, RouteId, StoreError,
 };
+use std::future::{ready, Future};
 
 /// Enough shards that two cores rarely contend, few enough that a sweep is cheap.
 const SHARDS: usize = 64;
@@ -140,8 +141,9 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl Limiter for MemoryStore {
-    fn acquire(&self, policy: &Policy, key: Key, queue: Option<QueueRule>) -> Acquire {
+impl MemoryStore {
+    /// [`Limiter::acquire`], synchronously: the embedded store never waits.
+    pub fn acquire_now(&self, policy: &Policy, key: Key, queue: Option<QueueRule>) -> Acquire {
         let mut shard = self.shard(&key);
         let now = self.clock.now();
         let entry = shard.entry(key).or_insert_with(|| Entry::new(policy.kind));
@@ -196,7 +198,7 @@ impl Limiter for MemoryStore {
         }
     }
 
-    fn cancel(&self, policy: &Policy, reservation: &Reservation) {
+    pub fn cancel_now(&self, policy: &Policy, reservation: &Reservation) {
         let mut shard = self.shard(&reservation.key);
         let entry = shard.get_mut(&reservation.key);
         if let Some(entry) = entry {
@@ -217,7 +219,7 @@ impl Limiter for MemoryStore {
         }
     }
 
-    fn redeem(&self, reservation: &Reservation) -> Result<(), Refusal> {
+    pub fn redeem_now(&self, reservation: &Reservation) -> Result<(), Refusal> {
         let mut shard = self.shard(&reservation.key);
         let now = self.clock.now();
         let entry = shard.get_mut(&reservation.key);
@@ -232,7 +234,7 @@ impl Limiter for MemoryStore {
         Ok(())
     }
 
-    fn lock(&self, key: Key, until: Nanos, _reason: LockReason) {
+    pub fn lock_now(&self, key: Key, until: Nanos) {
         {
             let mut shard = self.shard(&key);
             let entry = shard.entry(key).or_insert_with(|| Entry::new(Kind::Window));
@@ -243,7 +245,7 @@ impl Limiter for MemoryStore {
         *held = (*held).max(until);
     }
 
-    fn evict_idle(&self) -> usize {
+    pub fn evict_idle_now(&self) -> usize {
         let now = self.clock.now();
         let mut removed = 0;
         for shard in self.shards.iter() {
@@ -259,16 +261,48 @@ impl Limiter for MemoryStore {
         removed
     }
 
-    fn len(&self) -> usize {
+    pub fn keys(&self) -> usize {
         self.shards.iter().map(|s| relock(s).len()).sum()
     }
 
-    fn locks_active(&self, route: RouteId) -> usize {
+    pub fn locks_in(&self, route: RouteId) -> usize {
         let now = self.clock.now();
         relock(&self.locks)
             .iter()
             .filter(|(k, &until)| k.route == route && until > now)
             .count()
+    }
+}
+
+impl Limiter for MemoryStore {
+    fn acquire(&self, policy: &Policy, key: Key, queue: Option<QueueRule>) -> impl Future<Output = Result<Acquire, StoreError>> + Send {
+        ready(Ok(self.acquire_now(policy, key, queue)))
+    }
+
+    fn cancel(&self, policy: &Policy, reservation: &Reservation) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.cancel_now(policy, reservation);
+        ready(Ok(()))
+    }
+
+    fn redeem(&self, _policy: &Policy, reservation: &Reservation) -> impl Future<Output = Result<Result<(), Refusal>, StoreError>> + Send {
+        ready(Ok(self.redeem_now(reservation)))
+    }
+
+    fn lock(&self, _policy: &Policy, key: Key, until: Nanos, _reason: LockReason) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.lock_now(key, until);
+        ready(Ok(()))
+    }
+
+    fn evict_idle(&self) -> usize {
+        self.evict_idle_now()
+    }
+
+    fn len(&self) -> usize {
+        self.keys()
+    }
+
+    fn locks_active(&self, route: RouteId) -> usize {
+        self.locks_in(route)
     }
 
     fn clock(&self) -> &dyn Clock {

@@ -9,12 +9,15 @@
 mod clock;
 mod gcra;
 mod memory;
+mod store;
 mod window;
 
 pub use clock::{Clock, ManualClock, Nanos, TokioClock};
 pub use gcra::gcra_period;
 pub use memory::MemoryStore;
+pub use store::Store;
 
+use std::future::Future;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -163,38 +166,67 @@ pub enum LockReason {
     UpstreamThrottle,
 }
 
-/// The limiter interface every store implements (in-memory now, Redis later).
+/// A store could not answer (Redis unreachable, slow, or returned garbage).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("limiter store unavailable: {0}")]
+    Unavailable(String),
+    #[error("limiter store did not answer in time")]
+    Timeout,
+}
+
+/// The limiter interface every store implements (the embedded one and Redis).
 ///
 /// Decisions and the state they rest on change in one atomic step per key, reading the clock
-/// inside that step, so concurrent callers can never both take the last slot.
+/// inside that step, so concurrent callers (or replicas) can never both take the last slot.
+/// Times in answers are on the local [`Clock`], whatever clock the store decides on.
 pub trait Limiter: Send + Sync + 'static {
     /// Decides one call arriving now. `queue` is `None` in reject mode.
-    fn acquire(&self, policy: &Policy, key: Key, queue: Option<QueueRule>) -> Acquire;
+    fn acquire(
+        &self,
+        policy: &Policy,
+        key: Key,
+        queue: Option<QueueRule>,
+    ) -> impl Future<Output = Result<Acquire, StoreError>> + Send;
 
     /// The caller of `reservation` went away before its slot: give the slot back.
-    fn cancel(&self, policy: &Policy, reservation: &Reservation);
+    fn cancel(
+        &self,
+        policy: &Policy,
+        reservation: &Reservation,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The caller of `reservation` reached its slot. Returns a refusal if the key was locked
-    /// while it waited (the call must then not be sent).
-    fn redeem(&self, reservation: &Reservation) -> Result<(), Refusal>;
+    /// The caller of `reservation` reached its slot. `Ok(Err(refusal))` if the key was locked
+    /// while it waited: the call must then not be sent.
+    fn redeem(
+        &self,
+        policy: &Policy,
+        reservation: &Reservation,
+    ) -> impl Future<Output = Result<Result<(), Refusal>, StoreError>> + Send;
 
     /// Zoho signalled a throttle: no call for `key` goes until `until`.
-    fn lock(&self, key: Key, until: Nanos, reason: LockReason);
+    fn lock(
+        &self,
+        policy: &Policy,
+        key: Key,
+        until: Nanos,
+        reason: LockReason,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Forgets keys that hold no information any more (idle past their window, unlocked, no
-    /// waiters). Returns how many were removed.
+    /// waiters). Returns how many were removed. Stores that expire keys themselves return 0.
     fn evict_idle(&self) -> usize;
 
-    /// Number of (route, user) keys held.
+    /// Number of (route, user) keys held in this process.
     fn len(&self) -> usize;
 
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Keys currently locked, per route.
+    /// Keys currently locked, per route, as far as this process knows.
     fn locks_active(&self, route: RouteId) -> usize;
 
-    /// The clock decisions are made on.
+    /// The local clock answers are expressed on (the proxy sleeps on it).
     fn clock(&self) -> &dyn Clock;
 }
