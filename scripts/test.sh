@@ -8,6 +8,28 @@ cd "$(dirname "$0")/.."
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 
+# redis-server for the Redis-store tests; each test starts (and stops) its own on a free port.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "== installing redis-server"
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=(sudo)
+    fi
+    apt_log="$(mktemp)"
+    if ! command -v apt-get >/dev/null 2>&1 \
+        || ! "${sudo[@]}" apt-get update -qq >"$apt_log" 2>&1 \
+        || ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends redis-server >>"$apt_log" 2>&1 \
+        || ! command -v redis-server >/dev/null 2>&1; then
+        tail -n 20 "$apt_log" >&2 || true
+        echo "error: redis-server is missing and could not be installed with apt-get;" \
+            "install it (Debian/Ubuntu: apt-get install redis-server) and run again" >&2
+        exit 1
+    fi
+    rm -f "$apt_log"
+fi
+echo "== $(redis-server --version)"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

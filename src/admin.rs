@@ -25,8 +25,9 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<ProxyBody
         }
         // Alive: the process answers.
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        // Ready: a valid config is loaded and the (embedded) store answers.
-        "/readyz" => text(StatusCode::OK, "ready\n"),
+        // Ready: a valid config is loaded and the store answers.
+        "/readyz" if proxy.limiter.ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
-use crate::limit::{Limiter, MemoryStore, Store, TokioClock};
+use crate::config::{Config, StoreConfig};
+use crate::limit::{Limiter, MemoryStore, RedisOptions, RedisStore, Store, StoreError, TokioClock};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::upstream::{Upstream, UpstreamSetupError};
@@ -38,6 +38,7 @@ pub struct Running {
     server: JoinHandle<()>,
     admin: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    prober: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,15 +51,52 @@ pub enum StartError {
     },
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Key prefix of everything cliqgate keeps in Redis.
+const REDIS_PREFIX: &str = "cliqgate:";
+
+/// The configured limiter store. Redis is connected lazily: the proxy starts even if it is down.
+fn open_store(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Store>, StartError> {
+    let clock = Arc::new(TokioClock::new());
+    let store = match &config.store {
+        StoreConfig::Memory => Store::Memory(MemoryStore::new(clock, config.queue.max_total)),
+        StoreConfig::Redis(redis) => {
+            let max_window = config
+                .routes
+                .iter()
+                .map(|r| r.per + config.safety_margin)
+                .max()
+                .unwrap_or_default();
+            let options = RedisOptions {
+                url: redis.url.clone(),
+                timeout: redis.timeout,
+                connect_timeout: redis.connect_timeout,
+                on_error: redis.on_error,
+                replicas: redis.replicas.get(),
+                prefix: REDIS_PREFIX.to_string(),
+                routes: config.routes.iter().map(|r| r.name.clone()).collect(),
+                max_window,
+                max_queued_total: config.queue.max_total,
+                injected_time: false,
+            };
+            tracing::info!(url = %redis.redacted_url(), on_error = ?redis.on_error, "using the Redis store");
+            Store::Redis(Arc::new(RedisStore::open(
+                options,
+                clock,
+                Some(metrics.clone()),
+            )?))
+        }
+    };
+    Ok(Arc::new(store))
 }
 
 /// Starts the proxy and admin listeners on the configured addresses.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let limiter = Arc::new(Store::Memory(MemoryStore::new(
-        Arc::new(TokioClock::new()),
-        config.queue.max_total,
-    )));
+    let limiter = open_store(&config, &metrics)?;
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let proxy = Arc::new(Proxy::new(config, limiter.clone(), upstream, metrics));
@@ -93,9 +131,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             Duration::from_secs(1),
         ))
     };
+    let prober = match limiter.as_ref() {
+        Store::Redis(redis) => Some(tokio::spawn(redis.clone().probe_forever())),
+        Store::Memory(_) => None,
+    };
     let sweeper = tokio::spawn(sweep(limiter, stopped));
     tracing::info!(%proxy_addr, %admin_addr, "cliqgate listening");
     Ok(Running {
+        prober,
         proxy_addr,
         admin_addr,
         proxy,
@@ -123,6 +166,9 @@ impl Running {
         let _ = self.server.await;
         let _ = self.admin.await;
         self.sweeper.abort();
+        if let Some(prober) = self.prober {
+            prober.abort();
+        }
     }
 }
 

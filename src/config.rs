@@ -124,18 +124,24 @@ impl std::fmt::Debug for RedisStoreConfig {
     }
 }
 
-/// `scheme://user:password@host` -> `scheme://user:REDACTED@host`; other URLs unchanged.
+/// `scheme://user:password@host` -> `scheme://user:REDACTED@host`; `scheme://secret@host` ->
+/// `scheme://REDACTED@host`; URLs without `@` unchanged.
+///
+/// Everything before the *last* `@` counts as credentials, so a malformed URL (a password holding
+/// an unencoded `/`, `?` or `#`, or no `scheme://` at all) is redacted too: when in doubt, too much.
 pub fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (prefix, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let user = if userinfo.contains(':') { format!("{user}:REDACTED") } else { "REDACTED".to_string() };
-            format!("{scheme}://{user}@{host}{path}")
+    match rest.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = rest.split_at(at);
+            let user = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:REDACTED"),
+                None => "REDACTED".to_string(),
+            };
+            format!("{prefix}{user}{host}")
         }
         None => url.to_string(),
     }
@@ -469,8 +475,6 @@ const TOP: Schema = Schema {
 
 const PLANNED_RESOLVE: &str = "not supported yet (planned: identity resolution); it belongs to \
                                `mode: resolve`, and only `token` and `header` are available";
-const PLANNED_REDIS: &str = "not supported yet (planned: shared Redis store); the store is \
-                             in memory, one budget per cliqgate process";
 const PLANNED_RESTART: &str = "not supported yet (planned: restart safety); limiter state lives \
                                in memory and starts empty after a restart";
 
@@ -482,14 +486,18 @@ const IDENTITY: Schema = Schema {
         ("ttl", PLANNED_RESOLVE),
     ],
 };
+/// The `store` keys that only `kind: redis` reads.
+const REDIS_KEYS: [&str; 5] = ["url", "on_error", "replicas", "timeout", "connect_timeout"];
 const STORE: Schema = Schema {
-    allowed: &["kind"],
-    refused: &[
-        ("url", PLANNED_REDIS),
-        ("on_error", PLANNED_REDIS),
-        ("replicas", PLANNED_REDIS),
-        ("state_file", PLANNED_RESTART),
+    allowed: &[
+        "kind",
+        "url",
+        "on_error",
+        "replicas",
+        "timeout",
+        "connect_timeout",
     ],
+    refused: &[("state_file", PLANNED_RESTART)],
 };
 const TIMEOUTS: Schema = Schema {
     allowed: &["connect", "response", "client_header", "shutdown"],
@@ -1177,7 +1185,7 @@ fn header_name(f: &Field, cx: &mut Ctx) -> Option<HeaderName> {
 }
 
 fn read_store(top: &Section, cx: &mut Ctx) -> StoreConfig {
-    #[derive(Clone, Copy)]
+    #[derive(Clone, Copy, PartialEq)]
     enum Kind {
         Memory,
         Redis,
@@ -1185,17 +1193,236 @@ fn read_store(top: &Section, cx: &mut Ctx) -> StoreConfig {
     let Some(sec) = top.child("store", &STORE, cx) else {
         return StoreConfig::Memory;
     };
-    let Some(f) = sec.field("kind") else {
-        return StoreConfig::Memory;
+    let kinds = [("memory", Kind::Memory), ("redis", Kind::Redis)];
+    let kind_field = sec.field("kind");
+    match kind_field.as_ref().map(|f| choice(f, &kinds, cx)) {
+        None | Some(Some(Kind::Memory)) => {
+            let why = match kind_field {
+                Some(_) => "only used with `kind: redis` (this store is memory)",
+                None => "only used with `kind: redis` (`kind` is not set, so the store is memory)",
+            };
+            for name in REDIS_KEYS {
+                if let Some(f) = sec.field(name) {
+                    cx.error(f.line(), &f.key, why);
+                }
+            }
+            StoreConfig::Memory
+        }
+        Some(Some(Kind::Redis)) => {
+            read_redis(&sec, true, cx).map_or(StoreConfig::Memory, StoreConfig::Redis)
+        }
+        // A bad `kind` (reported): still check the values that are there, all errors at once.
+        Some(None) => {
+            let _ = read_redis(&sec, false, cx);
+            StoreConfig::Memory
+        }
+    }
+}
+
+const REDIS_URL_NEEDED: &str = "`kind: redis` needs `url`, e.g. \"redis://127.0.0.1:6379/0\" \
+                                (rediss:// for TLS)";
+
+/// The `kind: redis` keys. `require_url`: report a missing `url` (not when `kind` itself is bad).
+fn read_redis(sec: &Section, require_url: bool, cx: &mut Ctx) -> Option<RedisStoreConfig> {
+    let url = match sec.field("url") {
+        Some(f) => redis_url(&f, cx),
+        None => {
+            if require_url {
+                sec.missing("url", REDIS_URL_NEEDED, cx);
+            }
+            None
+        }
     };
-    if let Some(Kind::Redis) = choice(&f, &[("memory", Kind::Memory), ("redis", Kind::Redis)], cx) {
-        cx.error(
-            f.line(),
-            &f.key,
-            "\"redis\" is not supported yet (planned: shared Redis store); use memory",
+    let on_error = sec
+        .field("on_error")
+        .and_then(|f| {
+            choice(
+                &f,
+                &[
+                    ("reject", OnStoreError::Reject),
+                    ("local", OnStoreError::Local),
+                ],
+                cx,
+            )
+        })
+        .unwrap_or(DEFAULT_REDIS_ON_ERROR);
+    let replicas = sec
+        .field("replicas")
+        .and_then(|f| non_zero_u32(&f, cx))
+        .or(NonZeroU32::new(DEFAULT_REDIS_REPLICAS));
+    let mut positive_duration = |name: &str, default: Duration| {
+        sec.field(name)
+            .and_then(|f| duration(&f, false, cx))
+            .unwrap_or(default)
+    };
+    let timeout = positive_duration("timeout", DEFAULT_REDIS_TIMEOUT);
+    let connect_timeout = positive_duration("connect_timeout", DEFAULT_REDIS_CONNECT_TIMEOUT);
+    Some(RedisStoreConfig {
+        url: url?,
+        on_error,
+        replicas: replicas?,
+        timeout,
+        connect_timeout,
+    })
+}
+
+/// `store.url`. It may hold a password: no message here ever quotes the URL or its user-info,
+/// only the pieces that cannot be secret (scheme, host, port, database).
+fn redis_url(f: &Field, cx: &mut Ctx) -> Option<String> {
+    let text = match &f.node.data {
+        YamlDataOwned::Value(ScalarOwned::String(s)) => s.as_str(),
+        other => {
+            let found = match other {
+                YamlDataOwned::Value(ScalarOwned::Null) => "an empty value",
+                YamlDataOwned::Value(ScalarOwned::Boolean(_)) => "a boolean",
+                YamlDataOwned::Value(ScalarOwned::Integer(_) | ScalarOwned::FloatingPoint(_)) => {
+                    "a number"
+                }
+                YamlDataOwned::Sequence(_) => "a list",
+                YamlDataOwned::Mapping(_) => "a mapping",
+                _ => "a value that is not a plain string (YAML tags are not supported)",
+            };
+            let why =
+                format!("expected a Redis URL like \"redis://127.0.0.1:6379/0\", found {found}");
+            cx.error(f.line(), &f.key, why);
+            return None;
+        }
+    };
+    match check_redis_url(text) {
+        Ok(()) => Some(text.to_string()),
+        Err(why) => {
+            cx.error(f.line(), &f.key, format!("not a usable Redis URL: {why}"));
+            None
+        }
+    }
+}
+
+const REDIS_URL_HELP: &str = "write redis://[user:password@]host[:port][/db], e.g. \
+                              \"redis://127.0.0.1:6379/0\" (rediss:// for TLS)";
+
+/// Checks the shape `redis[s]://[user:password@]host[:port][/db]`, then asks the redis client
+/// itself, so a URL that passes `cliqgate check` is one the store can dial. The `Err` text never
+/// holds anything from the user-info.
+fn check_redis_url(text: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return Err(format!("it needs a scheme; {REDIS_URL_HELP}"));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "redis" && scheme != "rediss" {
+        let printable = !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        return Err(if printable {
+            format!("scheme {scheme:?} is not supported; use redis:// or rediss:// (TLS)")
+        } else {
+            format!("it needs a scheme; {REDIS_URL_HELP}")
+        });
+    }
+    // Everything up to the last '@' is user-info, as the URL parser reads it.
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    if userinfo.is_some_and(|u| u.contains(['/', '?', '#'])) {
+        return Err(
+            "the user or password holds a '/', '?' or '#', which ends the host part of a \
+                    URL; percent-encode them (%2F, %3F, %23)"
+                .into(),
         );
     }
-    StoreConfig::Memory
+    let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+    let (host_port, tail) = after.split_at(end);
+    let path_end = tail.find(['?', '#']).unwrap_or(tail.len());
+    let (path, extra) = tail.split_at(path_end);
+    if !extra.is_empty() {
+        return Err(
+            "query parameters and fragments (?... or #...) are not supported; \
+                    write redis[s]://[user:password@]host[:port][/db]"
+                .into(),
+        );
+    }
+    check_redis_host_port(host_port)?;
+    let db = path.strip_prefix('/').unwrap_or(path);
+    if !db.is_empty() && (!db.bytes().all(|b| b.is_ascii_digit()) || db.parse::<i64>().is_err()) {
+        return Err(format!(
+            "the database {db:?} is not a database number; write a whole number, 0 or more, \
+             after the host, e.g. \"redis://127.0.0.1:6379/0\" (no /db: database 0)"
+        ));
+    }
+    redis::IntoConnectionInfo::into_connection_info(text)
+        .map(|_| ())
+        .map_err(|e| {
+            let message = e.to_string();
+            let secret = userinfo.map(|u| u.split_once(':').map_or(u, |(_, password)| password));
+            match secret {
+                Some(secret) if !secret.is_empty() && message.contains(secret) => {
+                    "the Redis client refuses it".to_string()
+                }
+                _ => format!("the Redis client refuses it: {message}"),
+            }
+        })
+}
+
+/// `host[:port]` of a Redis URL: a host name, an IPv4 address or a bracketed IPv6 address, and
+/// a port 1-65535. A wildcard (listen) address cannot be dialled.
+fn check_redis_host_port(host_port: &str) -> Result<(), String> {
+    if host_port.is_empty() {
+        return Err(format!("it needs a host; {REDIS_URL_HELP}"));
+    }
+    let port = if host_port.starts_with('[') {
+        let Some(close) = host_port.find(']') else {
+            return Err(format!(
+                "{host_port:?}: the IPv6 address has no closing ']'"
+            ));
+        };
+        let (host, after) = host_port.split_at(close + 1);
+        let port = match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return Err(format!("{host_port:?}: expected :port after ']'")),
+            },
+        };
+        let ip = host[1..host.len() - 1].parse::<std::net::Ipv6Addr>();
+        match ip {
+            Ok(ip) if ip.is_unspecified() => return Err(wildcard_host(host)),
+            Ok(_) => {}
+            Err(_) => return Err(format!("host {host:?} is not an IPv6 address")),
+        }
+        port
+    } else {
+        let (host, port) = match host_port.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        };
+        if host.is_empty() {
+            return Err(format!("it needs a host; {REDIS_URL_HELP}"));
+        }
+        if !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        {
+            return Err(format!(
+                "host {host:?} is not a host name or IP address (IPv6 goes in brackets: [::1])"
+            ));
+        }
+        if host == "0.0.0.0" {
+            return Err(wildcard_host(host));
+        }
+        port
+    };
+    match port {
+        None => Ok(()),
+        Some(port) => match port.parse::<u16>() {
+            Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+            _ => Err(format!("port {port:?} is not a port number (1-65535)")),
+        },
+    }
+}
+
+fn wildcard_host(host: &str) -> String {
+    format!("host {host} is a wildcard (listen) address; give the Redis server's address")
 }
 
 fn read_timeouts(top: &Section, cx: &mut Ctx) -> Timeouts {
@@ -1754,7 +1981,17 @@ impl Config {
         };
         let store = match &self.store {
             StoreConfig::Memory => "memory".to_string(),
-            StoreConfig::Redis(redis) => format!("redis {}", redis.redacted_url()),
+            StoreConfig::Redis(redis) => {
+                let on_error = match redis.on_error {
+                    OnStoreError::Reject => "reject",
+                    OnStoreError::Local => "local",
+                };
+                format!(
+                    "redis {} (on_error {on_error}, replicas {})",
+                    redis.redacted_url(),
+                    redis.replicas
+                )
+            }
         };
         let unmatched = match self.unmatched {
             Unmatched::Forward => "forward",
@@ -1766,7 +2003,7 @@ impl Config {
                 format!("{}://{}", self.upstream.scheme, self.upstream.authority),
             ),
             ("identity", identity),
-            ("store", store.to_string()),
+            ("store", store),
             ("safety_margin", format_duration(self.safety_margin)),
             ("unmatched", unmatched.to_string()),
             ("listen", self.listen.to_string()),
@@ -1927,6 +2164,47 @@ mod tests {
     #[test]
     fn store_defaults_to_memory() {
         assert_eq!(parse("").store, StoreConfig::Memory);
+    }
+
+    /// A redis store with only the required `url`.
+    fn redis_defaults() -> RedisStoreConfig {
+        match parse("store:\n  kind: redis\n  url: \"redis://127.0.0.1:6379/0\"\n").store {
+            StoreConfig::Redis(redis) => redis,
+            other => panic!("expected a redis store, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn store_kind_defaults_to_memory_with_an_empty_block() {
+        assert_eq!(parse("store:\n").store, StoreConfig::Memory);
+        assert_eq!(parse("store:\n  kind: memory\n").store, StoreConfig::Memory);
+    }
+
+    #[test]
+    fn redis_on_error_defaults_to_reject() {
+        assert_eq!(redis_defaults().on_error, OnStoreError::Reject);
+        assert_eq!(redis_defaults().on_error, DEFAULT_REDIS_ON_ERROR);
+    }
+
+    #[test]
+    fn redis_replicas_default_to_one() {
+        assert_eq!(redis_defaults().replicas.get(), 1);
+        assert_eq!(redis_defaults().replicas.get(), DEFAULT_REDIS_REPLICAS);
+    }
+
+    #[test]
+    fn redis_timeout_defaults_to_250ms() {
+        assert_eq!(redis_defaults().timeout, Duration::from_millis(250));
+        assert_eq!(redis_defaults().timeout, DEFAULT_REDIS_TIMEOUT);
+    }
+
+    #[test]
+    fn redis_connect_timeout_defaults_to_one_second() {
+        assert_eq!(redis_defaults().connect_timeout, secs(1));
+        assert_eq!(
+            redis_defaults().connect_timeout,
+            DEFAULT_REDIS_CONNECT_TIMEOUT
+        );
     }
 
     #[test]
@@ -2131,6 +2409,233 @@ mod tests {
             "{UPSTREAM}queue:\n  max_per_user: 50\n  max_total: 10\n"
         ));
         assert_eq!(errs[0].key, "queue.max_per_user");
+    }
+
+    // ---- Store ----
+
+    fn redis_store(extra: &str) -> RedisStoreConfig {
+        match parse(&format!("store:\n  kind: redis\n{extra}")).store {
+            StoreConfig::Redis(redis) => redis,
+            other => panic!("expected a redis store, got {other:?}"),
+        }
+    }
+
+    /// The errors of a redis store whose `url` is `url` (and nothing else wrong).
+    fn url_errors(url: &str) -> Vec<ConfigError> {
+        let yaml = format!("{UPSTREAM}store:\n  kind: redis\n  url: {url:?}\n");
+        errors(&yaml)
+    }
+
+    #[test]
+    fn a_redis_store_takes_every_key() {
+        let r = redis_store(concat!(
+            "  url: \"rediss://cliq:pw@redis.internal:6380/2\"\n",
+            "  on_error: local\n",
+            "  replicas: 3\n",
+            "  timeout: \"100ms\"\n",
+            "  connect_timeout: \"2s\"\n",
+        ));
+        assert_eq!(
+            r,
+            RedisStoreConfig {
+                url: "rediss://cliq:pw@redis.internal:6380/2".into(),
+                on_error: OnStoreError::Local,
+                replicas: nz(3),
+                timeout: Duration::from_millis(100),
+                connect_timeout: secs(2),
+            }
+        );
+    }
+
+    #[test]
+    fn several_replicas_with_on_error_reject_are_allowed() {
+        let r = redis_store("  url: \"redis://h\"\n  on_error: reject\n  replicas: 4\n");
+        assert_eq!((r.on_error, r.replicas), (OnStoreError::Reject, nz(4)));
+    }
+
+    #[test]
+    fn redis_urls_in_every_documented_shape_are_accepted() {
+        for url in [
+            "redis://h",
+            "redis://h/",
+            "redis://127.0.0.1:6379/0",
+            "rediss://redis.example.com:6380/15",
+            "redis://user:pw@h:6379/1",
+            "redis://:pw@h",
+            "redis://:p%2Fw%40rd@h/0",
+            "redis://[::1]:6379/0",
+            "redis://[::1]",
+            "REDIS://my_redis-1.internal",
+        ] {
+            assert_eq!(redis_store(&format!("  url: {url:?}\n")).url, url);
+        }
+    }
+
+    #[test]
+    fn malformed_redis_urls_are_refused_with_the_reason() {
+        for (url, why) in [
+            ("127.0.0.1:6379", "it needs a scheme"),
+            ("http://h:6379", "scheme \"http\" is not supported"),
+            ("valkey://h", "scheme \"valkey\" is not supported"),
+            ("redis://", "it needs a host"),
+            ("redis://:6379/0", "it needs a host"),
+            ("redis://pw@/0", "it needs a host"),
+            ("redis://h:0", "port \"0\" is not a port number"),
+            ("redis://h:+80", "port \"+80\" is not a port number"),
+            ("redis://h:", "port \"\" is not a port number"),
+            ("redis://h:6379:1", "port \"6379:1\""),
+            ("redis://0.0.0.0:6379", "wildcard"),
+            ("redis://[::]:6379", "wildcard"),
+            ("redis://[::1:6379", "no closing ']'"),
+            ("redis://[::1]6379", "expected :port after ']'"),
+            ("redis://[nope]", "not an IPv6 address"),
+            ("redis://my host", "not a host name or IP address"),
+            (
+                "redis://h/-1",
+                "the database \"-1\" is not a database number",
+            ),
+            ("redis://h/0/1", "the database \"0/1\""),
+            ("redis://h/+1", "the database \"+1\""),
+            ("redis://h/99999999999999999999", "is not a database number"),
+            (
+                "redis://h/0?protocol=resp3",
+                "query parameters and fragments",
+            ),
+            ("rediss://h#insecure", "query parameters and fragments"),
+            ("redis://:p/w@h", "percent-encode them"),
+        ] {
+            let errs = url_errors(url);
+            assert_eq!(errs.len(), 1, "{url}: {errs:?}");
+            assert_eq!(
+                (errs[0].key.as_str(), errs[0].line),
+                ("store.url", 4),
+                "{url}"
+            );
+            assert!(
+                errs[0].message.starts_with("not a usable Redis URL: "),
+                "{url}: {}",
+                errs[0].message
+            );
+            assert!(errs[0].message.contains(why), "{url}: {}", errs[0].message);
+        }
+    }
+
+    #[test]
+    fn a_redis_url_that_is_not_a_string_is_refused() {
+        let errs = errors(&format!("{UPSTREAM}store:\n  kind: redis\n  url: 6379\n"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("expected a Redis URL"), "{errs:?}");
+    }
+
+    /// Every way a URL with a password can be refused: the password is in no message.
+    #[test]
+    fn a_redis_password_never_appears_in_an_error() {
+        const PW: &str = "Sup3rS3cret";
+        for url in [
+            "http://:Sup3rS3cret@h:6379/0",
+            "Sup3rS3cret@h",
+            ":Sup3rS3cret@h:6379",
+            "redis//:Sup3rS3cret@h",
+            "redis://:Sup3rS3cret@",
+            "redis://:Sup3rS3cret@h:0",
+            "redis://u:Sup3rS3cret@h:99999/0",
+            "redis://:Sup3rS3cret@0.0.0.0",
+            "redis://:Sup3rS3cret@h/x",
+            "redis://:Sup3rS3cret@h/0?a=b",
+            "redis://:Sup3rS3cret@h/0#insecure",
+            "redis://:Sup3/rS3cret@h/0",
+            "redis://:Sup3?rS3cret@h/0",
+            "redis://:Sup3#rS3cret@h/0",
+            "redis://u:Sup3rS3cret@my host",
+            "redis://Sup3rS3cret@[::1",
+            "redis://:Sup3rS3cret:more@h:6379:1",
+            "redis://:%ff%feSup3rS3cret@h",
+            "redis://:Sup3rS3cret@h h",
+        ] {
+            let yaml = format!("{UPSTREAM}store:\n  kind: redis\n  url: {url:?}\n");
+            let Err(all) = Config::from_yaml(&yaml) else {
+                panic!("{url} should be refused");
+            };
+            for shown in [all.to_string(), format!("{all:?}")] {
+                for piece in [PW, "Sup3", "rS3cret"] {
+                    assert!(!shown.contains(piece), "{url}: {piece} leaks in:\n{shown}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_redis_password_never_appears_in_describe_or_debug() {
+        let c = parse("store:\n  kind: redis\n  url: \"redis://cliq:Sup3rS3cret@h:6379/0\"\n");
+        for shown in [c.describe(), format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!shown.contains("Sup3rS3cret"), "{shown}");
+            assert!(shown.contains("redis://cliq:REDACTED@h:6379/0"), "{shown}");
+        }
+        let header = c.describe().lines().next().unwrap_or_default().to_string();
+        assert!(
+            header.contains(
+                "store redis redis://cliq:REDACTED@h:6379/0 (on_error reject, replicas 1)"
+            ),
+            "{header}"
+        );
+    }
+
+    #[test]
+    fn redact_url_password_hides_only_the_password() {
+        for (url, redacted) in [
+            ("redis://:pw@h:6379/0", "redis://:REDACTED@h:6379/0"),
+            ("redis://user:pw@h", "redis://user:REDACTED@h"),
+            ("rediss://h:6380", "rediss://h:6380"),
+            ("redis://h", "redis://h"),
+            // A lone user-info may be a password (Redis < 6 has no users): hidden whole.
+            ("redis://pw@h/0", "redis://REDACTED@h/0"),
+            // Malformed: when in doubt, everything before the last '@'.
+            ("redis://:p@w@h", "redis://:REDACTED@h"),
+            ("redis://:p/w@h/0", "redis://:REDACTED@h/0"),
+            ("user:pw@h", "user:REDACTED@h"),
+            ("pw@h", "REDACTED@h"),
+        ] {
+            assert_eq!(redact_url_password(url), redacted, "{url}");
+        }
+    }
+
+    #[test]
+    fn redis_keys_need_kind_redis() {
+        let errs = errors(&format!(
+            "{UPSTREAM}store:\n  url: \"redis://h\"\n  replicas: 2\n"
+        ));
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(found, [("store.url", 3), ("store.replicas", 4)], "{errs:?}");
+        assert!(
+            errs[0]
+                .message
+                .contains("`kind` is not set, so the store is memory"),
+            "{}",
+            errs[0].message
+        );
+    }
+
+    #[test]
+    fn a_bad_store_kind_still_checks_the_other_values_but_nothing_more() {
+        let errs = errors(&format!(
+            "{UPSTREAM}store:\n  kind: mongo\n  replicas: 0\n  timeout: \"5\"\n"
+        ));
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["store.kind", "store.replicas", "store.timeout"],
+            "no missing url, no `only with kind: redis`: {errs:?}"
+        );
+    }
+
+    #[test]
+    fn state_file_is_still_refused() {
+        let errs = errors(&format!(
+            "{UPSTREAM}store:\n  kind: redis\n  url: \"redis://h\"\n  state_file: \"/s\"\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "store.state_file");
+        assert!(errs[0].message.contains("planned: restart safety"));
     }
 
     // ---- Routes ----
@@ -2820,6 +3325,55 @@ mod tests {
             (r.limit.get(), r.per, r.lock),
             (10, Duration::from_secs(300), Duration::from_secs(1800))
         );
+    }
+
+    #[test]
+    fn shipped_egress_config_shares_a_redis_and_the_cliq_routes() {
+        let egress = match Config::from_yaml(include_str!("../config/egress.yaml")) {
+            Ok(c) => c,
+            Err(e) => panic!("config/egress.yaml must parse:\n{e}"),
+        };
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            (egress.listen, egress.admin_listen),
+            (addr("0.0.0.0:8080"), addr("0.0.0.0:9090"))
+        );
+        assert_eq!(
+            egress.store,
+            StoreConfig::Redis(RedisStoreConfig {
+                url: "redis://redis:6379/0".into(),
+                on_error: OnStoreError::Local,
+                replicas: nz(3),
+                timeout: DEFAULT_REDIS_TIMEOUT,
+                connect_timeout: DEFAULT_REDIS_CONNECT_TIMEOUT,
+            })
+        );
+        // Same routes in the same order, field for field; only the line numbers differ.
+        let without_lines = |c: Config| -> Vec<RouteConfig> {
+            c.routes
+                .into_iter()
+                .map(|r| RouteConfig { line: 0, ..r })
+                .collect()
+        };
+        let cliq = shipped();
+        assert_eq!(
+            (
+                egress.upstream.clone(),
+                egress.safety_margin,
+                egress.unmatched
+            ),
+            (cliq.upstream.clone(), cliq.safety_margin, cliq.unmatched)
+        );
+        assert_eq!(
+            (egress.timeouts, egress.http, egress.queue, &egress.log),
+            (cliq.timeouts, cliq.http, cliq.queue, &cliq.log)
+        );
+        assert_eq!(egress.identity, cliq.identity);
+        let (egress_routes, cliq_routes) = (without_lines(egress), without_lines(cliq));
+        assert_eq!(egress_routes.len(), cliq_routes.len());
+        for (e, c) in egress_routes.iter().zip(&cliq_routes) {
+            assert_eq!(e, c, "route {}", c.name);
+        }
     }
 
     #[test]

@@ -330,7 +330,10 @@ impl Proxy {
         let policy = route.policy;
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = limiter.lock(&policy, key, until, LockReason::UpstreamThrottle).await {
+            if let Err(e) = limiter
+                .lock(&policy, key, until, LockReason::UpstreamThrottle)
+                .await
+            {
                 metrics.store_error("lock");
                 tracing::error!(error = %e, "could not record a lock learned from Zoho");
             }
@@ -369,7 +372,12 @@ impl Proxy {
     }
 
     /// The store could not decide: refuse (the store already counted the error), never guess.
-    fn store_failed(&self, route: &RouteRuntime, log: &mut AccessLog, error: StoreError) -> ProxyError {
+    fn store_failed(
+        &self,
+        route: &RouteRuntime,
+        log: &mut AccessLog,
+        error: StoreError,
+    ) -> ProxyError {
         tracing::warn!(route = %route.name, error = %error, "limiter store failed; call refused");
         self.refuse(route, log, Decision::Rejected, ProxyError::StoreUnavailable)
     }

@@ -4,7 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use cliqgate::config::{Config, ConfigError, IdentityConfig, DOCUMENT_KEY};
+use std::time::Duration;
+
+use cliqgate::config::{
+    Config, ConfigError, IdentityConfig, OnStoreError, StoreConfig, DOCUMENT_KEY,
+};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -211,35 +215,142 @@ fn resolve_identity_is_refused_as_not_supported_yet() {
 }
 
 #[test]
-fn redis_store_and_state_file_are_refused_as_not_supported_yet() {
+fn redis_store_with_every_key_loads() {
+    let config = match Config::load(&fixture("redis_store.yaml")) {
+        Ok(config) => config,
+        Err(errors) => panic!("redis_store.yaml:\n{errors}"),
+    };
+    let StoreConfig::Redis(redis) = &config.store else {
+        panic!("expected a redis store, got {:?}", config.store);
+    };
+    assert_eq!(
+        redis.url,
+        "rediss://cliq:hunter2-secret@redis.internal:6380/2"
+    );
+    assert_eq!(redis.on_error, OnStoreError::Local);
+    assert_eq!(redis.replicas.get(), 3);
+    assert_eq!(redis.timeout, Duration::from_millis(100));
+    assert_eq!(redis.connect_timeout, Duration::from_secs(2));
+    for shown in [
+        config.describe(),
+        format!("{config:?}"),
+        format!("{config:#?}"),
+    ] {
+        assert!(!shown.contains("hunter2"), "the password leaks:\n{shown}");
+        assert!(
+            shown.contains("cliq:REDACTED@redis.internal:6380/2"),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
+fn state_file_is_refused_as_not_supported_yet() {
     assert_errors(
-        "redis_store_refused.yaml",
+        "state_file_refused.yaml",
+        &[(
+            5,
+            "store.state_file",
+            "not supported yet (planned: restart safety)",
+        )],
+    );
+}
+
+/// `assert_errors`, plus: the fixture's password (`hunter2-secret`) is in no message.
+fn assert_errors_without_password(name: &str, expected: &[(usize, &str, &str)]) {
+    assert_errors(name, expected);
+    let listing = match Config::load(&fixture(name)) {
+        Ok(_) => unreachable!("checked by assert_errors"),
+        Err(errors) => format!("{errors}\n{errors:?}"),
+    };
+    assert!(
+        !listing.contains("hunter2"),
+        "{name}: the password leaks:\n{listing}"
+    );
+}
+
+#[test]
+fn redis_store_needs_a_url() {
+    assert_errors(
+        "redis_without_url.yaml",
+        &[(3, "store.url", "missing: `kind: redis` needs `url`")],
+    );
+}
+
+#[test]
+fn redis_url_with_another_scheme_is_refused_without_its_password() {
+    assert_errors_without_password(
+        "redis_bad_scheme.yaml",
+        &[(
+            4,
+            "store.url",
+            "not a usable Redis URL: scheme \"http\" is not supported; use redis:// or rediss://",
+        )],
+    );
+}
+
+#[test]
+fn redis_url_with_a_bad_database_is_refused_without_its_password() {
+    assert_errors_without_password(
+        "redis_bad_db.yaml",
+        &[(
+            4,
+            "store.url",
+            "the database \"cache\" is not a database number",
+        )],
+    );
+}
+
+#[test]
+fn redis_url_with_a_bad_port_is_refused_without_its_password() {
+    assert_errors_without_password(
+        "redis_bad_port.yaml",
+        &[(4, "store.url", "port \"99999\" is not a port number")],
+    );
+}
+
+#[test]
+fn redis_keys_under_a_memory_store_are_refused() {
+    let why = "only used with `kind: redis` (this store is memory)";
+    assert_errors(
+        "redis_keys_under_memory.yaml",
         &[
-            (
-                3,
-                "store.kind",
-                "\"redis\" is not supported yet (planned: shared Redis store)",
-            ),
-            (
-                4,
-                "store.url",
-                "not supported yet (planned: shared Redis store)",
-            ),
-            (
-                5,
-                "store.on_error",
-                "not supported yet (planned: shared Redis store)",
-            ),
-            (
-                6,
-                "store.replicas",
-                "not supported yet (planned: shared Redis store)",
-            ),
-            (
-                7,
-                "store.state_file",
-                "not supported yet (planned: restart safety)",
-            ),
+            (4, "store.url", why),
+            (5, "store.on_error", why),
+            (6, "store.replicas", why),
+            (7, "store.timeout", why),
+            (8, "store.connect_timeout", why),
+        ],
+    );
+}
+
+#[test]
+fn zero_replicas_are_refused() {
+    assert_errors(
+        "redis_zero_replicas.yaml",
+        &[(6, "store.replicas", "must be at least 1, found 0")],
+    );
+}
+
+#[test]
+fn unknown_on_error_lists_the_allowed_values() {
+    assert_errors(
+        "redis_bad_on_error.yaml",
+        &[(
+            5,
+            "store.on_error",
+            "unknown value \"maybe\"; allowed: reject, local",
+        )],
+    );
+}
+
+#[test]
+fn zero_redis_timeouts_are_refused() {
+    assert_errors(
+        "redis_zero_timeout.yaml",
+        &[
+            (5, "store.timeout", "must be greater than zero"),
+            (6, "store.connect_timeout", "must be greater than zero"),
         ],
     );
 }

@@ -4,7 +4,7 @@
 //! Idle keys are evicted by [`MemoryStore::evict_idle`], so memory follows active users.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::gcra::Tat;
@@ -14,6 +14,15 @@ use super::{
     RefusalReason, Reservation, RouteId, StoreError,
 };
 use std::future::{ready, Future};
+
+/// A key's recent history, relative to now (see [`MemoryStore::recent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recent {
+    /// How long ago each send went (negative: a reservation still ahead).
+    Sends(Vec<i128>),
+    /// The TAT minus now.
+    Tat(i128),
+}
 
 /// Enough shards that two cores rarely contend, few enough that a sweep is cheap.
 const SHARDS: usize = 64;
@@ -84,6 +93,15 @@ impl Entry {
         }
     }
 
+    /// Sends recorded at or after `at` (GCRA: at most the whole burst, if its TAT moved since).
+    fn sends_since(&self, policy: &Policy, at: Nanos) -> usize {
+        match &self.history {
+            History::Window(log) => log.count_since(at),
+            History::Gcra(tat) if tat.0 > at => policy.limit as usize,
+            History::Gcra(_) => 0,
+        }
+    }
+
     fn view(&self, policy: &Policy, now: Nanos) -> QuotaView {
         match (&self.history, policy.kind) {
             (History::Window(log), _) => log.view(policy.limit, policy.window, now),
@@ -94,6 +112,9 @@ impl Entry {
 }
 
 pub struct MemoryStore {
+    /// If set: every key is treated as if its whole quota was used at this time (see
+    /// [`MemoryStore::assume_full_at`]).
+    floor: AtomicU64,
     shards: Box<[Mutex<HashMap<Key, Entry>>]>,
     /// Locked keys, kept apart so counting active locks never walks every key.
     locks: Mutex<HashMap<Key, Nanos>>,
@@ -106,6 +127,7 @@ impl MemoryStore {
     pub fn new(clock: Arc<dyn Clock>, max_queued_total: usize) -> Self {
         let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
         MemoryStore {
+            floor: AtomicU64::new(0),
             shards,
             locks: Mutex::new(HashMap::new()),
             queued_total: AtomicUsize::new(0),
@@ -128,6 +150,44 @@ impl MemoryStore {
         let _ = self
             .queued_total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// From now on, treat every key as if `limit` calls went at `at`, until it has recorded
+    /// `limit` sends of its own since: used when this store takes over from a shared one that
+    /// may have sent anything just before (`None` clears it).
+    pub fn assume_full_at(&self, at: Option<Nanos>) {
+        // 0 means "unset", so a floor at time 0 is stored as 1 (one nanosecond later: safe).
+        let floor = at.map_or(0, |at| at.max(1));
+        self.floor.store(floor, Ordering::Release);
+    }
+
+    /// Forgets every key (their sends are elsewhere now).
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            relock(shard).clear();
+        }
+        relock(&self.locks).clear();
+    }
+
+    /// Each key's recorded send times within the window ending now, as offsets before now
+    /// (window keys), or its TAT as an offset from now (GCRA keys).
+    pub fn recent(&self) -> Vec<(Key, Recent)> {
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (key, entry) in relock(shard).iter() {
+                let recent = match &entry.history {
+                    History::Window(log) => Recent::Sends(
+                        log.iter()
+                            .map(|t| i128::from(now) - i128::from(t))
+                            .collect(),
+                    ),
+                    History::Gcra(tat) => Recent::Tat(i128::from(tat.0) - i128::from(now)),
+                };
+                out.push((*key, recent));
+            }
+        }
+        out
     }
 
     /// Calls holding a reservation in this store, all routes together.
@@ -155,6 +215,12 @@ impl MemoryStore {
             });
         }
         let slot = entry.next_free(policy, now);
+        let floor = self.floor.load(Ordering::Acquire);
+        let slot = if floor > 0 && entry.sends_since(policy, floor) < policy.limit as usize {
+            slot.max(floor.saturating_add(policy.window))
+        } else {
+            slot
+        };
         if slot <= now {
             entry.record(policy, now);
             return Acquire::Now {
@@ -193,7 +259,12 @@ impl MemoryStore {
         let undo = entry.record(policy, slot);
         let view = entry.view(policy, now);
         Acquire::Reserved {
-            reservation: Reservation { key, slot, undo },
+            reservation: Reservation {
+                key,
+                slot,
+                undo,
+                shared: false,
+            },
             view,
         }
     }
@@ -275,20 +346,39 @@ impl MemoryStore {
 }
 
 impl Limiter for MemoryStore {
-    fn acquire(&self, policy: &Policy, key: Key, queue: Option<QueueRule>) -> impl Future<Output = Result<Acquire, StoreError>> + Send {
+    fn acquire(
+        &self,
+        policy: &Policy,
+        key: Key,
+        queue: Option<QueueRule>,
+    ) -> impl Future<Output = Result<Acquire, StoreError>> + Send {
         ready(Ok(self.acquire_now(policy, key, queue)))
     }
 
-    fn cancel(&self, policy: &Policy, reservation: &Reservation) -> impl Future<Output = Result<(), StoreError>> + Send {
+    fn cancel(
+        &self,
+        policy: &Policy,
+        reservation: &Reservation,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.cancel_now(policy, reservation);
         ready(Ok(()))
     }
 
-    fn redeem(&self, _policy: &Policy, reservation: &Reservation) -> impl Future<Output = Result<Result<(), Refusal>, StoreError>> + Send {
+    fn redeem(
+        &self,
+        _policy: &Policy,
+        reservation: &Reservation,
+    ) -> impl Future<Output = Result<Result<(), Refusal>, StoreError>> + Send {
         ready(Ok(self.redeem_now(reservation)))
     }
 
-    fn lock(&self, _policy: &Policy, key: Key, until: Nanos, _reason: LockReason) -> impl Future<Output = Result<(), StoreError>> + Send {
+    fn lock(
+        &self,
+        _policy: &Policy,
+        key: Key,
+        until: Nanos,
+        _reason: LockReason,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.lock_now(key, until);
         ready(Ok(()))
     }

@@ -9,12 +9,14 @@
 mod clock;
 mod gcra;
 mod memory;
+mod redis;
 mod store;
 mod window;
 
 pub use clock::{Clock, ManualClock, Nanos, TokioClock};
 pub use gcra::gcra_period;
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, Recent};
+pub use redis::{RedisOptions, RedisStore};
 pub use store::Store;
 
 use std::future::Future;
@@ -71,6 +73,27 @@ pub enum Kind {
 }
 
 impl Policy {
+    /// The same route with a smaller quota (a replica's share of it), or `None` if the share is
+    /// less than one call per window.
+    pub fn scaled(&self, limit: u32) -> Option<Policy> {
+        let limit = NonZeroU32::new(limit.min(self.limit))?;
+        let kind = match self.kind {
+            Kind::Window => Kind::Window,
+            Kind::Gcra { burst, .. } => {
+                let burst = burst.min(limit.get());
+                Kind::Gcra {
+                    burst,
+                    period: gcra_period(limit.get(), burst, self.window),
+                }
+            }
+        };
+        Some(Policy {
+            limit: limit.get(),
+            kind,
+            ..*self
+        })
+    }
+
     pub fn new(limit: NonZeroU32, window: Duration, lock: Duration, algorithm: Algorithm) -> Self {
         let window = clock::nanos(window).max(1);
         let kind = match algorithm {
@@ -130,6 +153,8 @@ pub struct Reservation {
     pub slot: Nanos,
     /// What to undo if the caller goes away before its slot (algorithm-specific).
     pub undo: Nanos,
+    /// Made by a shared store (true) or by this process's own memory (false).
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

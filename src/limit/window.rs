@@ -45,6 +45,16 @@ impl SendLog {
         }
     }
 
+    /// Sends recorded at or after `at`.
+    pub(super) fn count_since(&self, at: Nanos) -> usize {
+        self.times.iter().filter(|&&t| t >= at).count()
+    }
+
+    /// Send times, oldest first.
+    pub(super) fn iter(&self) -> impl Iterator<Item = Nanos> + '_ {
+        self.times.iter().copied()
+    }
+
     /// When this log stops constraining anything: then it is as good as empty.
     pub(super) fn idle_at(&self, window: Nanos) -> Nanos {
         self.times.back().map_or(0, |&t| t.saturating_add(window))
@@ -66,7 +76,7 @@ impl SendLog {
     }
 
     #[cfg(test)]
-    pub(super) fn times(&self) -> Vec<Nanos> {
+    fn times(&self) -> Vec<Nanos> {
         self.times.iter().copied().collect()
     }
 }

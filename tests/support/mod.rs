@@ -17,6 +17,7 @@
 mod client;
 mod metrics;
 mod proxy;
+mod redis;
 mod stub;
 mod window;
 
@@ -26,6 +27,7 @@ pub use client::{
 };
 pub use metrics::{metric_sum, metric_value, parse_sample, Sample};
 pub use proxy::{base_url, config_yaml, start_proxy};
+pub use redis::RedisServer;
 pub use stub::{
     credential, Arrival, FixedResponse, Outcome, Responder, StubRoute, ThrottleShape, UserKey,
     UserKeyFn, ZohoStub,

@@ -1,0 +1,655 @@
+//! The shared store: several replicas, one quota per (route, user).
+//!
+//! Every decision is one Lua script run inside Redis (or Valkey): it reads Redis's own clock
+//! (`TIME`), checks the key's lock, computes the next free slot and records the send or the
+//! reservation, atomically. Replica clocks never matter; no slot is ever given twice.
+//!
+//! Keys carry a hash tag, `{route:user}`, so everything about one (route, user) lives in one
+//! Redis Cluster slot, and expire by themselves once they constrain nothing.
+//!
+//! When Redis is unreachable or slow the store follows `on_error`: `reject` refuses limited calls,
+//! `local` decides in this process with `limit / replicas` of every quota. Either way a probe
+//! brings it back to Redis by itself. The hand-overs are conservative, so the fleet stays under
+//! every threshold across an outage:
+//! - going local, every key starts as if its (local share of the) quota was used at that moment,
+//!   since what the fleet sent just before is unknown;
+//! - coming back, this replica first adds its local sends to Redis, and for one window decides
+//!   with headroom for replicas that have not yet come back (`limit - (replicas - 1) x share`);
+//! - a Redis that lost its data (restart without persistence) is noticed through an epoch key:
+//!   in its first window every key is treated as if its whole quota went when the data began.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::memory::Recent;
+use super::{
+    clock, Acquire, Clock, Key, Kind, MemoryStore, Nanos, Policy, QueueRule, QuotaView, Refusal,
+    RefusalReason, Reservation, RouteId, StoreError,
+};
+use crate::config::OnStoreError;
+use crate::metrics::Metrics;
+
+const PRELUDE: &str = include_str!("lua/prelude.lua");
+
+/// How often a replica checks on Redis (faster while it is down, to come back quickly).
+const PROBE_INTERVAL_UP: Duration = Duration::from_secs(1);
+const PROBE_INTERVAL_DOWN: Duration = Duration::from_millis(250);
+
+/// Everything needed to open a [`RedisStore`].
+#[derive(Clone)]
+pub struct RedisOptions {
+    pub url: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub on_error: OnStoreError,
+    pub replicas: u32,
+    /// Prefix of every key, so several deployments (or tests) can share one Redis.
+    pub prefix: String,
+    /// Route names by `RouteId`: keys use names, which every replica with the same config shares.
+    pub routes: Vec<String>,
+    /// The longest `per + safety_margin` of any route: how long hand-overs stay conservative.
+    pub max_window: Duration,
+    pub max_queued_total: usize,
+    /// Tests only: decide on the local (fake) clock instead of Redis's `TIME`.
+    pub injected_time: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Up,
+    /// Unreachable since this local time.
+    Down {
+        since: Nanos,
+    },
+    /// Back, deciding with headroom until this local time.
+    Recovering {
+        until: Nanos,
+    },
+}
+
+struct Scripts {
+    acquire_window: Script,
+    acquire_gcra: Script,
+    cancel: Script,
+    check_lock: Script,
+    lock: Script,
+    merge: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+        Scripts {
+            acquire_window: with_prelude(include_str!("lua/acquire_window.lua")),
+            acquire_gcra: with_prelude(include_str!("lua/acquire_gcra.lua")),
+            cancel: with_prelude(include_str!("lua/cancel.lua")),
+            check_lock: with_prelude(include_str!("lua/check_lock.lua")),
+            lock: with_prelude(include_str!("lua/lock.lua")),
+            merge: with_prelude(include_str!("lua/merge.lua")),
+        }
+    }
+}
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    scripts: Scripts,
+    options: RedisOptions,
+    clock: Arc<dyn Clock>,
+    /// This process's id in reservation members, so members never collide across replicas.
+    replica: u64,
+    seq: AtomicU64,
+    health: Mutex<Health>,
+    /// Decides while Redis is away (`on_error: local`).
+    fallback: MemoryStore,
+    /// Calls of this process holding a Redis reservation (bounded by `max_queued_total`).
+    queued: AtomicUsize,
+    /// Locks this process learned or was told about, for the `locks_active` gauge.
+    locks_seen: Mutex<HashMap<Key, Nanos>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl RedisStore {
+    /// Opens the store. The connection is made lazily: the proxy starts (and serves according to
+    /// `on_error`) even while Redis is down.
+    pub fn open(
+        options: RedisOptions,
+        clock: Arc<dyn Clock>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(options.url.as_str()).map_err(|e| {
+            StoreError::Unavailable(format!("invalid Redis URL: {:?}", e.kind()))
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(options.connect_timeout);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError::Unavailable(format!("{:?}", e.kind())))?;
+        let fallback = MemoryStore::new(clock.clone(), options.max_queued_total);
+        Ok(RedisStore {
+            conn,
+            scripts: Scripts::new(),
+            replica: rand::random(),
+            seq: AtomicU64::new(0),
+            health: Mutex::new(Health::Up),
+            fallback,
+            queued: AtomicUsize::new(0),
+            locks_seen: Mutex::new(HashMap::new()),
+            metrics,
+            clock,
+            options,
+        })
+    }
+
+    /// False while Redis is unreachable (`/readyz`).
+    pub fn ready(&self) -> bool {
+        !matches!(self.health(), Health::Down { .. })
+    }
+
+    fn health(&self) -> Health {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_health(&self, health: Health) {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = health;
+    }
+
+    // ---- keys and units ----
+
+    fn key_base(&self, key: &Key) -> String {
+        let route = self
+            .options
+            .routes
+            .get(key.route.0 as usize)
+            .map_or("?", String::as_str);
+        let user: String = key.user.0.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}{{{route}:{user}}}", self.options.prefix)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}epoch", self.options.prefix)
+    }
+
+    /// Redis decides in microseconds; a fake clock's units pass through unchanged.
+    fn units(&self, ns: Nanos) -> i64 {
+        let units = if self.options.injected_time {
+            ns
+        } else {
+            ns.div_ceil(1_000)
+        };
+        i64::try_from(units).unwrap_or(i64::MAX)
+    }
+
+    fn nanos(&self, units: i64) -> Nanos {
+        let units = u64::try_from(units).unwrap_or(0);
+        if self.options.injected_time {
+            units
+        } else {
+            units.saturating_mul(1_000)
+        }
+    }
+
+    /// The `now` a script decides on: empty (Redis's TIME), or the injected clock's reading.
+    fn now_arg(&self, injected_now: Nanos) -> String {
+        if self.options.injected_time {
+            injected_now.to_string()
+        } else {
+            String::new()
+        }
+    }
+
+    /// The local time a script's relative answer ("in `wait`") counts from. With Redis's clock
+    /// that is the moment the answer arrived: later than the decision, so slots are never early.
+    fn answer_base(&self, injected_now: Nanos) -> Nanos {
+        if self.options.injected_time {
+            injected_now
+        } else {
+            self.clock.now()
+        }
+    }
+
+    fn units_per_ms(&self) -> i64 {
+        if self.options.injected_time {
+            0
+        } else {
+            1_000
+        }
+    }
+
+    fn member(&self, seq: u64) -> String {
+        format!("{:016x}:{seq:x}", self.replica)
+    }
+
+    // ---- talking to Redis ----
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        let result =
+            tokio::time::timeout(self.options.timeout, invocation.invoke_async(&mut conn)).await;
+        let error = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => StoreError::Unavailable(format!("{:?}", e.kind())),
+            Err(_) => StoreError::Timeout,
+        };
+        self.failed(op, &error);
+        Err(error)
+    }
+
+    /// Counts the failure and, on the first one, hands decisions over (see the module docs).
+    fn failed(&self, op: &'static str, error: &StoreError) {
+        if let Some(metrics) = &self.metrics {
+            metrics.store_error(op);
+        }
+        let now = self.clock.now();
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(*health, Health::Down { .. }) {
+            *health = Health::Down { since: now };
+            drop(health);
+            self.fallback.clear();
+            self.fallback.assume_full_at(Some(now));
+            tracing::warn!(op, error = %error, on_error = ?self.options.on_error,
+                "Redis store unavailable; deciding per on_error until it is back");
+        }
+    }
+
+    /// One probe: while up, notices an outage without traffic; while down, brings the store back.
+    pub async fn probe(&self) {
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        let answer: Result<Result<String, _>, _> =
+            tokio::time::timeout(self.options.timeout, ping.query_async(&mut conn)).await;
+        let ok = matches!(answer, Ok(Ok(_)));
+        match (self.health(), ok) {
+            (Health::Down { .. }, true) => self.come_back().await,
+            (Health::Recovering { until }, true) if self.clock.now() >= until => {
+                self.set_health(Health::Up)
+            }
+            (Health::Down { .. }, false) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.store_error("probe");
+                }
+            }
+            (_, false) => self.failed("probe", &StoreError::Unavailable("PING failed".into())),
+            _ => {}
+        }
+    }
+
+    /// Runs probes until the process stops (spawned by the app).
+    pub async fn probe_forever(self: Arc<Self>) {
+        loop {
+            let pause = match self.health() {
+                Health::Down { .. } => PROBE_INTERVAL_DOWN,
+                _ => PROBE_INTERVAL_UP,
+            };
+            tokio::time::sleep(pause).await;
+            self.probe().await;
+        }
+    }
+
+    async fn come_back(&self) {
+        if self.options.on_error == OnStoreError::Local && !self.merge_local_sends().await {
+            return; // stay local; the next probe tries again
+        }
+        let until = self
+            .clock
+            .now()
+            .saturating_add(clock::nanos(self.options.max_window));
+        self.set_health(Health::Recovering { until });
+        self.fallback.assume_full_at(None);
+        tracing::info!("Redis store is back; deciding with headroom for one window");
+    }
+
+    /// Adds what this replica sent on its own during the outage to the shared state.
+    async fn merge_local_sends(&self) -> bool {
+        for (key, recent) in self.fallback.recent() {
+            let base = self.key_base(&key);
+            let mut invocation = self.scripts.merge.prepare_invoke();
+            let window = self.units(clock::nanos(self.options.max_window));
+            match recent {
+                Recent::Sends(ages) => {
+                    invocation
+                        .key(format!("{base}:w"))
+                        .arg(self.now_arg(self.clock.now()))
+                        .arg("window")
+                        .arg(window)
+                        .arg(self.units_per_ms());
+                    for age in ages {
+                        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                        let age = i64::try_from(age).unwrap_or(0);
+                        let units = if self.options.injected_time {
+                            age
+                        } else {
+                            age / 1_000
+                        };
+                        invocation.arg(units).arg(self.member(seq));
+                    }
+                }
+                Recent::Tat(offset) => {
+                    let offset = i64::try_from(offset).unwrap_or(0);
+                    let units = if self.options.injected_time {
+                        offset
+                    } else {
+                        offset.div_euclid(1_000) + 1
+                    };
+                    invocation
+                        .key(format!("{base}:g"))
+                        .arg(self.now_arg(self.clock.now()))
+                        .arg("gcra")
+                        .arg(window)
+                        .arg(self.units_per_ms())
+                        .arg(units);
+                }
+            }
+            if self.run::<i64>("merge", invocation).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    // ---- decisions ----
+
+    /// The policy a decision runs under right now (smaller while recovering).
+    fn effective(&self, policy: &Policy) -> Option<Policy> {
+        match self.health() {
+            Health::Recovering { .. } => {
+                let share = policy.limit / self.options.replicas.max(1);
+                let headroom = (self.options.replicas.max(1) - 1) * share;
+                policy.scaled(policy.limit - headroom)
+            }
+            _ => Some(*policy),
+        }
+    }
+
+    /// This replica's share while it decides alone.
+    fn local_policy(&self, policy: &Policy) -> Option<Policy> {
+        policy.scaled(policy.limit / self.options.replicas.max(1))
+    }
+
+    fn local_acquire(
+        &self,
+        policy: &Policy,
+        key: Key,
+        queue: Option<QueueRule>,
+    ) -> Result<Acquire, StoreError> {
+        if self.options.on_error == OnStoreError::Reject {
+            return Err(StoreError::Unavailable(
+                "Redis is down and on_error is reject".into(),
+            ));
+        }
+        let Some(share) = self.local_policy(policy) else {
+            // Less than one call per window each: only Redis can hand out this quota.
+            let retry_at = self.clock.now().saturating_add(policy.window);
+            return Ok(Acquire::Refused(Refusal {
+                reason: RefusalReason::Limited,
+                retry_at,
+            }));
+        };
+        Ok(self.fallback.acquire_now(&share, key, queue))
+    }
+
+    async fn shared_acquire(
+        &self,
+        policy: &Policy,
+        key: Key,
+        queue: Option<QueueRule>,
+    ) -> Result<Acquire, StoreError> {
+        let Some(policy) = self.effective(policy) else {
+            let retry_at = self.clock.now().saturating_add(policy.window);
+            return Ok(Acquire::Refused(Refusal {
+                reason: RefusalReason::Limited,
+                retry_at,
+            }));
+        };
+        let base = self.key_base(&key);
+        let max_wait = queue.map_or(-1, |q| self.units(q.max_wait));
+        let max_queued = queue.map_or(0, |q| q.max_per_user);
+        let epoch_guard = if self.options.injected_time { "0" } else { "1" };
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let asked = self.clock.now();
+        let (status, wait, remaining, reset_in, undo) = match policy.kind {
+            Kind::Window => {
+                let mut invocation = self.scripts.acquire_window.prepare_invoke();
+                invocation
+                    .key(format!("{base}:w"))
+                    .key(format!("{base}:lock"))
+                    .key(self.epoch_key())
+                    .arg(self.now_arg(asked))
+                    .arg(policy.limit)
+                    .arg(self.units(policy.window))
+                    .arg(max_wait)
+                    .arg(max_queued)
+                    .arg(self.member(seq))
+                    .arg(self.units_per_ms())
+                    .arg(epoch_guard);
+                let (status, wait, remaining, reset_in): (String, i64, i64, i64) =
+                    self.run("acquire", invocation).await?;
+                (status, wait, remaining, reset_in, seq)
+            }
+            Kind::Gcra { burst, period } => {
+                let mut invocation = self.scripts.acquire_gcra.prepare_invoke();
+                invocation
+                    .key(format!("{base}:g"))
+                    .key(format!("{base}:lock"))
+                    .key(self.epoch_key())
+                    .arg(self.now_arg(asked))
+                    .arg(burst)
+                    .arg(self.units(period))
+                    .arg(max_wait)
+                    .arg(max_queued)
+                    .arg(self.units(policy.window))
+                    .arg(self.units_per_ms())
+                    .arg(epoch_guard);
+                let (status, wait, remaining, reset_in, tat): (String, i64, i64, i64, i64) =
+                    self.run("acquire", invocation).await?;
+                (
+                    status,
+                    wait,
+                    remaining,
+                    reset_in,
+                    u64::try_from(tat).unwrap_or(0),
+                )
+            }
+        };
+        let now = self.answer_base(asked);
+        let wait = self.nanos(wait);
+        let view = QuotaView {
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            reset_in: self.nanos(reset_in),
+        };
+        let refused = |reason| {
+            Ok(Acquire::Refused(Refusal {
+                reason,
+                retry_at: now.saturating_add(wait),
+            }))
+        };
+        match status.as_str() {
+            "ok" if wait == 0 => Ok(Acquire::Now { at: now, view }),
+            "ok" => {
+                let reservation = Reservation {
+                    key,
+                    slot: now.saturating_add(wait),
+                    undo,
+                    shared: true,
+                };
+                let room = self
+                    .queued
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.options.max_queued_total).then_some(n + 1)
+                    })
+                    .is_ok();
+                if !room {
+                    self.shared_cancel(&policy, &reservation).await?;
+                    return refused(RefusalReason::QueueFull);
+                }
+                Ok(Acquire::Reserved { reservation, view })
+            }
+            "locked" => {
+                self.saw_lock(key, now.saturating_add(wait));
+                refused(RefusalReason::Locked)
+            }
+            "limited" => refused(RefusalReason::Limited),
+            "too_far" => refused(RefusalReason::TooFar),
+            "queue_full" => refused(RefusalReason::QueueFull),
+            other => {
+                let error = StoreError::Unavailable(format!(
+                    "unexpected answer {other:?} from the acquire script"
+                ));
+                self.failed("acquire", &error);
+                Err(error)
+            }
+        }
+    }
+
+    async fn shared_cancel(
+        &self,
+        policy: &Policy,
+        reservation: &Reservation,
+    ) -> Result<(), StoreError> {
+        let base = self.key_base(&reservation.key);
+        let mut invocation = self.scripts.cancel.prepare_invoke();
+        match policy.kind {
+            Kind::Window => invocation
+                .key(format!("{base}:w"))
+                .arg("window")
+                .arg(self.member(reservation.undo))
+                .arg(0),
+            Kind::Gcra { period, .. } => invocation
+                .key(format!("{base}:g"))
+                .arg("gcra")
+                .arg(reservation.undo)
+                .arg(self.units(period)),
+        };
+        self.run::<i64>("cancel", invocation).await.map(|_| ())
+    }
+
+    fn release_queue_place(&self) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    fn saw_lock(&self, key: Key, until: Nanos) {
+        let mut seen = self.locks_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let held = seen.entry(key).or_insert(0);
+        *held = (*held).max(until);
+    }
+
+    pub(super) async fn acquire(
+        &self,
+        policy: &Policy,
+        key: Key,
+        queue: Option<QueueRule>,
+    ) -> Result<Acquire, StoreError> {
+        if matches!(self.health(), Health::Down { .. }) {
+            return self.local_acquire(policy, key, queue);
+        }
+        match self.shared_acquire(policy, key, queue).await {
+            Ok(answer) => Ok(answer),
+            // The store is now down: decide as on_error says (a pessimistic local start).
+            Err(_) => self.local_acquire(policy, key, queue),
+        }
+    }
+
+    pub(super) async fn cancel(
+        &self,
+        policy: &Policy,
+        reservation: &Reservation,
+    ) -> Result<(), StoreError> {
+        if !reservation.shared {
+            if let Some(share) = self.local_policy(policy) {
+                self.fallback.cancel_now(&share, reservation);
+            }
+            return Ok(());
+        }
+        self.release_queue_place();
+        self.shared_cancel(policy, reservation).await
+    }
+
+    pub(super) async fn redeem(
+        &self,
+        reservation: &Reservation,
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        if !reservation.shared {
+            return Ok(self.fallback.redeem_now(reservation));
+        }
+        self.release_queue_place();
+        let base = self.key_base(&reservation.key);
+        let mut invocation = self.scripts.check_lock.prepare_invoke();
+        invocation
+            .key(format!("{base}:lock"))
+            .arg(self.now_arg(self.clock.now()));
+        match self.run::<i64>("redeem", invocation).await {
+            Ok(0) => Ok(Ok(())),
+            Ok(left) => {
+                let retry_at = self.clock.now().saturating_add(self.nanos(left));
+                self.saw_lock(reservation.key, retry_at);
+                Ok(Err(Refusal {
+                    reason: RefusalReason::Locked,
+                    retry_at,
+                }))
+            }
+            // The slot itself was reserved in Redis before it went away, so sending keeps the
+            // window bound; only a lock learned meanwhile could be missed. `reject` refuses.
+            Err(e) => match self.options.on_error {
+                OnStoreError::Reject => Err(e),
+                OnStoreError::Local => Ok(self.fallback.redeem_now(reservation)),
+            },
+        }
+    }
+
+    pub(super) async fn lock(&self, key: Key, until: Nanos) -> Result<(), StoreError> {
+        self.saw_lock(key, until);
+        // Always kept locally too: if Redis is away, this replica still honours it.
+        self.fallback.lock_now(key, until);
+        if matches!(self.health(), Health::Down { .. }) {
+            return Ok(());
+        }
+        let asked = self.clock.now();
+        let duration = until.saturating_sub(asked);
+        let mut invocation = self.scripts.lock.prepare_invoke();
+        invocation
+            .key(format!("{}:lock", self.key_base(&key)))
+            .arg(self.now_arg(asked))
+            .arg(self.units(duration))
+            .arg(self.units_per_ms());
+        self.run::<i64>("lock", invocation).await.map(|_| ())
+    }
+
+    pub(super) fn evict_idle(&self) -> usize {
+        let now = self.clock.now();
+        self.locks_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, &mut until| until > now);
+        self.fallback.evict_idle_now()
+    }
+
+    pub(super) fn keys(&self) -> usize {
+        self.fallback.keys()
+    }
+
+    pub(super) fn locks_in(&self, route: RouteId) -> usize {
+        let now = self.clock.now();
+        self.locks_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(k, &until)| k.route == route && until > now)
+            .count()
+    }
+
+    pub(super) fn local_clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+}
