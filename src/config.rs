@@ -74,8 +74,53 @@ pub enum Unmatched {
 pub enum IdentityConfig {
     /// Key = hash of the caller's credential.
     Token,
-    /// Key = hash of the value of this trusted header.
-    Header { name: HeaderName },
+    /// Key = hash of the value of this header, believed only from `trusted` source networks.
+    Header {
+        name: HeaderName,
+        trusted: Vec<ipnet::IpNet>,
+    },
+    /// Key = the user id an identity endpoint gives for the caller's token (cached).
+    Resolve(ResolveConfig),
+}
+
+/// Header mode without `trusted_networks`: only callers on this host (a sidecar's app).
+pub const DEFAULT_TRUSTED_NETWORKS: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+/// Access tokens live one hour; answers are kept a little less.
+pub const DEFAULT_RESOLVE_TTL: Duration = Duration::from_secs(50 * 60);
+/// A refused token is not asked about again for this long (a bad token cannot flood the endpoint).
+pub const DEFAULT_RESOLVE_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Distinct tokens remembered; each entry is a few dozen bytes.
+pub const DEFAULT_RESOLVE_CACHE_SIZE: u64 = 100_000;
+pub const DEFAULT_RESOLVE_ON_UNREACHABLE: OnIdentityError = OnIdentityError::Reject;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolveConfig {
+    /// Absolute `http(s)://` URL asked with the caller's own credential, e.g.
+    /// `https://cliq.zoho.com/api/v2/me`.
+    pub url: http::Uri,
+    /// JSON pointer (RFC 6901) to the user id in the answer, e.g. `/data/zuid`.
+    pub user_field: String,
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub timeout: Duration,
+    pub cache_size: u64,
+    pub on_unreachable: OnIdentityError,
+}
+
+/// [`DEFAULT_TRUSTED_NETWORKS`], parsed.
+pub fn default_trusted_networks() -> Vec<ipnet::IpNet> {
+    DEFAULT_TRUSTED_NETWORKS.iter().filter_map(|n| n.parse().ok()).collect()
+}
+
+/// What to do when the identity endpoint cannot be reached (or answers nonsense).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnIdentityError {
+    /// Refuse the call with 503: no quota can be charged to an unknown user.
+    Reject,
+    /// Key the call by its token hash, as in `token` mode (a user with several live tokens then
+    /// briefly has several quotas).
+    Token,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1155,7 +1200,7 @@ fn read_identity(top: &Section, cx: &mut Ctx) -> IdentityConfig {
     };
     match (mode, sec.field("header")) {
         (Some(Mode::Header), Some(h)) => {
-            header_name(&h, cx).map(|name| IdentityConfig::Header { name })
+            header_name(&h, cx).map(|name| IdentityConfig::Header { name, trusted: default_trusted_networks() })
         }
         (Some(Mode::Header), None) => {
             sec.missing("header", HEADER_NEEDED, cx);
@@ -1977,7 +2022,8 @@ impl Config {
     pub fn describe(&self) -> String {
         let identity = match &self.identity {
             IdentityConfig::Token => "token".to_string(),
-            IdentityConfig::Header { name } => format!("header {name}"),
+            IdentityConfig::Header { name, .. } => format!("header {name}"),
+            IdentityConfig::Resolve(r) => format!("resolve {}", r.url),
         };
         let store = match &self.store {
             StoreConfig::Memory => "memory".to_string(),
@@ -2381,7 +2427,8 @@ mod tests {
         assert_eq!(
             c.identity,
             IdentityConfig::Header {
-                name: HeaderName::from_static("x-cliq-user")
+                name: HeaderName::from_static("x-cliq-user"),
+                trusted: default_trusted_networks(),
             }
         );
         let errs = errors(&format!("{UPSTREAM}identity:\n  mode: header\n"));

@@ -26,7 +26,8 @@ pub fn identify(
     query: Option<&str>,
 ) -> Result<UserKey, IdentityError> {
     match mode {
-        IdentityConfig::Token => {
+        // Resolve mode starts from the token too: its hash is the cache key of the lookup.
+        IdentityConfig::Token | IdentityConfig::Resolve(_) => {
             let token = headers
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| bearer_token(v.as_bytes()))
@@ -35,7 +36,7 @@ pub fn identify(
                 .map(|t| hash(b"token", t))
                 .ok_or(IdentityError::MissingCredential)
         }
-        IdentityConfig::Header { name } => headers
+        IdentityConfig::Header { name, .. } => headers
             .get(name)
             .map(|v| v.as_bytes().trim_ascii())
             .filter(|v| !v.is_empty())
@@ -160,6 +161,7 @@ mod tests {
     fn header_mode_keys_by_the_trusted_header() {
         let mode = IdentityConfig::Header {
             name: http::HeaderName::from_static("x-cliq-user"),
+            trusted: crate::config::default_trusted_networks(),
         };
         let mut h = HeaderMap::new();
         h.insert("x-cliq-user", HeaderValue::from_static("alice"));
