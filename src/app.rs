@@ -77,7 +77,12 @@ fn open_store(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Store>, Sta
                 on_error: redis.on_error,
                 replicas: redis.replicas.get(),
                 prefix: REDIS_PREFIX.to_string(),
-                routes: config.routes.iter().map(|r| r.name.clone()).collect(),
+                routes: config
+                    .routes
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .chain([crate::resolve::IDENTITY_ROUTE_NAME.to_string()])
+                    .collect(),
                 max_window,
                 max_queued_total: config.queue.max_total,
                 injected_time: false,
@@ -110,15 +115,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let server = {
         let (builder, drain) = (builder(&proxy.config), proxy.config.timeouts.shutdown);
         let proxy = proxy.clone();
-        let service = move |req| {
+        let service = move |req, peer| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         };
         tokio::spawn(serve(listener, builder, service, stopped.clone(), drain))
     };
     let admin = {
         let proxy = proxy.clone();
-        let service = move |req| {
+        let service = move |req, _peer| {
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(crate::admin::handle(proxy, req).await) }
         };
@@ -209,7 +214,7 @@ async fn serve<S, F>(
     mut stopped: watch::Receiver<bool>,
     drain: Duration,
 ) where
-    S: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    S: Fn(hyper::Request<hyper::body::Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<hyper::Response<crate::body::ProxyBody>, Infallible>>
         + Send
         + 'static,
@@ -218,7 +223,7 @@ async fn serve<S, F>(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -228,7 +233,9 @@ async fn serve<S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection(TokioIo::new(stream), service_fn(service.clone())).into_owned();
+                let service = service.clone();
+                let service = service_fn(move |req| service(req, peer));
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

@@ -110,7 +110,10 @@ pub struct ResolveConfig {
 
 /// [`DEFAULT_TRUSTED_NETWORKS`], parsed.
 pub fn default_trusted_networks() -> Vec<ipnet::IpNet> {
-    DEFAULT_TRUSTED_NETWORKS.iter().filter_map(|n| n.parse().ok()).collect()
+    DEFAULT_TRUSTED_NETWORKS
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }
 
 /// What to do when the identity endpoint cannot be reached (or answers nonsense).
@@ -518,18 +521,35 @@ const TOP: Schema = Schema {
     refused: &[],
 };
 
-const PLANNED_RESOLVE: &str = "not supported yet (planned: identity resolution); it belongs to \
-                               `mode: resolve`, and only `token` and `header` are available";
 const PLANNED_RESTART: &str = "not supported yet (planned: restart safety); limiter state lives \
                                in memory and starts empty after a restart";
 
+/// The `identity` keys that only `mode: header` reads.
+const HEADER_KEYS: [&str; 2] = ["header", "trusted_networks"];
+/// The `identity` keys that only `mode: resolve` reads.
+const RESOLVE_KEYS: [&str; 7] = [
+    "url",
+    "user_field",
+    "ttl",
+    "negative_ttl",
+    "timeout",
+    "cache_size",
+    "on_unreachable",
+];
 const IDENTITY: Schema = Schema {
-    allowed: &["mode", "header"],
-    refused: &[
-        ("url", PLANNED_RESOLVE),
-        ("user_field", PLANNED_RESOLVE),
-        ("ttl", PLANNED_RESOLVE),
+    allowed: &[
+        "mode",
+        "header",
+        "trusted_networks",
+        "url",
+        "user_field",
+        "ttl",
+        "negative_ttl",
+        "timeout",
+        "cache_size",
+        "on_unreachable",
     ],
+    refused: &[],
 };
 /// The `store` keys that only `kind: redis` reads.
 const REDIS_KEYS: [&str; 5] = ["url", "on_error", "replicas", "timeout", "connect_timeout"];
@@ -1168,10 +1188,14 @@ fn ca_file(f: &Field, cx: &mut Ctx) -> Option<PathBuf> {
     Some(path)
 }
 
-const RESOLVE_REFUSED: &str =
-    "\"resolve\" is not supported yet (planned: identity resolution); use token or header";
 const HEADER_NEEDED: &str = "mode header needs `header`, the trusted request header that names \
                              the user, e.g. \"X-Cliq-User\"";
+const URL_NEEDED: &str = "mode resolve needs `url`, the identity endpoint asked with the caller's \
+                          own credential, e.g. \"https://cliq.zoho.com/api/v2/me\"";
+const USER_FIELD_NEEDED: &str = "mode resolve needs `user_field`, a JSON pointer to the user id \
+                                 in the endpoint's answer, e.g. \"/data/zuid\"";
+/// Zoho access tokens live one hour: an answer kept longer outlives the token it is about.
+const MAX_RESOLVE_TTL: Duration = Duration::from_secs(60 * 60);
 
 fn read_identity(top: &Section, cx: &mut Ctx) -> IdentityConfig {
     #[derive(Clone, Copy, PartialEq)]
@@ -1188,45 +1212,364 @@ fn read_identity(top: &Section, cx: &mut Ctx) -> IdentityConfig {
         ("header", Mode::Header),
         ("resolve", Mode::Resolve),
     ];
-    let mode = match sec.field("mode") {
+    let mode_field = sec.field("mode");
+    let mode = match &mode_field {
         None => Some(Mode::Token),
-        Some(f) => {
-            let mode = choice(&f, &modes, cx);
-            if mode == Some(Mode::Resolve) {
-                cx.error(f.line(), &f.key, RESOLVE_REFUSED);
+        Some(f) => choice(f, &modes, cx),
+    };
+    let this_mode = match (&mode_field, mode) {
+        (None, _) => "`mode` is not set, so it is token".to_string(),
+        (Some(_), Some(m)) => {
+            let name = modes.iter().find(|(_, v)| *v == m).map_or("?", |(n, _)| n);
+            format!("mode here is {name}")
+        }
+        (Some(_), None) => String::new(),
+    };
+    let refuse = |keys: &[&str], wanted: &str, cx: &mut Ctx| {
+        for name in keys {
+            if let Some(f) = sec.field(name) {
+                let why = format!("only used with `mode: {wanted}` ({this_mode})");
+                cx.error(f.line(), &f.key, why);
             }
-            mode
         }
     };
-    match (mode, sec.field("header")) {
-        (Some(Mode::Header), Some(h)) => {
-            header_name(&h, cx).map(|name| IdentityConfig::Header { name, trusted: default_trusted_networks() })
+    match mode {
+        Some(Mode::Token) => {
+            refuse(&HEADER_KEYS, "header", cx);
+            refuse(&RESOLVE_KEYS, "resolve", cx);
+            IdentityConfig::Token
         }
-        (Some(Mode::Header), None) => {
-            sec.missing("header", HEADER_NEEDED, cx);
-            None
+        Some(Mode::Header) => {
+            refuse(&RESOLVE_KEYS, "resolve", cx);
+            read_header_mode(&sec, true, cx).unwrap_or(IdentityConfig::Token)
         }
-        (Some(Mode::Token), Some(h)) => {
-            let why = "only used with `mode: header` (mode here is token)";
-            cx.error(h.line(), &h.key, why);
-            None
+        Some(Mode::Resolve) => {
+            refuse(&HEADER_KEYS, "header", cx);
+            read_resolve(&sec, true, cx).map_or(IdentityConfig::Token, IdentityConfig::Resolve)
         }
-        _ => None,
+        // A bad `mode` (reported): still check the values that are there, all errors at once.
+        None => {
+            let _ = read_header_mode(&sec, false, cx);
+            let _ = read_resolve(&sec, false, cx);
+            IdentityConfig::Token
+        }
     }
-    .unwrap_or(IdentityConfig::Token)
+}
+
+/// The `mode: header` keys. `require`: report a missing `header` (not when `mode` itself is bad).
+fn read_header_mode(sec: &Section, require: bool, cx: &mut Ctx) -> Option<IdentityConfig> {
+    let name = match sec.field("header") {
+        Some(f) => header_name(&f, cx),
+        None => {
+            if require {
+                sec.missing("header", HEADER_NEEDED, cx);
+            }
+            None
+        }
+    };
+    let trusted = match sec.field("trusted_networks") {
+        Some(f) => trusted_networks(&f, cx),
+        None => Some(default_trusted_networks()),
+    };
+    Some(IdentityConfig::Header {
+        name: name?,
+        trusted: trusted?,
+    })
 }
 
 fn header_name(f: &Field, cx: &mut Ctx) -> Option<HeaderName> {
     let text = string(f, "an HTTP header name like \"X-Cliq-User\"", cx)?;
-    let name = HeaderName::from_bytes(text.as_bytes()).ok();
-    if name.is_none() {
+    let Ok(name) = HeaderName::from_bytes(text.as_bytes()) else {
         cx.error(
             f.line(),
             &f.key,
             format!("{text:?} is not a valid HTTP header name (RFC 9110, 5.1)"),
         );
+        return None;
+    };
+    match unusable_identity_header(name.as_str()) {
+        Some(why) => {
+            cx.error(f.line(), &f.key, format!("{text:?} {why}"));
+            None
+        }
+        None => Some(name),
     }
-    name
+}
+
+/// Why a header (lowercase name) cannot name the user in header mode, if it cannot.
+fn unusable_identity_header(name: &str) -> Option<&'static str> {
+    match name {
+        "authorization" | "proxy-authorization" | "cookie" => Some(
+            "carries the caller's credential, not a user name; to key by credential use \
+             `mode: token`, to key by user use a header your app sets (e.g. \"X-Cliq-User\") or \
+             `mode: resolve`",
+        ),
+        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer"
+        | "transfer-encoding" | "upgrade" => Some(
+            "is a hop-by-hop header (RFC 9110, 7.6.1): it describes one connection, not the \
+             user; use a header your app sets, e.g. \"X-Cliq-User\"",
+        ),
+        "host" | "content-length" | "content-type" => Some(
+            "describes the request itself, not the user; use a header your app sets, e.g. \
+             \"X-Cliq-User\"",
+        ),
+        _ => None,
+    }
+}
+
+const EMPTY_TRUST: &str = "the list is empty, so no caller could ever be trusted and every call \
+                           would be refused; list the networks your app calls from, or remove \
+                           the key to trust only this host (127.0.0.0/8, ::1/128)";
+
+/// `identity.trusted_networks`: the source networks whose header is believed. Each bad entry is
+/// reported at its own line.
+fn trusted_networks(f: &Field, cx: &mut Ctx) -> Option<Vec<ipnet::IpNet>> {
+    let items = match &f.node.data {
+        YamlDataOwned::Sequence(items) if items.is_empty() => {
+            cx.error(f.line(), &f.key, EMPTY_TRUST);
+            return None;
+        }
+        YamlDataOwned::Sequence(items) => items,
+        _ => {
+            let why = format!(
+                "expected a list of networks like [\"10.0.0.0/8\", \"::1\"], found {}",
+                kind_of(f.node)
+            );
+            cx.error(f.line(), &f.key, why);
+            return None;
+        }
+    };
+    let mut networks = Vec::new();
+    let mut ok = true;
+    for (i, node) in items.iter().enumerate() {
+        let item = Field {
+            key: format!("{}[{i}]", f.key),
+            node,
+        };
+        let Some(text) = string(&item, "a network like \"10.0.0.0/8\"", cx) else {
+            ok = false;
+            continue;
+        };
+        match parse_network(text) {
+            Ok(net) => networks.push(net),
+            Err(why) => {
+                cx.error(item.line(), &item.key, why);
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(networks)
+}
+
+const NETWORK_HELP: &str = "write a network like \"10.0.0.0/8\" or \"fd00::/8\", or one address \
+                            (\"10.1.2.3\" means /32, \"::1\" means /128)";
+
+/// A CIDR (`10.0.0.0/8`, `::1/128`) or a bare address (one host: /32 or /128).
+fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
+    use std::net::IpAddr;
+    let Some((addr, prefix)) = text.split_once('/') else {
+        return text
+            .parse::<IpAddr>()
+            .map(ipnet::IpNet::from)
+            .map_err(|_| format!("{text:?} is not an IP address or network; {NETWORK_HELP}"));
+    };
+    let Ok(addr) = addr.parse::<IpAddr>() else {
+        return Err(format!(
+            "{text:?}: {addr:?} is not an IP address; {NETWORK_HELP}"
+        ));
+    };
+    let (family, max) = if addr.is_ipv4() {
+        ("IPv4", 32)
+    } else {
+        ("IPv6", 128)
+    };
+    let prefix_len = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= max && prefix.bytes().all(|b| b.is_ascii_digit()));
+    let Some(prefix_len) = prefix_len else {
+        return Err(format!(
+            "{text:?}: the prefix length /{prefix} is not a whole number from 0 to {max} \
+             (an {family} address has {max} bits)"
+        ));
+    };
+    let net = ipnet::IpNet::new(addr, prefix_len)
+        .map_err(|e| format!("{text:?} is not a network: {e}; {NETWORK_HELP}"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{text:?} has address bits set past the /{prefix_len} prefix; write the network \
+             {:?} (or {:?} for that one host)",
+            net.trunc().to_string(),
+            ipnet::IpNet::from(addr).to_string()
+        ));
+    }
+    Ok(net)
+}
+
+/// The `mode: resolve` keys. `require`: report a missing `url` or `user_field` (not when `mode`
+/// itself is bad).
+fn read_resolve(sec: &Section, require: bool, cx: &mut Ctx) -> Option<ResolveConfig> {
+    let url = match sec.field("url") {
+        Some(f) => resolve_url(&f, cx),
+        None => {
+            if require {
+                sec.missing("url", URL_NEEDED, cx);
+            }
+            None
+        }
+    };
+    let user_field = match sec.field("user_field") {
+        Some(f) => json_pointer(&f, cx),
+        None => {
+            if require {
+                sec.missing("user_field", USER_FIELD_NEEDED, cx);
+            }
+            None
+        }
+    };
+    let ttl = sec
+        .field("ttl")
+        .and_then(|f| {
+            let ttl = duration(&f, false, cx)?;
+            if ttl > MAX_RESOLVE_TTL {
+                let why = format!(
+                    "{} is longer than 1h: Zoho access tokens live one hour, so an answer kept \
+                     longer would outlive the token it is about; the default is {}",
+                    format_duration(ttl),
+                    format_duration(DEFAULT_RESOLVE_TTL)
+                );
+                cx.error(f.line(), &f.key, why);
+                return None;
+            }
+            Some(ttl)
+        })
+        .unwrap_or(DEFAULT_RESOLVE_TTL);
+    let mut positive_duration = |name: &str, default: Duration| {
+        sec.field(name)
+            .and_then(|f| duration(&f, false, cx))
+            .unwrap_or(default)
+    };
+    let negative_ttl = positive_duration("negative_ttl", DEFAULT_RESOLVE_NEGATIVE_TTL);
+    let timeout = positive_duration("timeout", DEFAULT_RESOLVE_TIMEOUT);
+    let cache_size = sec
+        .field("cache_size")
+        .and_then(|f| positive::<u64>(&f, cx))
+        .unwrap_or(DEFAULT_RESOLVE_CACHE_SIZE);
+    let on_unreachable = sec
+        .field("on_unreachable")
+        .and_then(|f| {
+            choice(
+                &f,
+                &[
+                    ("reject", OnIdentityError::Reject),
+                    ("token", OnIdentityError::Token),
+                ],
+                cx,
+            )
+        })
+        .unwrap_or(DEFAULT_RESOLVE_ON_UNREACHABLE);
+    Some(ResolveConfig {
+        url: url?,
+        user_field: user_field?,
+        ttl,
+        negative_ttl,
+        timeout,
+        cache_size,
+        on_unreachable,
+    })
+}
+
+/// `identity.url`: asked with each caller's own credential, so it carries none of its own.
+fn resolve_url(f: &Field, cx: &mut Ctx) -> Option<http::Uri> {
+    let text = string(f, "a URL like \"https://cliq.zoho.com/api/v2/me\"", cx)?;
+    match parse_resolve_url(text) {
+        Ok(uri) => Some(uri),
+        Err(why) => {
+            // Whatever sits before an '@' may be a password: never quote such a URL.
+            let why = if text.contains('@') {
+                format!("not a usable identity endpoint: {why}")
+            } else {
+                format!("{text:?} is not a usable identity endpoint: {why}")
+            };
+            cx.error(f.line(), &f.key, why);
+            None
+        }
+    }
+}
+
+fn parse_resolve_url(text: &str) -> Result<http::Uri, String> {
+    // http::Uri silently drops a fragment; refuse it before parsing.
+    if text.contains('#') {
+        return Err("a fragment (#...) is not allowed".into());
+    }
+    let uri = text
+        .parse::<http::Uri>()
+        .map_err(|e| format!("not a URL ({e})"))?;
+    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http" | "https") => {}
+        Some(other) => {
+            return Err(format!(
+                "scheme {other:?} is not supported; use https:// (or http:// for tests)"
+            ))
+        }
+        None => {
+            return Err("it must be an absolute URL with a scheme and a host, e.g. \
+                        \"https://cliq.zoho.com/api/v2/me\""
+                .into())
+        }
+    }
+    let authority = uri.authority().ok_or("it needs a host")?;
+    if authority.as_str().contains('@') {
+        return Err(
+            "credentials (user@) are not allowed; each lookup carries the caller's own token"
+                .into(),
+        );
+    }
+    if authority.host().is_empty() {
+        return Err("it needs a host".into());
+    }
+    check_port(authority)?;
+    Ok(uri)
+}
+
+/// `identity.user_field`: a JSON pointer (RFC 6901), checked the way the lookup will read it.
+fn json_pointer(f: &Field, cx: &mut Ctx) -> Option<String> {
+    let Some(text) = f.node.data.as_str() else {
+        let why = format!(
+            "expected a JSON pointer like \"/data/zuid\", found {}",
+            kind_of(f.node)
+        );
+        cx.error(f.line(), &f.key, why);
+        return None;
+    };
+    match check_json_pointer(text) {
+        Ok(()) => Some(text.to_string()),
+        Err(why) => {
+            cx.error(f.line(), &f.key, why);
+            None
+        }
+    }
+}
+
+/// RFC 6901: empty (the whole answer), or `/`-separated names in which `~` appears only as `~0`
+/// (a `~`) or `~1` (a `/`).
+fn check_json_pointer(p: &str) -> Result<(), String> {
+    if !p.is_empty() && !p.starts_with('/') {
+        let hint = format!("/{}", p.trim_start_matches(['.', '$']).replace('.', "/"));
+        return Err(format!(
+            "{p:?} is not a JSON pointer (RFC 6901): it must start with '/', e.g. {hint:?}"
+        ));
+    }
+    let mut chars = p.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return Err(format!(
+                "{p:?} is not a JSON pointer (RFC 6901): '~' may only appear as \"~0\" (a \
+                 literal '~') or \"~1\" (a '/' inside a name)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn read_store(top: &Section, cx: &mut Ctx) -> StoreConfig {
@@ -2022,8 +2365,13 @@ impl Config {
     pub fn describe(&self) -> String {
         let identity = match &self.identity {
             IdentityConfig::Token => "token".to_string(),
-            IdentityConfig::Header { name, .. } => format!("header {name}"),
-            IdentityConfig::Resolve(r) => format!("resolve {}", r.url),
+            IdentityConfig::Header { name, trusted } => {
+                let trusted: Vec<String> = trusted.iter().map(ToString::to_string).collect();
+                format!("header {name} from {}", trusted.join(", "))
+            }
+            IdentityConfig::Resolve(r) => {
+                format!("resolve {} (ttl {})", r.url, format_duration(r.ttl))
+            }
         };
         let store = match &self.store {
             StoreConfig::Memory => "memory".to_string(),
@@ -2205,6 +2553,73 @@ mod tests {
     fn identity_defaults_to_token() {
         assert_eq!(parse("").identity, IdentityConfig::Token);
         assert_eq!(parse("identity:\n").identity, IdentityConfig::Token);
+    }
+
+    fn resolve(extra: &str) -> ResolveConfig {
+        let text = format!(
+            "identity:\n  mode: resolve\n  url: \"https://cliq.zoho.com/api/v2/me\"\n  \
+             user_field: \"/data/zuid\"\n{extra}"
+        );
+        match parse(&text).identity {
+            IdentityConfig::Resolve(r) => r,
+            other => panic!("expected resolve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn default_trusted_networks_all_parse() {
+        let parsed = default_trusted_networks();
+        assert_eq!(parsed.len(), DEFAULT_TRUSTED_NETWORKS.len());
+        let shown: Vec<String> = parsed.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, DEFAULT_TRUSTED_NETWORKS);
+    }
+
+    #[test]
+    fn header_trusted_networks_default_to_loopback() {
+        let c = parse("identity:\n  mode: header\n  header: \"X-Cliq-User\"\n");
+        let IdentityConfig::Header { trusted, .. } = c.identity else {
+            panic!("expected header mode");
+        };
+        assert_eq!(trusted, default_trusted_networks());
+        assert!(trusted
+            .iter()
+            .any(|n| n.contains(&"127.0.0.1".parse::<std::net::IpAddr>().expect("ip"))));
+        assert!(trusted
+            .iter()
+            .any(|n| n.contains(&"::1".parse::<std::net::IpAddr>().expect("ip"))));
+        assert!(!trusted
+            .iter()
+            .any(|n| n.contains(&"10.0.0.1".parse::<std::net::IpAddr>().expect("ip"))));
+    }
+
+    #[test]
+    fn resolve_ttl_defaults_to_50_minutes() {
+        assert_eq!(resolve("").ttl, DEFAULT_RESOLVE_TTL);
+        assert_eq!(DEFAULT_RESOLVE_TTL, secs(50 * 60));
+    }
+
+    #[test]
+    fn resolve_negative_ttl_defaults_to_one_minute() {
+        assert_eq!(resolve("").negative_ttl, DEFAULT_RESOLVE_NEGATIVE_TTL);
+        assert_eq!(DEFAULT_RESOLVE_NEGATIVE_TTL, secs(60));
+    }
+
+    #[test]
+    fn resolve_timeout_defaults_to_5_seconds() {
+        assert_eq!(resolve("").timeout, DEFAULT_RESOLVE_TIMEOUT);
+        assert_eq!(DEFAULT_RESOLVE_TIMEOUT, secs(5));
+    }
+
+    #[test]
+    fn resolve_cache_size_defaults_to_100_000() {
+        assert_eq!(resolve("").cache_size, DEFAULT_RESOLVE_CACHE_SIZE);
+        assert_eq!(DEFAULT_RESOLVE_CACHE_SIZE, 100_000);
+    }
+
+    #[test]
+    fn resolve_on_unreachable_defaults_to_reject() {
+        assert_eq!(resolve("").on_unreachable, DEFAULT_RESOLVE_ON_UNREACHABLE);
+        assert_eq!(DEFAULT_RESOLVE_ON_UNREACHABLE, OnIdentityError::Reject);
     }
 
     #[test]
@@ -2436,6 +2851,368 @@ mod tests {
         let errs = errors(&format!("{UPSTREAM}identity:\n  header: \"X-User\"\n"));
         assert_eq!(errs[0].key, "identity.header");
         assert!(errs[0].message.contains("only used with `mode: header`"));
+    }
+
+    #[test]
+    fn a_resolve_identity_takes_every_key() {
+        let c = parse(&dedent(
+            r#"
+            identity:
+              mode: resolve
+              url: "http://127.0.0.1:8081/api/v2/me?fields=zuid"
+              user_field: "/data/zuid"
+              ttl: "1h"
+              negative_ttl: "30s"
+              timeout: "2s"
+              cache_size: 500
+              on_unreachable: token
+            "#,
+        ));
+        assert_eq!(
+            c.identity,
+            IdentityConfig::Resolve(ResolveConfig {
+                url: "http://127.0.0.1:8081/api/v2/me?fields=zuid"
+                    .parse()
+                    .expect("uri"),
+                user_field: "/data/zuid".into(),
+                ttl: secs(3600),
+                negative_ttl: secs(30),
+                timeout: secs(2),
+                cache_size: 500,
+                on_unreachable: OnIdentityError::Token,
+            })
+        );
+        assert_eq!(
+            resolve("  on_unreachable: reject\n").on_unreachable,
+            OnIdentityError::Reject
+        );
+    }
+
+    #[test]
+    fn resolve_needs_url_and_user_field() {
+        let errs = errors(&format!("{UPSTREAM}identity:\n  mode: resolve\n"));
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [("identity.url", 3), ("identity.user_field", 3)],
+            "{errs:?}"
+        );
+        assert!(errs[0].message.contains("api/v2/me"), "{}", errs[0].message);
+        assert!(
+            errs[1].message.contains("/data/zuid"),
+            "{}",
+            errs[1].message
+        );
+    }
+
+    fn resolve_errors(extra: &str) -> Vec<ConfigError> {
+        errors(&format!(
+            "{UPSTREAM}identity:\n  mode: resolve\n  url: \"https://h/me\"\n  user_field: \"/id\"\n{extra}"
+        ))
+    }
+
+    #[test]
+    fn resolve_urls_must_be_absolute_http_with_a_host() {
+        for url in [
+            "https://cliq.zoho.com/api/v2/me",
+            "http://127.0.0.1:9/me",
+            "http://[::1]:8081/me",
+            "HTTPS://cliq.zoho.eu",
+        ] {
+            let text = format!(
+                "identity:\n  mode: resolve\n  url: \"{url}\"\n  user_field: \"/data/zuid\"\n"
+            );
+            let IdentityConfig::Resolve(r) = parse(&text).identity else {
+                panic!("{url}: expected resolve");
+            };
+            assert_eq!(
+                r.url.to_string().to_lowercase(),
+                url.to_lowercase(),
+                "{url}"
+            );
+        }
+        for (url, why) in [
+            ("ftp://h/me", "scheme \"ftp\" is not supported"),
+            ("/api/v2/me", "must be an absolute URL"),
+            ("cliq.zoho.com/api/v2/me", "not a URL"),
+            ("https://h:0/me", "not a port number"),
+            ("https://h:99999/me", "not a port number"),
+            ("https://h/me#x", "fragment"),
+            (
+                "https://user:s3cret@h/me",
+                "credentials (user@) are not allowed",
+            ),
+            ("", "must not be empty"),
+        ] {
+            let errs = errors(&format!(
+                "{UPSTREAM}identity:\n  mode: resolve\n  url: \"{url}\"\n  user_field: \"/id\"\n"
+            ));
+            assert_eq!(errs.len(), 1, "{url}: {errs:?}");
+            assert_eq!((errs[0].key.as_str(), errs[0].line), ("identity.url", 4));
+            assert!(errs[0].message.contains(why), "{url}: {}", errs[0].message);
+            assert!(!errs[0].message.contains("s3cret"), "{}", errs[0].message);
+        }
+    }
+
+    #[test]
+    fn user_field_must_be_a_json_pointer() {
+        for ok in ["", "/data/zuid", "/0", "/a~0b/c~1d", "/"] {
+            assert_eq!(check_json_pointer(ok), Ok(()), "{ok:?}");
+        }
+        for (bad, why) in [
+            ("data/zuid", "must start with '/', e.g. \"/data/zuid\""),
+            ("data.zuid", "e.g. \"/data/zuid\""),
+            ("$.data.zuid", "e.g. \"/data/zuid\""),
+            ("/a~2", "'~' may only appear as \"~0\""),
+            ("/a~", "'~' may only appear as \"~0\""),
+        ] {
+            let err = check_json_pointer(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let errs = resolve_errors("  user_field: 7\n");
+        // The duplicate key and the integer are both reported.
+        assert!(
+            errs.iter().any(
+                |e| e.key == "identity.user_field" && e.message.contains("found the integer 7")
+            ),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn resolve_ttl_is_at_most_one_hour() {
+        assert_eq!(resolve("  ttl: \"1h\"\n").ttl, secs(3600));
+        let errs = errors(&format!(
+            "{UPSTREAM}identity:\n  mode: resolve\n  url: \"https://h/me\"\n  user_field: \"/id\"\n  ttl: \"1h1s\"\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!((errs[0].key.as_str(), errs[0].line), ("identity.ttl", 6));
+        assert!(
+            errs[0].message.contains("Zoho access tokens live one hour"),
+            "{}",
+            errs[0].message
+        );
+    }
+
+    #[test]
+    fn resolve_durations_and_cache_size_must_be_positive() {
+        let errs = errors(&format!(
+            "{UPSTREAM}identity:\n  mode: resolve\n  url: \"https://h/me\"\n  user_field: \"/id\"\n  \
+             ttl: \"0s\"\n  negative_ttl: \"0s\"\n  timeout: \"0ms\"\n  cache_size: 0\n  \
+             on_unreachable: fallback\n"
+        ));
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [
+                ("identity.ttl", 6),
+                ("identity.negative_ttl", 7),
+                ("identity.timeout", 8),
+                ("identity.cache_size", 9),
+                ("identity.on_unreachable", 10),
+            ],
+            "{errs:?}"
+        );
+        assert!(errs[3].message.contains("must be at least 1"));
+        assert!(errs[4].message.contains("allowed: reject, token"));
+    }
+
+    #[test]
+    fn header_trusted_networks_take_cidrs_bare_ips_and_ipv6() {
+        let c = parse(&dedent(
+            r#"
+            identity:
+              mode: header
+              header: "X-Cliq-User"
+              trusted_networks: ["10.0.0.0/8", "192.168.1.7", "fd00::/8", "::1", "0.0.0.0/0"]
+            "#,
+        ));
+        let net = |s: &str| s.parse::<ipnet::IpNet>().expect("net");
+        assert_eq!(
+            c.identity,
+            IdentityConfig::Header {
+                name: HeaderName::from_static("x-cliq-user"),
+                trusted: vec![
+                    net("10.0.0.0/8"),
+                    net("192.168.1.7/32"),
+                    net("fd00::/8"),
+                    net("::1/128"),
+                    net("0.0.0.0/0"),
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn bad_networks_say_what_is_wrong() {
+        for (bad, why) in [
+            ("10.0.0.0/33", "/33 is not a whole number from 0 to 32"),
+            ("::/129", "from 0 to 128"),
+            ("10.0.0.0/+8", "/+8 is not a whole number"),
+            ("10.0.0.0/", "is not a whole number"),
+            ("not-an-ip", "\"not-an-ip\" is not an IP address or network"),
+            ("10.0.0/8", "\"10.0.0\" is not an IP address"),
+            (
+                "10.1.2.3/8",
+                "write the network \"10.0.0.0/8\" (or \"10.1.2.3/32\"",
+            ),
+        ] {
+            let err = parse_network(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let errs = errors(&dedent(
+            r#"
+            upstream: "http://127.0.0.1:1"
+            identity:
+              mode: header
+              header: "X-Cliq-User"
+              trusted_networks:
+                - "10.0.0.0/8"
+                - "10.0.0.0/33"
+                - 7
+                - "not-an-ip"
+            "#,
+        ));
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [
+                ("identity.trusted_networks[1]", 7),
+                ("identity.trusted_networks[2]", 8),
+                ("identity.trusted_networks[3]", 9),
+            ],
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn trusted_networks_must_be_a_non_empty_list() {
+        let errs = errors(&format!(
+            "{UPSTREAM}identity:\n  mode: header\n  header: \"X-U\"\n  trusted_networks: []\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line),
+            ("identity.trusted_networks", 5)
+        );
+        assert!(errs[0].message.contains("no caller could ever be trusted"));
+        let errs = errors(&format!(
+            "{UPSTREAM}identity:\n  mode: header\n  header: \"X-U\"\n  trusted_networks: \"10.0.0.0/8\"\n"
+        ));
+        assert!(
+            errs[0].message.contains("expected a list of networks"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn credential_and_hop_by_hop_headers_cannot_name_the_user() {
+        for (name, why) in [
+            ("Authorization", "carries the caller's credential"),
+            ("proxy-authorization", "carries the caller's credential"),
+            ("Cookie", "carries the caller's credential"),
+            ("Connection", "hop-by-hop"),
+            ("transfer-encoding", "hop-by-hop"),
+            ("Host", "describes the request itself"),
+        ] {
+            let errs = errors(&format!(
+                "{UPSTREAM}identity:\n  mode: header\n  header: \"{name}\"\n"
+            ));
+            assert_eq!(errs.len(), 1, "{name}: {errs:?}");
+            assert_eq!((errs[0].key.as_str(), errs[0].line), ("identity.header", 4));
+            assert!(errs[0].message.contains(why), "{name}: {}", errs[0].message);
+        }
+    }
+
+    #[test]
+    fn each_mode_refuses_the_keys_of_the_others() {
+        let errs = errors(&dedent(
+            r#"
+            upstream: "http://127.0.0.1:1"
+            identity:
+              mode: token
+              header: "X-U"
+              trusted_networks: ["10.0.0.0/8"]
+              url: "https://h/me"
+              on_unreachable: token
+            "#,
+        ));
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [
+                ("identity.header", 4),
+                ("identity.trusted_networks", 5),
+                ("identity.url", 6),
+                ("identity.on_unreachable", 7),
+            ],
+            "{errs:?}"
+        );
+        assert!(errs[1]
+            .message
+            .contains("only used with `mode: header` (mode here is token)"));
+        assert!(errs[2]
+            .message
+            .contains("only used with `mode: resolve` (mode here is token)"));
+
+        let errs = errors(&format!("{UPSTREAM}identity:\n  ttl: \"50m\"\n"));
+        assert!(
+            errs[0]
+                .message
+                .contains("`mode` is not set, so it is token"),
+            "{errs:?}"
+        );
+
+        let errs = resolve_errors("  header: \"X-U\"\n  trusted_networks: [\"::1\"]\n");
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [("identity.header", 6), ("identity.trusted_networks", 7)],
+            "{errs:?}"
+        );
+        assert!(errs[0]
+            .message
+            .contains("only used with `mode: header` (mode here is resolve)"));
+
+        let errs = errors(&format!(
+            "{UPSTREAM}identity:\n  mode: header\n  header: \"X-U\"\n  user_field: \"/id\"\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0]
+            .message
+            .contains("only used with `mode: resolve` (mode here is header)"));
+    }
+
+    #[test]
+    fn a_bad_identity_mode_still_checks_the_other_values_but_nothing_more() {
+        let errs = errors(&format!(
+            "{UPSTREAM}identity:\n  mode: ldap\n  trusted_networks: []\n  ttl: \"2h\"\n"
+        ));
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["identity.mode", "identity.trusted_networks", "identity.ttl"],
+            "no missing header/url, no `only used with`: {errs:?}"
+        );
+        assert!(errs[0].message.contains("allowed: token, header, resolve"));
+    }
+
+    #[test]
+    fn describe_shows_the_identity_settings() {
+        let header = parse("identity:\n  mode: header\n  header: \"X-Cliq-User\"\n").describe();
+        assert!(
+            header.contains("identity header x-cliq-user from 127.0.0.0/8, ::1/128  store"),
+            "{header}"
+        );
+        let c = Config {
+            identity: IdentityConfig::Resolve(resolve("")),
+            ..parse("")
+        };
+        let text = c.describe();
+        assert!(
+            text.contains("identity resolve https://cliq.zoho.com/api/v2/me (ttl 50m)  store"),
+            "{text}"
+        );
     }
 
     #[test]

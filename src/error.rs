@@ -24,6 +24,14 @@ pub enum ProxyError {
     Unmatched,
     #[error("invalid request: {0}")]
     BadRequest(&'static str),
+    #[error("identity header from an untrusted network")]
+    UntrustedSource,
+    #[error("the identity endpoint refused the token ({status})")]
+    IdentityRefused {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
     #[error("request body over {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("request header fields over {limit} bytes")]
@@ -36,6 +44,8 @@ pub enum ProxyError {
     // --- cliqgate itself ---
     #[error("limiter store unavailable")]
     StoreUnavailable,
+    #[error("identity endpoint unavailable")]
+    IdentityUnavailable,
 }
 
 impl ProxyError {
@@ -55,6 +65,22 @@ impl ProxyError {
                 StatusCode::FORBIDDEN,
                 "route_not_allowed",
                 "This proxy forwards only the configured Cliq endpoints.".into(),
+            ),
+            ProxyError::UntrustedSource => (
+                StatusCode::FORBIDDEN,
+                "untrusted_source",
+                "The user header is accepted only from the configured trusted networks.".into(),
+            ),
+            // Passed on as Zoho sent it (see `to_response`); this is what logs and status see.
+            ProxyError::IdentityRefused { status, .. } => (
+                *status,
+                "identity_refused",
+                "The identity endpoint refused the token.".into(),
+            ),
+            ProxyError::IdentityUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "identity_unavailable",
+                "The identity endpoint could not be reached; the call was not sent.".into(),
             ),
             ProxyError::BadRequest(why) => (
                 StatusCode::BAD_REQUEST,
@@ -96,7 +122,17 @@ impl ProxyError {
                 Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
                     .map(|s| s.max(1))
             }
-            _ => None,
+            // Outages of cliqgate's own dependencies are usually short: come back soon.
+            ProxyError::StoreUnavailable | ProxyError::IdentityUnavailable => Some(1),
+            ProxyError::MissingCredential { .. }
+            | ProxyError::Unmatched
+            | ProxyError::BadRequest(_)
+            | ProxyError::UntrustedSource
+            | ProxyError::IdentityRefused { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::UpstreamUnavailable
+            | ProxyError::UpstreamTimeout(_) => None,
         }
     }
 
@@ -105,6 +141,22 @@ impl ProxyError {
     }
 
     pub fn to_response(&self) -> Response<ProxyBody> {
+        if let ProxyError::IdentityRefused {
+            status,
+            content_type,
+            body,
+        } = self
+        {
+            // Zoho's own answer about the token, already in Zoho's envelope.
+            let mut response = Response::new(full(body.clone()));
+            *response.status_mut() = *status;
+            if let Some(content_type) = content_type {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type.clone());
+            }
+            return response;
+        }
         let (status, code, message) = self.parts();
         let retry_after = self.retry_after_secs();
         let mut body = serde_json::json!({ "code": code, "message": message });

@@ -75,6 +75,11 @@ fn zapikey(query: &str) -> Option<&[u8]> {
     })
 }
 
+/// The key of a user id an identity endpoint answered with (resolve mode).
+pub fn user_key_for_id(id: &str) -> UserKey {
+    hash(b"user", id.as_bytes())
+}
+
 fn hash(domain: &[u8], credential: &[u8]) -> UserKey {
     let mut h = Sha256::new();
     h.update(b"cliqgate/");

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;
+pub mod resolve;
 pub mod route;
 pub mod throttle;
 pub mod upstream;

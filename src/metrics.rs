@@ -21,6 +21,8 @@ pub const LOCKS_ACTIVE: &str = "cliqgate_locks_active";
 pub const STORE_ERRORS: &str = "cliqgate_store_errors";
 pub const CONFIG_RELOADS: &str = "cliqgate_config_reloads";
 pub const LIMITER_KEYS: &str = "cliqgate_limiter_keys";
+pub const IDENTITY_CACHE: &str = "cliqgate_identity_cache";
+pub const IDENTITY_LOOKUPS: &str = "cliqgate_identity_lookups";
 
 /// The route label of calls that match no route.
 pub const UNMATCHED_ROUTE: &str = "(none)";
@@ -87,6 +89,11 @@ struct OpLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -148,6 +155,8 @@ pub struct Metrics {
     locks_active: Family<RouteLabel, Gauge>,
     store_errors: Family<OpLabel, Counter>,
     config_reloads: Family<ResultLabel, Counter>,
+    identity_cache: Family<ResultLabel, Counter>,
+    identity_lookups: Family<OutcomeLabel, Counter>,
     pub limiter_keys: Gauge,
 }
 
@@ -173,6 +182,8 @@ impl Metrics {
             store_errors: Family::default(),
             config_reloads: Family::default(),
             limiter_keys: Gauge::default(),
+            identity_cache: Family::default(),
+            identity_lookups: Family::default(),
             registry: Registry::default(),
         };
         registry.register(REQUESTS, "Calls by route and decision", m.requests.clone());
@@ -221,6 +232,16 @@ impl Metrics {
             "(route, user) keys held by the limiter",
             m.limiter_keys.clone(),
         );
+        registry.register(
+            IDENTITY_CACHE,
+            "Resolve mode: identity cache answers by result (hit, miss)",
+            m.identity_cache.clone(),
+        );
+        registry.register(
+            IDENTITY_LOOKUPS,
+            "Resolve mode: identity endpoint lookups by outcome",
+            m.identity_lookups.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -249,6 +270,18 @@ impl Metrics {
 
     pub fn store_error(&self, op: &'static str) {
         self.store_errors.get_or_create(&OpLabel { op }).inc();
+    }
+
+    pub fn identity_cache(&self, result: &'static str) {
+        self.identity_cache
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn identity_lookup(&self, outcome: &'static str) {
+        self.identity_lookups
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn config_reload(&self, result: &'static str) {

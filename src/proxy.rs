@@ -5,6 +5,7 @@
 //! Each step is a function with the reason it sits where it does. Only this module and
 //! [`crate::upstream`] see both the caller's and Zoho's side of a call.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::{read_prefix, Limited, Prefixed, ProxyBody};
-use crate::config::{Config, OnLimit, Unmatched};
+use crate::config::{Config, IdentityConfig, OnLimit, Unmatched};
 use crate::error::ProxyError;
 use crate::headers::{fields_size, remove_hop_by_hop};
 use crate::identity::{identify, IdentityError};
@@ -24,6 +25,7 @@ use crate::limit::{
     Reservation, RouteId, Store, StoreError, UserKey,
 };
 use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
+use crate::resolve::{ResolveError, Resolver};
 use crate::route::RouteTable;
 use crate::throttle::{self, StatusSignal};
 use crate::upstream::Upstream;
@@ -50,6 +52,8 @@ pub struct Proxy {
     unmatched: RouteMetrics,
     pub limiter: Arc<Store>,
     upstream: Upstream,
+    /// Resolve mode: who owns a token.
+    resolver: Option<Resolver>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -84,9 +88,33 @@ impl Proxy {
                     policy_header,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let table = RouteTable::new(&config.routes);
+        let resolver = match &config.identity {
+            IdentityConfig::Resolve(resolve) => {
+                // Lookups spend the identity endpoint's own quota: the route that covers its path,
+                // or Zoho's published figure for /api/v2/me under a route id of its own.
+                let (route, policy) = match table.find(&Method::GET, resolve.url.path()) {
+                    Some(id) => (id, routes[id.0 as usize].policy),
+                    None => (
+                        RouteId(routes.len() as u32),
+                        crate::resolve::identity_policy(config.safety_margin),
+                    ),
+                };
+                Some(Resolver::new(
+                    resolve.clone(),
+                    upstream.clone(),
+                    limiter.clone(),
+                    policy,
+                    route,
+                    metrics.clone(),
+                ))
+            }
+            IdentityConfig::Token | IdentityConfig::Header { .. } => None,
+        };
         Proxy {
-            table: RouteTable::new(&config.routes),
+            table,
+            resolver,
             routes,
             unmatched: metrics.route(UNMATCHED_ROUTE),
             limiter,
@@ -107,9 +135,13 @@ impl Proxy {
     }
 
     /// Handles one call from an app. Never fails: every outcome is a response.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         let mut log = AccessLog::new(&req);
-        let response = match self.pipeline(req, &mut log).await {
+        let response = match self.pipeline(req, peer, &mut log).await {
             Ok(response) => response,
             Err(error) => error.to_response(),
         };
@@ -121,6 +153,7 @@ impl Proxy {
     async fn pipeline(
         &self,
         req: Request<Incoming>,
+        peer: SocketAddr,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Malformed or oversized calls are refused before they can cost anyone quota.
@@ -143,19 +176,12 @@ impl Proxy {
         log.route_name = Some(route.name.clone());
 
         // User: whose quota. A call nobody can be charged for is refused, never forwarded.
-        let user = match identify(&self.config.identity, req.headers(), req.uri().query()) {
+        let user = match self.identify(&req, peer).await {
             Ok(user) => user,
-            Err(IdentityError::MissingCredential) => {
-                return Err(self.refuse(
-                    route,
-                    log,
-                    Decision::Invalid,
-                    ProxyError::MissingCredential {
-                        detail:
-                            "send Authorization: Zoho-oauthtoken <token> or the zapikey parameter",
-                    },
-                ));
+            Err(IdentifyFailure::Refused(error)) => {
+                return Err(self.refuse(route, log, Decision::Invalid, error))
             }
+            Err(IdentifyFailure::Limited(refusal)) => return Err(self.refusal(route, log, refusal)),
         };
         log.user = Some(user);
         let key = Key {
@@ -184,6 +210,49 @@ impl Proxy {
         }
         add_ratelimit_headers(&mut response, route, view);
         Ok(response)
+    }
+
+    /// The user key of a call: a credential hash, a trusted header, or a resolved user id.
+    async fn identify(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<UserKey, IdentifyFailure> {
+        if let IdentityConfig::Header { trusted, .. } = &self.config.identity {
+            // Anyone can set a header: believe it only from the networks the operator trusts.
+            let ip = peer.ip().to_canonical();
+            if !trusted.iter().any(|net| net.contains(&ip)) {
+                return Err(IdentifyFailure::Refused(ProxyError::UntrustedSource));
+            }
+        }
+        let key = identify(&self.config.identity, req.headers(), req.uri().query()).map_err(
+            |IdentityError::MissingCredential| {
+                IdentifyFailure::Refused(ProxyError::MissingCredential {
+                    detail: "send Authorization: Zoho-oauthtoken <token> or the zapikey parameter",
+                })
+            },
+        )?;
+        let Some(resolver) = &self.resolver else {
+            return Ok(key);
+        };
+        resolver
+            .resolve(key, req.headers())
+            .await
+            .map_err(|e| match e {
+                ResolveError::Refused {
+                    status,
+                    content_type,
+                    body,
+                } => IdentifyFailure::Refused(ProxyError::IdentityRefused {
+                    status,
+                    content_type,
+                    body,
+                }),
+                ResolveError::Limited(refusal) => IdentifyFailure::Limited(refusal),
+                ResolveError::Unavailable => {
+                    IdentifyFailure::Refused(ProxyError::IdentityUnavailable)
+                }
+            })
     }
 
     /// Rejects what cliqgate must not forward whatever the route: tunnels, non-path targets and
@@ -393,6 +462,14 @@ impl Proxy {
         log.decision = Some(decision);
         error
     }
+}
+
+/// Why a call has no user key.
+enum IdentifyFailure {
+    /// Answer the caller with this (counted as `invalid`).
+    Refused(ProxyError),
+    /// The identity lookup itself is over the identity endpoint's quota.
+    Limited(Refusal),
 }
 
 /// Holds a queue place; dropping it before `redeem` gives the slot back (the caller went away).

@@ -78,6 +78,26 @@ impl Upstream {
             .map_err(|_| ProxyError::BadRequest("The request target is not a valid path."))
     }
 
+    /// Sends a request cliqgate itself makes (an identity lookup) to its absolute URI, which the
+    /// operator configured. The caller bounds the time.
+    pub async fn fetch(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        *req.version_mut() = Version::HTTP_11;
+        if let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        self.client.request(req).await.map_err(|e| {
+            tracing::warn!(error = %error_chain(&e), "identity lookup failed");
+            ProxyError::UpstreamUnavailable
+        })
+    }
+
     /// Sends one call and waits (bounded) for the response head; the body streams afterwards.
     pub async fn send(
         &self,

@@ -121,9 +121,8 @@ impl RedisStore {
         clock: Arc<dyn Clock>,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(options.url.as_str()).map_err(|e| {
-            StoreError::Unavailable(format!("invalid Redis URL: {:?}", e.kind()))
-        })?;
+        let client = redis::Client::open(options.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {:?}", e.kind())))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.timeout))

@@ -1,0 +1,337 @@
+//! `identity.mode: resolve`: who owns a token, asked of an identity endpoint and cached.
+//!
+//! Zoho counts quota per user across all of that user's tokens, and tokens rotate hourly; keyed
+//! by token hash, a user with two live tokens would get two quotas. Here the caller's own
+//! credential is shown to the identity endpoint (e.g. `GET /api/v2/me`), the user id found at
+//! `user_field` becomes the key, and the answer is cached by token *hash* (never the token).
+//!
+//! - One lookup per token per `ttl`, however many calls arrive at once (moka's `try_get_with`
+//!   coalesces concurrent first calls into one lookup).
+//! - A refusal (401/403) is cached for `negative_ttl` and passed to callers as Zoho sent it, so a
+//!   bad token cannot flood the endpoint.
+//! - Lookups spend the identity endpoint's own quota (20 per minute, lock 10 minutes, per token
+//!   here: the owner is what is being asked), through the same limiter as every call.
+//! - Unreachable or nonsensical answers are not cached; `on_unreachable` decides.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use moka::future::Cache;
+use moka::Expiry;
+
+use crate::body::{empty, read_prefix};
+use crate::config::{OnIdentityError, ResolveConfig};
+use crate::identity::user_key_for_id;
+use crate::limit::{
+    Acquire, Key, Limiter, LockReason, Policy, Refusal, RefusalReason, RouteId, Store, UserKey,
+};
+use crate::metrics::Metrics;
+use crate::throttle::{self, StatusSignal};
+use crate::upstream::Upstream;
+
+/// An identity answer is a small JSON document; more than this is not an identity answer.
+const MAX_IDENTITY_BODY: usize = 64 * 1024;
+
+/// The identity endpoint's own quota when no configured route covers its path (cliq-api.md:
+/// "Current user (v2) GET /api/v2/me: 20 / 10 min").
+pub const IDENTITY_LIMIT: u32 = 20;
+pub const IDENTITY_PER: Duration = Duration::from_secs(60);
+pub const IDENTITY_LOCK: Duration = Duration::from_secs(600);
+
+/// The route name identity lookups are counted under when no configured route covers the
+/// identity endpoint (the Redis store keys by route name).
+pub const IDENTITY_ROUTE_NAME: &str = "identity.lookup";
+
+/// The identity endpoint's quota when no configured route covers it.
+pub fn identity_policy(safety_margin: Duration) -> Policy {
+    let limit = std::num::NonZeroU32::new(IDENTITY_LIMIT).unwrap_or(std::num::NonZeroU32::MIN);
+    Policy::new(
+        limit,
+        IDENTITY_PER + safety_margin,
+        IDENTITY_LOCK,
+        crate::config::Algorithm::Window,
+    )
+}
+
+/// A cached answer about one token.
+#[derive(Debug, Clone)]
+enum Answer {
+    User(UserKey),
+    /// The endpoint refused the token: its status, content type and body, passed on as they came.
+    Refused {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+}
+
+/// Why a token has no user key right now.
+#[derive(Debug, Clone)]
+pub enum ResolveError {
+    /// The identity endpoint refused the token (cached): answer the caller with this.
+    Refused {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+    /// The lookup itself would exceed the identity endpoint's quota, or it is locked.
+    Limited(Refusal),
+    /// The endpoint could not be reached or answered nonsense, and `on_unreachable: reject`.
+    Unavailable,
+}
+
+/// Lookup failures that are not cached.
+#[derive(Debug, Clone)]
+enum LookupError {
+    Limited(Refusal),
+    Unreachable(String),
+}
+
+struct AnswerExpiry {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl Expiry<UserKey, Answer> for AnswerExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &UserKey,
+        value: &Answer,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(match value {
+            Answer::User(_) => self.ttl,
+            Answer::Refused { .. } => self.negative_ttl,
+        })
+    }
+}
+
+pub struct Resolver {
+    config: ResolveConfig,
+    cache: Cache<UserKey, Answer>,
+    upstream: Upstream,
+    limiter: Arc<Store>,
+    /// The identity endpoint's quota, and the route id its lookups are counted under.
+    policy: Policy,
+    route: RouteId,
+    metrics: Arc<Metrics>,
+}
+
+impl Resolver {
+    pub fn new(
+        config: ResolveConfig,
+        upstream: Upstream,
+        limiter: Arc<Store>,
+        policy: Policy,
+        route: RouteId,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(config.cache_size)
+            .expire_after(AnswerExpiry {
+                ttl: config.ttl,
+                negative_ttl: config.negative_ttl,
+            })
+            .build();
+        Resolver {
+            config,
+            cache,
+            upstream,
+            limiter,
+            policy,
+            route,
+            metrics,
+        }
+    }
+
+    /// The user key of a call whose credential hashes to `token`. `headers` carry the caller's
+    /// `Authorization`, shown to the identity endpoint and to nobody else.
+    pub async fn resolve(
+        &self,
+        token: UserKey,
+        headers: &HeaderMap,
+    ) -> Result<UserKey, ResolveError> {
+        let Some(authorization) = headers.get(header::AUTHORIZATION).cloned() else {
+            // A `zapikey` webhook token cannot ask who it is: it keys by itself, as in token mode.
+            return Ok(token);
+        };
+        let answer = match self.cache.get(&token).await {
+            Some(answer) => {
+                self.metrics.identity_cache("hit");
+                Ok(answer)
+            }
+            None => {
+                self.metrics.identity_cache("miss");
+                self.cache
+                    .try_get_with(token, self.lookup(token, authorization))
+                    .await
+            }
+        };
+        match answer {
+            Ok(Answer::User(user)) => Ok(user),
+            Ok(Answer::Refused {
+                status,
+                content_type,
+                body,
+            }) => Err(ResolveError::Refused {
+                status,
+                content_type,
+                body,
+            }),
+            Err(e) => match e.as_ref() {
+                LookupError::Limited(refusal) => Err(ResolveError::Limited(*refusal)),
+                LookupError::Unreachable(why) => match self.config.on_unreachable {
+                    OnIdentityError::Reject => {
+                        tracing::warn!(error = %why, "identity endpoint unavailable; call refused");
+                        Err(ResolveError::Unavailable)
+                    }
+                    OnIdentityError::Token => {
+                        tracing::warn!(error = %why, "identity endpoint unavailable; keyed by token hash");
+                        self.metrics.identity_lookup("fallback");
+                        Ok(token)
+                    }
+                },
+            },
+        }
+    }
+
+    /// One lookup (run once per token however many callers wait on it).
+    async fn lookup(
+        &self,
+        token: UserKey,
+        authorization: HeaderValue,
+    ) -> Result<Answer, LookupError> {
+        let key = Key {
+            route: self.route,
+            user: token,
+        };
+        match self.limiter.acquire(&self.policy, key, None).await {
+            Ok(Acquire::Now { .. }) => {}
+            Ok(Acquire::Refused(refusal)) => {
+                self.metrics.identity_lookup("rate_limited");
+                return Err(LookupError::Limited(refusal));
+            }
+            // Reject mode never reserves; if a store did, give the slot back and wait like a refusal.
+            Ok(Acquire::Reserved { reservation, .. }) => {
+                let _ = self.limiter.cancel(&self.policy, &reservation).await;
+                let refusal = Refusal {
+                    reason: RefusalReason::Limited,
+                    retry_at: reservation.slot,
+                };
+                return Err(LookupError::Limited(refusal));
+            }
+            Err(e) => {
+                self.metrics.identity_lookup("unreachable");
+                return Err(LookupError::Unreachable(format!("limiter store: {e}")));
+            }
+        }
+        let result = self.ask(authorization).await;
+        let outcome = match &result {
+            Ok(Answer::User(_)) => "ok",
+            Ok(Answer::Refused { .. }) => "refused",
+            Err(LookupError::Limited(_)) => "throttled",
+            Err(LookupError::Unreachable(_)) => "unreachable",
+        };
+        self.metrics.identity_lookup(outcome);
+        if let Err(LookupError::Limited(refusal)) = &result {
+            // Zoho throttled the identity endpoint itself: honour it like any lock.
+            let _ = self
+                .limiter
+                .lock(
+                    &self.policy,
+                    key,
+                    refusal.retry_at,
+                    LockReason::UpstreamThrottle,
+                )
+                .await;
+        }
+        result
+    }
+
+    async fn ask(&self, authorization: HeaderValue) -> Result<Answer, LookupError> {
+        let mut request = Request::builder()
+            .method(Method::GET)
+            .uri(self.config.url.clone())
+            .body(empty())
+            .map_err(|e| LookupError::Unreachable(e.to_string()))?;
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, authorization);
+        request
+            .headers_mut()
+            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let response = tokio::time::timeout(self.config.timeout, self.upstream.fetch(request))
+            .await
+            .map_err(|_| LookupError::Unreachable("timed out".into()))?
+            .map_err(|e| LookupError::Unreachable(e.to_string()))?;
+        let (parts, body) = response.into_parts();
+        let read =
+            tokio::time::timeout(self.config.timeout, read_prefix(body, MAX_IDENTITY_BODY)).await;
+        let (bytes, _, rest) = read
+            .map_err(|_| LookupError::Unreachable("answer timed out".into()))?
+            .map_err(|e| LookupError::Unreachable(e.to_string()))?;
+        let complete = rest.is_none();
+        let throttled = match throttle::classify_status(parts.status) {
+            StatusSignal::Throttled => true,
+            StatusSignal::Inspect => throttle::body_signals_throttle(&bytes, complete),
+            StatusSignal::NotThrottled => false,
+        };
+        if throttled {
+            let wait = self
+                .policy_lock()
+                .max(throttle::retry_after(&parts.headers).unwrap_or_default());
+            let retry_at = self
+                .limiter
+                .clock()
+                .now()
+                .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+            let refusal = Refusal {
+                reason: RefusalReason::Locked,
+                retry_at,
+            };
+            return Err(LookupError::Limited(refusal));
+        }
+        if parts.status == StatusCode::UNAUTHORIZED || parts.status == StatusCode::FORBIDDEN {
+            let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
+            return Ok(Answer::Refused {
+                status: parts.status,
+                content_type,
+                body: bytes,
+            });
+        }
+        if !parts.status.is_success() {
+            return Err(LookupError::Unreachable(format!(
+                "identity endpoint answered {}",
+                parts.status
+            )));
+        }
+        if !complete {
+            return Err(LookupError::Unreachable("identity answer too large".into()));
+        }
+        let json: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|_| LookupError::Unreachable("identity answer is not JSON".into()))?;
+        let id = match json.pointer(&self.config.user_field) {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => {
+                return Err(LookupError::Unreachable(format!(
+                    "no user id at {} in the identity answer",
+                    self.config.user_field
+                )))
+            }
+        };
+        Ok(Answer::User(user_key_for_id(&id)))
+    }
+
+    fn policy_lock(&self) -> Duration {
+        Duration::from_nanos(self.policy.lock)
+    }
+
+    /// Distinct tokens currently cached (for tests and the admin API).
+    pub async fn cached(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.entry_count()
+    }
+}
