@@ -161,12 +161,23 @@ impl MemoryStore {
         self.floor.store(floor, Ordering::Release);
     }
 
-    /// Forgets every key (their sends are elsewhere now).
+    /// Forgets every key's sends (they are elsewhere now), keeping locks still running: a lock
+    /// learned from Zoho holds whichever store decides.
     pub fn clear(&self) {
+        let now = self.clock.now();
         for shard in self.shards.iter() {
-            relock(shard).clear();
+            relock(shard).retain(|_, e| {
+                if e.locked_until <= now {
+                    return false;
+                }
+                *e = Entry {
+                    locked_until: e.locked_until,
+                    queued: e.queued,
+                    ..Entry::new(Kind::Window)
+                };
+                true
+            });
         }
-        relock(&self.locks).clear();
     }
 
     /// Each key's recorded send times within the window ending now, as offsets before now
@@ -397,5 +408,92 @@ impl Limiter for MemoryStore {
 
     fn clock(&self) -> &dyn Clock {
         self.clock.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Algorithm;
+    use crate::limit::{ManualClock, UserKey};
+
+    fn setup() -> (Arc<ManualClock>, MemoryStore, Policy) {
+        let clock = Arc::new(ManualClock::new());
+        let store = MemoryStore::new(clock.clone(), 100);
+        let limit = NonZeroU32::new(2).expect("2");
+        let policy = Policy::new(
+            limit,
+            Duration::from_nanos(100),
+            Duration::from_nanos(1_000),
+            Algorithm::Window,
+        );
+        (clock, store, policy)
+    }
+
+    fn key(n: u8) -> Key {
+        Key {
+            route: RouteId(0),
+            user: UserKey([n; 16]),
+        }
+    }
+
+    #[test]
+    fn clear_forgets_sends_but_keeps_running_locks() {
+        let (_clock, store, policy) = setup();
+        store.acquire_now(&policy, key(1), None);
+        store.acquire_now(&policy, key(1), None);
+        store.lock_now(key(2), 500);
+        store.clear();
+        assert!(
+            matches!(
+                store.acquire_now(&policy, key(1), None),
+                Acquire::Now { .. }
+            ),
+            "sends forgotten"
+        );
+        let locked = store.acquire_now(&policy, key(2), None);
+        assert!(
+            matches!(locked, Acquire::Refused(r) if r.reason == RefusalReason::Locked),
+            "lock kept: {locked:?}"
+        );
+    }
+
+    #[test]
+    fn assumed_full_quota_holds_until_a_window_after_the_floor() {
+        let (clock, store, policy) = setup();
+        clock.set(1_000);
+        store.assume_full_at(Some(1_000));
+        let refused = store.acquire_now(&policy, key(1), None);
+        assert!(
+            matches!(refused, Acquire::Refused(r) if r.retry_at == 1_100),
+            "{refused:?}"
+        );
+        clock.set(1_100);
+        assert!(matches!(
+            store.acquire_now(&policy, key(1), None),
+            Acquire::Now { .. }
+        ));
+        assert!(matches!(
+            store.acquire_now(&policy, key(1), None),
+            Acquire::Now { .. }
+        ));
+        assert!(
+            matches!(
+                store.acquire_now(&policy, key(1), None),
+                Acquire::Refused(_)
+            ),
+            "own sends count again"
+        );
+        store.assume_full_at(None);
+        assert!(
+            matches!(
+                store.acquire_now(&policy, key(3), None),
+                Acquire::Now { .. }
+            ),
+            "floor lifted"
+        );
     }
 }
