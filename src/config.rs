@@ -2917,7 +2917,7 @@ mod tests {
             "https://cliq.zoho.com/api/v2/me",
             "http://127.0.0.1:9/me",
             "http://[::1]:8081/me",
-            "HTTPS://cliq.zoho.eu",
+            "HTTPS://cliq.zoho.eu/",
         ] {
             let text = format!(
                 "identity:\n  mode: resolve\n  url: \"{url}\"\n  user_field: \"/data/zuid\"\n"
@@ -4198,6 +4198,78 @@ mod tests {
         for (e, c) in egress_routes.iter().zip(&cliq_routes) {
             assert_eq!(e, c, "route {}", c.name);
         }
+    }
+
+    /// The commented-out `identity` keys of a shipped file, switched on for `mode`: every line
+    /// `  # key: value` of the block whose key that mode reads.
+    fn shipped_identity_block(text: &str, mode: &str, keys: &[&str]) -> String {
+        let mut block = format!("identity:\n  mode: {mode}\n");
+        let lines = text
+            .lines()
+            .skip_while(|l| !l.starts_with("identity:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "));
+        for line in lines {
+            if let Some(rest) = line.strip_prefix("  # ") {
+                if keys.iter().any(|k| rest.starts_with(&format!("{k}:"))) {
+                    block.push_str(&format!("  {rest}\n"));
+                }
+            }
+        }
+        block
+    }
+
+    #[test]
+    fn shipped_identity_comments_parse_in_each_mode() {
+        for (file, text) in [
+            ("cliq.yaml", include_str!("../config/cliq.yaml")),
+            ("egress.yaml", include_str!("../config/egress.yaml")),
+        ] {
+            let block = shipped_identity_block(text, "resolve", &RESOLVE_KEYS);
+            assert_eq!(
+                block.lines().count(),
+                2 + RESOLVE_KEYS.len(),
+                "{file}:\n{block}"
+            );
+            let IdentityConfig::Resolve(r) = parse(&block).identity else {
+                panic!("{file}: expected resolve");
+            };
+            assert_eq!(
+                (r.url.to_string().as_str(), r.user_field.as_str()),
+                ("https://cliq.zoho.com/api/v2/me", "/data/zuid"),
+                "{file}"
+            );
+            // The values shown are the defaults.
+            assert_eq!(
+                r,
+                ResolveConfig {
+                    url: r.url.clone(),
+                    user_field: r.user_field.clone(),
+                    ..resolve("")
+                },
+                "{file}"
+            );
+            let block = shipped_identity_block(text, "header", &HEADER_KEYS);
+            assert_eq!(
+                block.lines().count(),
+                2 + HEADER_KEYS.len(),
+                "{file}:\n{block}"
+            );
+            let IdentityConfig::Header { name, .. } = parse(&block).identity else {
+                panic!("{file}: expected header");
+            };
+            assert_eq!(name.as_str(), "x-cliq-user", "{file}");
+        }
+        let cliq =
+            shipped_identity_block(include_str!("../config/cliq.yaml"), "header", &HEADER_KEYS);
+        let IdentityConfig::Header { trusted, .. } = parse(&cliq).identity else {
+            panic!("expected header");
+        };
+        assert_eq!(
+            trusted,
+            default_trusted_networks(),
+            "cliq.yaml shows the default"
+        );
     }
 
     #[test]

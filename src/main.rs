@@ -1,6 +1,7 @@
 //! `cliqgate`: CLI, logging and exit codes. Wiring only.
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -47,8 +48,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => {
-            print!("{}", config.describe());
-            println!("{}: OK", cli.config.display());
+            // A closed pipe (`cliqgate check | head`) is not an error worth a panic.
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "{}", config.describe());
+            let _ = writeln!(out, "{}: OK", cli.config.display());
             ExitCode::SUCCESS
         }
         None => run(config),

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cliqgate::config::{
-    Config, ConfigError, IdentityConfig, OnStoreError, StoreConfig, DOCUMENT_KEY,
+    Config, ConfigError, IdentityConfig, OnIdentityError, OnStoreError, ResolveConfig, StoreConfig,
+    DOCUMENT_KEY,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -54,7 +55,16 @@ fn valid_fixture_with_every_key_loads() {
         Err(errors) => panic!("valid.yaml:\n{errors}"),
     };
     assert_eq!(config.listen.port(), 0);
-    assert!(matches!(config.identity, IdentityConfig::Header { .. }));
+    let IdentityConfig::Header { name, trusted } = &config.identity else {
+        panic!("expected header identity, got {:?}", config.identity);
+    };
+    assert_eq!(name.as_str(), "x-cliq-user");
+    let trusted: Vec<String> = trusted.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        trusted,
+        ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8", "::1/128"],
+        "a bare address is one host"
+    );
     assert_eq!(
         config.upstream_ca_file,
         Some(fixture("valid.yaml")),
@@ -198,19 +208,155 @@ fn duplicate_route_name_points_at_the_first() {
 }
 
 #[test]
-fn resolve_identity_is_refused_as_not_supported_yet() {
+fn resolve_identity_with_every_key_loads() {
+    let config = match Config::load(&fixture("resolve_mode.yaml")) {
+        Ok(config) => config,
+        Err(errors) => panic!("resolve_mode.yaml:\n{errors}"),
+    };
+    assert_eq!(
+        config.identity,
+        IdentityConfig::Resolve(ResolveConfig {
+            url: "https://cliq.zoho.com/api/v2/me".parse().expect("uri"),
+            user_field: "/data/zuid".into(),
+            ttl: Duration::from_secs(30 * 60),
+            negative_ttl: Duration::from_secs(10),
+            timeout: Duration::from_secs(2),
+            cache_size: 5000,
+            on_unreachable: OnIdentityError::Token,
+        })
+    );
+    assert!(
+        config
+            .describe()
+            .contains("identity resolve https://cliq.zoho.com/api/v2/me (ttl 30m)"),
+        "{}",
+        config.describe()
+    );
+}
+
+#[test]
+fn resolve_identity_needs_a_url() {
     assert_errors(
-        "resolve_mode_refused.yaml",
+        "resolve_without_url.yaml",
+        &[(3, "identity.url", "missing: mode resolve needs `url`")],
+    );
+}
+
+#[test]
+fn resolve_url_with_another_scheme_is_refused() {
+    assert_errors(
+        "resolve_bad_url.yaml",
+        &[(
+            4,
+            "identity.url",
+            "scheme \"ftp\" is not supported; use https:// (or http:// for tests)",
+        )],
+    );
+}
+
+#[test]
+fn resolve_user_field_must_be_a_json_pointer() {
+    assert_errors(
+        "resolve_bad_user_field.yaml",
+        &[(
+            5,
+            "identity.user_field",
+            "\"data.zuid\" is not a JSON pointer (RFC 6901): it must start with '/', e.g. \"/data/zuid\"",
+        )],
+    );
+}
+
+#[test]
+fn resolve_ttl_over_an_hour_is_refused() {
+    assert_errors(
+        "resolve_ttl_over_an_hour.yaml",
+        &[(
+            6,
+            "identity.ttl",
+            "2h is longer than 1h: Zoho access tokens live one hour",
+        )],
+    );
+}
+
+#[test]
+fn resolve_zero_negative_ttl_is_refused() {
+    assert_errors(
+        "resolve_zero_negative_ttl.yaml",
+        &[(6, "identity.negative_ttl", "must be greater than zero")],
+    );
+}
+
+#[test]
+fn resolve_on_unreachable_lists_the_allowed_values() {
+    assert_errors(
+        "resolve_bad_on_unreachable.yaml",
+        &[(
+            6,
+            "identity.on_unreachable",
+            "unknown value \"fallback\"; allowed: reject, token",
+        )],
+    );
+}
+
+#[test]
+fn header_keys_under_mode_resolve_are_refused() {
+    assert_errors(
+        "header_keys_under_resolve.yaml",
         &[
             (
-                3,
-                "identity.mode",
-                "\"resolve\" is not supported yet (planned: identity resolution); use token or header",
+                6,
+                "identity.header",
+                "only used with `mode: header` (mode here is resolve)",
             ),
-            (4, "identity.url", "not supported yet (planned: identity resolution)"),
-            (5, "identity.user_field", "not supported yet (planned: identity resolution)"),
-            (6, "identity.ttl", "not supported yet (planned: identity resolution)"),
+            (
+                7,
+                "identity.trusted_networks",
+                "only used with `mode: header` (mode here is resolve)",
+            ),
         ],
+    );
+}
+
+#[test]
+fn bad_trusted_networks_are_reported_per_entry() {
+    assert_errors(
+        "bad_trusted_networks.yaml",
+        &[
+            (
+                7,
+                "identity.trusted_networks[1]",
+                "\"10.0.0.0/33\": the prefix length /33 is not a whole number from 0 to 32",
+            ),
+            (
+                8,
+                "identity.trusted_networks[2]",
+                "\"not-an-ip\" is not an IP address or network",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn empty_trusted_networks_are_refused() {
+    assert_errors(
+        "empty_trusted_networks.yaml",
+        &[(
+            5,
+            "identity.trusted_networks",
+            "the list is empty, so no caller could ever be trusted",
+        )],
+    );
+}
+
+#[test]
+fn the_authorization_header_cannot_name_the_user() {
+    assert_errors(
+        "header_authorization.yaml",
+        &[(
+            4,
+            "identity.header",
+            "\"Authorization\" carries the caller's credential",
+        )],
     );
 }
 
@@ -534,10 +680,11 @@ fn every_error_in_a_file_is_reported_at_once() {
             (2, "listen", "\"0.0.0.0\" is not a socket address"),
             (3, "upstream", "scheme \"ftp\" is not supported"),
             (4, "safety_margin", "spaces are not allowed"),
+            (6, "identity.url", "missing: mode resolve needs `url`"),
             (
                 6,
-                "identity.mode",
-                "not supported yet (planned: identity resolution)",
+                "identity.user_field",
+                "missing: mode resolve needs `user_field`",
             ),
             (
                 8,
