@@ -11,7 +11,8 @@
 //!   bad token cannot flood the endpoint.
 //! - Lookups spend the identity endpoint's own quota (20 per minute, lock 10 minutes, per token
 //!   here: the owner is what is being asked), through the same limiter as every call.
-//! - Unreachable or nonsensical answers are not cached; `on_unreachable` decides.
+//! - Unreachable or nonsensical answers are not cached; `on_unreachable` decides. A lookup over
+//!   the endpoint's quota is refused with 429 under `reject` and falls back under `token`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,19 +181,26 @@ impl Resolver {
                 content_type,
                 body,
             }),
-            Err(e) => match e.as_ref() {
-                LookupError::Limited(refusal) => Err(ResolveError::Limited(*refusal)),
-                LookupError::Unreachable(why) => match self.config.on_unreachable {
-                    OnIdentityError::Reject => {
-                        tracing::warn!(error = %why, "identity endpoint unavailable; call refused");
-                        Err(ResolveError::Unavailable)
-                    }
-                    OnIdentityError::Token => {
-                        tracing::warn!(error = %why, "identity endpoint unavailable; keyed by token hash");
-                        self.metrics.identity_lookup("fallback");
-                        Ok(token)
-                    }
-                },
+            Err(e) => match (e.as_ref(), self.config.on_unreachable) {
+                (LookupError::Limited(refusal), OnIdentityError::Reject) => {
+                    Err(ResolveError::Limited(*refusal))
+                }
+                (LookupError::Unreachable(why), OnIdentityError::Reject) => {
+                    tracing::warn!(error = %why, "identity endpoint unavailable; call refused");
+                    Err(ResolveError::Unavailable)
+                }
+                // The owner cannot be learnt now, whether the endpoint failed or the lookups are
+                // over its quota (repeated failures use it up): key by token, as promised,
+                // rather than refuse a call whose own route has quota left.
+                (error, OnIdentityError::Token) => {
+                    let why = match error {
+                        LookupError::Limited(_) => "identity lookups over quota",
+                        LookupError::Unreachable(why) => why.as_str(),
+                    };
+                    tracing::warn!(error = %why, "identity endpoint unavailable; keyed by token hash");
+                    self.metrics.identity_lookup("fallback");
+                    Ok(token)
+                }
             },
         }
     }
