@@ -137,7 +137,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ))
     };
     let prober = match limiter.as_ref() {
-        Store::Redis(redis) => Some(tokio::spawn(redis.clone().probe_forever())),
+        Store::Redis(redis) => {
+            // Connect now rather than on the first call, so that call does not pay for the
+            // connection (or find out that Redis is down).
+            redis.probe().await;
+            Some(tokio::spawn(redis.clone().probe_forever()))
+        }
         Store::Memory(_) => None,
     };
     let sweeper = tokio::spawn(sweep(limiter, stopped));

@@ -299,6 +299,9 @@ impl RedisStore {
         if self.options.on_error == OnStoreError::Local && !self.merge_local_sends().await {
             return; // stay local; the next probe tries again
         }
+        if !self.restore_locks().await {
+            return;
+        }
         let until = self
             .clock
             .now()
@@ -306,6 +309,33 @@ impl RedisStore {
         self.set_health(Health::Recovering { until });
         self.fallback.assume_full_at(None);
         tracing::info!("Redis store is back; deciding with headroom for one window");
+    }
+
+    /// Writes the locks this replica knows are still running back to Redis: one learned while
+    /// Redis was away exists nowhere else (once Redis decides again even this replica would forget
+    /// it), and a Redis that lost its data lost the others.
+    async fn restore_locks(&self) -> bool {
+        let now = self.clock.now();
+        let running: Vec<(Key, Nanos)> = self
+            .locks_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, &until)| until > now)
+            .map(|(&key, &until)| (key, until))
+            .collect();
+        for (key, until) in running {
+            let mut invocation = self.scripts.lock.prepare_invoke();
+            invocation
+                .key(format!("{}:lock", self.key_base(&key)))
+                .arg(self.now_arg(now))
+                .arg(self.units(until - now))
+                .arg(self.units_per_ms());
+            if self.run::<i64>("lock", invocation).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Adds what this replica sent on its own during the outage to the shared state.
