@@ -12,7 +12,8 @@
 //!   the future is polled once, without a runtime). Hot paths use the shipped figures of
 //!   `chats.post_message` (20 per 1m + 1s margin) with N active keys visited in turn on a fake
 //!   clock that moves so each key runs at 80% of its quota: every decision is "send now" and every
-//!   key's log is full, the steady state of a busy proxy.
+//!   key's log is full, the steady state of a busy proxy. (Not a huge quota as for Redis: the
+//!   embedded window log holds the last `limit` send times of a key, so its cost grows with it.)
 //! - `redis_*`: [`RedisStore`] on Redis's own clock (`TIME`) with a fresh `redis-server` on a free
 //!   loopback port. Hot paths use a quota of 1,000,000 per 60s so every decision is "send now";
 //!   `redis_refused` uses 20 per 61s on one key that is already full. `redis_concurrent` runs
@@ -47,11 +48,15 @@ fn main() {
     let _server = StopServerOnExit;
     if bench_mode() {
         print_machine();
+        if wants_redis() {
+            redis(); // started before the table, so its line does not land inside it
+        }
     }
     divan::main();
-    if bench_mode() && wants_latency_table() {
+    if bench_mode() && wants_redis() {
         if let Some(env) = redis() {
             latency_table(env);
+            server_time(env);
         }
     }
 }
@@ -62,9 +67,10 @@ fn bench_mode() -> bool {
     args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test")
 }
 
-/// A name filter given on the command line (`cargo bench --bench limiter -- memory`) that says
-/// nothing about Redis skips the latency table too.
-fn wants_latency_table() -> bool {
+/// False when a name filter is given (`cargo bench --bench limiter -- memory`) that says nothing
+/// about Redis: then Redis is started only if a benchmark asks for it, and the latency table is
+/// skipped.
+fn wants_redis() -> bool {
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -225,7 +231,7 @@ fn scaled(n: usize) -> usize {
 }
 
 /// Window algorithm, steady state with 1, 10k and 1M active (route, user) keys.
-#[divan::bench(args = [1, 10_000, 1_000_000])]
+#[divan::bench(args = [1, 10_000, 1_000_000], sample_count = 1000, sample_size = 1000)]
 fn memory_window(bencher: Bencher, keys: usize) {
     let mut hot = MemoryHot::new(scaled(keys), shipped(Algorithm::Window));
     bencher.counter(ItemsCount::new(1usize)).bench_local(|| {
@@ -236,7 +242,7 @@ fn memory_window(bencher: Bencher, keys: usize) {
 }
 
 /// GCRA (burst 10 of 20), steady state with 10k active keys.
-#[divan::bench(args = [10_000])]
+#[divan::bench(args = [10_000], sample_count = 1000, sample_size = 1000)]
 fn memory_gcra(bencher: Bencher, keys: usize) {
     let mut hot = MemoryHot::new(scaled(keys), shipped(gcra(10)));
     bencher.counter(ItemsCount::new(1usize)).bench_local(|| {
@@ -247,7 +253,7 @@ fn memory_gcra(bencher: Bencher, keys: usize) {
 }
 
 /// The refusal path: one key whose window is full, reject mode.
-#[divan::bench]
+#[divan::bench(sample_count = 1000, sample_size = 1000)]
 fn memory_refused(bencher: Bencher) {
     let clock = Arc::new(ManualClock::new());
     let store = Store::Memory(MemoryStore::new(clock.clone(), 10_000));
@@ -290,6 +296,7 @@ struct RedisEnv {
     rt: tokio::runtime::Runtime,
     store: Arc<Store>,
     version: String,
+    port: u16,
 }
 
 /// Hot quota for Redis: high enough that no decision is ever refused.
@@ -339,7 +346,12 @@ fn redis() -> Option<&'static RedisEnv> {
                 .expect("valid Redis options");
             Arc::new(Store::Redis(Arc::new(store)))
         });
-        Some(RedisEnv { rt, store, version })
+        Some(RedisEnv {
+            rt,
+            store,
+            version,
+            port,
+        })
     })
     .as_ref()
 }
@@ -445,6 +457,20 @@ fn info_field(info: &str, field: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
+/// The Redis environment; `None` under `cargo test` (then a no-op is registered, so the test run
+/// stays quiet) or when redis-server could not be started (divan then warns).
+fn with_redis<'a, 'b>(bencher: Bencher<'a, 'b>) -> Option<(&'static RedisEnv, Bencher<'a, 'b>)> {
+    match redis() {
+        Some(env) => Some((env, bencher)),
+        None => {
+            if !bench_mode() {
+                bencher.bench_local(|| ());
+            }
+            None
+        }
+    }
+}
+
 /// Makes `keys` active in Redis (one decision each), 64 at a time.
 fn warm_up(env: &RedisEnv, policy: Policy, keys: &Arc<Vec<Key>>, each: usize) {
     env.rt.block_on(async {
@@ -472,7 +498,9 @@ fn warm_up(env: &RedisEnv, policy: Policy, keys: &Arc<Vec<Key>>, each: usize) {
 /// One caller, one decision at a time (window algorithm): the latency each call adds.
 #[divan::bench(args = [1, 10_000], sample_count = 3000, sample_size = 1)]
 fn redis_window(bencher: Bencher, keys: usize) {
-    let Some(env) = redis() else { return };
+    let Some((env, bencher)) = with_redis(bencher) else {
+        return;
+    };
     let policy = redis_hot(Algorithm::Window);
     let keys = Arc::new(self::keys(HOT, keys, 100 + keys as u64));
     warm_up(env, policy, &keys, 1);
@@ -489,7 +517,9 @@ fn redis_window(bencher: Bencher, keys: usize) {
 /// One caller, GCRA, 10k keys.
 #[divan::bench(args = [10_000], sample_count = 3000, sample_size = 1)]
 fn redis_gcra(bencher: Bencher, keys: usize) {
-    let Some(env) = redis() else { return };
+    let Some((env, bencher)) = with_redis(bencher) else {
+        return;
+    };
     let policy = redis_hot(gcra(1_000));
     let keys = Arc::new(self::keys(HOT_GCRA, keys, 200 + keys as u64));
     warm_up(env, policy, &keys, 1);
@@ -506,7 +536,9 @@ fn redis_gcra(bencher: Bencher, keys: usize) {
 /// The refusal path: one key already at 20 sends in its 61s window, reject mode.
 #[divan::bench(sample_count = 3000, sample_size = 1)]
 fn redis_refused(bencher: Bencher) {
-    let Some(env) = redis() else { return };
+    let Some((env, bencher)) = with_redis(bencher) else {
+        return;
+    };
     let policy = shipped(Algorithm::Window);
     let keys = Arc::new(keys(REFUSED, 1, 300));
     warm_up(env, policy, &keys, policy.limit as usize);
@@ -524,7 +556,9 @@ const PER_TASK: usize = 32;
 /// decisions per second.
 #[divan::bench(args = [16, 64], sample_count = 40)]
 fn redis_concurrent(bencher: Bencher, tasks: usize) {
-    let Some(env) = redis() else { return };
+    let Some((env, bencher)) = with_redis(bencher) else {
+        return;
+    };
     let policy = redis_hot(Algorithm::Window);
     let keys = Arc::new(keys(HOT, 10_000, 400 + tasks as u64));
     warm_up(env, policy, &keys, 1);
@@ -557,6 +591,8 @@ fn latency_table(env: &RedisEnv) {
     let policy = redis_hot(Algorithm::Window);
     let keys = Arc::new(keys(HOT, 10_000, 500));
     warm_up(env, policy, &keys, 1);
+    // Server-side time per script below counts these decisions only.
+    assert_eq!(command(env.port, &["CONFIG", "RESETSTAT"]), "OK");
     println!();
     println!(
         "Redis store, redis-server {} on loopback, window algorithm, 10k keys, 3 s per row:",
@@ -604,6 +640,23 @@ fn latency_table(env: &RedisEnv) {
             at(0.999),
             micros(*latencies.last().expect("some decisions")),
         );
+    }
+}
+
+/// Redis's own time per script run during the latency table: what one decision costs Redis's
+/// single thread, whatever the network and the client add.
+fn server_time(env: &RedisEnv) {
+    let stats = command(env.port, &["INFO", "commandstats"]);
+    for line in stats.lines() {
+        if let Some(rest) = line
+            .strip_prefix("cmdstat_evalsha:")
+            .or_else(|| line.strip_prefix("cmdstat_eval:"))
+        {
+            println!(
+                "redis-server time per script ({}) in the latency table: {rest}",
+                &line[8..line.find(':').unwrap_or(8)]
+            );
+        }
     }
 }
 
