@@ -52,7 +52,46 @@ pub struct Config {
     pub http: HttpLimits,
     pub queue: QueueLimits,
     pub log: LogConfig,
+    /// `store.state_file` (memory store only): limiter state survives a restart.
+    pub state_file: Option<PathBuf>,
+    pub admin: AdminConfig,
+    pub reload: ReloadConfig,
     pub routes: Vec<RouteConfig>,
+}
+
+/// How often the memory store's state file is rewritten while running (and on shutdown).
+pub const STATE_FILE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The admin listener's `/admin/` paths.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// If set, `/admin/` requests need `Authorization: Bearer <token>`. Never printed.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = self.token.as_ref().map(|_| "REDACTED");
+        f.debug_struct("AdminConfig").field("token", &token).finish()
+    }
+}
+
+/// Config reloads: SIGHUP always; a file watch if asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReloadConfig {
+    /// Reload when the config file changes (off by default: SIGHUP is explicit).
+    pub watch: bool,
+}
+
+/// Whether a route's decisions are enforced or only observed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RouteMode {
+    /// Decisions are applied (default).
+    #[default]
+    Enforce,
+    /// Decisions are computed, logged and counted, but every call is forwarded at once: a new
+    /// limit can be rolled out and watched before it bites.
+    Shadow,
 }
 
 /// The one host cliqgate ever connects to.
@@ -269,6 +308,7 @@ pub struct RouteConfig {
     pub on_limit: OnLimit,
     pub max_wait: Duration,
     pub algorithm: Algorithm,
+    pub mode: RouteMode,
     /// Line of the route in the file, for messages.
     pub line: usize,
 }
@@ -1086,6 +1126,10 @@ fn read_config(top: &Section, cx: &mut Ctx) -> Option<Config> {
         http,
         queue,
         log,
+        // Parsed by the operations keys (state file, admin, reload); defaults until then.
+        state_file: None,
+        admin: AdminConfig::default(),
+        reload: ReloadConfig::default(),
         routes,
     })
 }
@@ -2233,6 +2277,7 @@ fn build_route(
         on_limit,
         max_wait: fields.max_wait.map_or(DEFAULT_MAX_WAIT, |s| s.value),
         algorithm: algorithm?,
+        mode: RouteMode::Enforce,
         line: sec.line,
     };
     Some(Built { route, paths })

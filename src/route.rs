@@ -151,6 +151,7 @@ mod tests {
             on_limit: OnLimit::Queue,
             max_wait: Duration::from_secs(30),
             algorithm: Algorithm::Window,
+            mode: crate::config::RouteMode::Enforce,
             line: 1,
         }
     }
