@@ -336,7 +336,7 @@ fn redis() -> Option<&'static RedisEnv> {
             on_error: OnStoreError::Reject,
             replicas: 1,
             prefix: "cliqgate:".into(),
-            routes: ROUTES.iter().map(|r| r.to_string()).collect(),
+            routes: cliqgate::limit::RouteNames::new(ROUTES.iter().map(|r| r.to_string())),
             max_window: Duration::from_secs(61),
             max_queued_total: 10_000,
             injected_time: false,

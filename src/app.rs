@@ -6,9 +6,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -17,10 +19,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, StoreConfig};
-use crate::limit::{Limiter, MemoryStore, RedisOptions, RedisStore, Store, StoreError, TokioClock};
+use crate::config::{Config, ConfigErrors, StoreConfig};
+use crate::limit::{
+    Limiter, MemoryStore, RedisOptions, RedisStore, RouteNames, Store, StoreError, TokioClock,
+};
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Drain, Proxy};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// How often idle limiter keys are swept: memory follows active users within this delay.
@@ -29,16 +33,49 @@ const EVICT_INTERVAL: Duration = Duration::from_secs(10);
 /// Zoho-style 431 rather than hyper's bare one.
 const HEAD_BUFFER_SLACK: usize = 16 * 1024;
 
-/// A running proxy: its bound addresses and a handle to stop it.
+/// A running proxy: its bound addresses and a handle to reload or stop it.
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub proxy: Arc<Proxy>,
+    /// The proxy of the current config; a reload swaps it, calls in flight keep theirs.
+    current: Arc<ArcSwap<Proxy>>,
+    /// What outlives a reload: limiter state (route ids by name), metrics, the drain signal.
+    shared: Shared,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     admin: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     prober: Option<JoinHandle<()>>,
+}
+
+/// What a proxy is built from besides its config, kept across reloads.
+#[derive(Clone)]
+struct Shared {
+    limiter: Arc<Store>,
+    metrics: Arc<Metrics>,
+    names: Arc<RouteNames>,
+    drain: Arc<Drain>,
+}
+
+impl Shared {
+    fn proxy(&self, config: Config, upstream: Upstream) -> Proxy {
+        Proxy::new(
+            config,
+            self.limiter.clone(),
+            upstream,
+            self.metrics.clone(),
+            &self.names,
+            self.drain.clone(),
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("invalid config:\n{0}")]
+    Config(ConfigErrors),
+    #[error(transparent)]
+    Start(StartError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +96,11 @@ pub enum StartError {
 const REDIS_PREFIX: &str = "cliqgate:";
 
 /// The configured limiter store. Redis is connected lazily: the proxy starts even if it is down.
-fn open_store(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Store>, StartError> {
+fn open_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    names: &Arc<RouteNames>,
+) -> Result<Arc<Store>, StartError> {
     let clock = Arc::new(TokioClock::new());
     let store = match &config.store {
         StoreConfig::Memory => Store::Memory(MemoryStore::new(clock, config.queue.max_total)),
@@ -77,12 +118,7 @@ fn open_store(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Store>, Sta
                 on_error: redis.on_error,
                 replicas: redis.replicas.get(),
                 prefix: REDIS_PREFIX.to_string(),
-                routes: config
-                    .routes
-                    .iter()
-                    .map(|r| r.name.clone())
-                    .chain([crate::resolve::IDENTITY_ROUTE_NAME.to_string()])
-                    .collect(),
+                routes: names.clone(),
                 max_window,
                 max_queued_total: config.queue.max_total,
                 injected_time: false,
@@ -101,10 +137,13 @@ fn open_store(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Store>, Sta
 /// Starts the proxy and admin listeners on the configured addresses.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let limiter = open_store(&config, &metrics)?;
+    let names = RouteNames::new(config.routes.iter().map(|r| r.name.clone()));
+    let limiter = open_store(&config, &metrics, &names)?;
+    let shared = Shared { limiter: limiter.clone(), metrics, names, drain: Arc::new(Drain::default()) };
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
-    let proxy = Arc::new(Proxy::new(config, limiter.clone(), upstream, metrics));
+    let proxy = Arc::new(shared.proxy(config, upstream));
+    let current = Arc::new(ArcSwap::new(proxy.clone()));
 
     let listener = bind("proxy listener", listen).await?;
     let admin_listener = bind("admin listener", admin_listen).await?;
@@ -114,17 +153,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let server = {
         let (builder, drain) = (builder(&proxy.config), proxy.config.timeouts.shutdown);
-        let proxy = proxy.clone();
+        let current = current.clone();
         let service = move |req, peer| {
-            let proxy = proxy.clone();
+            // Each call runs on the config current when it arrived, to its end.
+            let proxy = current.load_full();
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         };
         tokio::spawn(serve(listener, builder, service, stopped.clone(), drain))
     };
     let admin = {
-        let proxy = proxy.clone();
+        let current = current.clone();
         let service = move |req, _peer| {
-            let proxy = proxy.clone();
+            let proxy = current.load_full();
             async move { Ok::<_, Infallible>(crate::admin::handle(proxy, req).await) }
         };
         let builder = auto::Builder::new(TokioExecutor::new());
@@ -151,7 +191,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         prober,
         proxy_addr,
         admin_addr,
-        proxy,
+        current,
+        shared,
         stop,
         server,
         admin,
@@ -160,14 +201,63 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight calls finish (bounded by `timeouts.shutdown`), then returns.
+    /// The proxy of the current config.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.current.load_full()
+    }
+
+    /// Applies a new config to calls that arrive from now on. Connections stay open, queued and
+    /// in-flight calls finish on the config they started with, and limiter state of every route
+    /// whose name is unchanged is kept (a route is its name). Listeners and the store cannot
+    /// change without a restart: such changes are ignored with a warning.
+    pub fn reload(&self, mut config: Config) -> Result<(), StartError> {
+        let old = self.current.load_full();
+        if (config.listen, config.admin_listen) != (old.config.listen, old.config.admin_listen) {
+            tracing::warn!("listen and admin_listen change only with a restart; keeping the current ones");
+            (config.listen, config.admin_listen) = (old.config.listen, old.config.admin_listen);
+        }
+        if config.store != old.config.store || config.state_file != old.config.state_file {
+            tracing::warn!("the store changes only with a restart; keeping the current one");
+            config.store = old.config.store.clone();
+            config.state_file = old.config.state_file.clone();
+        }
+        let same_upstream = config.upstream == old.config.upstream
+            && config.upstream_ca_file == old.config.upstream_ca_file
+            && config.timeouts == old.config.timeouts;
+        let upstream = if same_upstream { old.upstream().clone() } else { Upstream::new(&config)? };
+        let routes = config.routes.len();
+        self.current.store(Arc::new(self.shared.proxy(config, upstream)));
+        tracing::info!(routes, "config reloaded");
+        Ok(())
+    }
+
+    /// Reads `path` and applies it; a bad file changes nothing. Counted in
+    /// `cliqgate_config_reloads_total{result}`.
+    pub fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
+        let result = Config::load(path)
+            .map_err(ReloadError::Config)
+            .and_then(|config| self.reload(config).map_err(ReloadError::Start));
+        match &result {
+            Ok(()) => self.shared.metrics.config_reload("success"),
+            Err(e) => {
+                self.shared.metrics.config_reload("failure");
+                tracing::error!(file = %path.display(), error = %e, "config reload refused; the current config stays");
+            }
+        }
+        result
+    }
+
+    /// Stops accepting, lets in-flight calls finish and queued calls be sent or refused (bounded
+    /// by `timeouts.shutdown`), then returns.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        self.trigger_shutdown();
         self.wait().await;
     }
 
     /// Asks the servers to stop, without waiting.
     pub fn trigger_shutdown(&self) {
+        let timeout = self.current.load().config.timeouts.shutdown;
+        self.shared.drain.begin(timeout);
         let _ = self.stop.send(true);
     }
 
@@ -284,4 +374,83 @@ async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
             return;
         }
     }
+}
+
+/// Settle time after a file change before reloading: editors and ConfigMap updates write in
+/// several steps.
+const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Runs until SIGTERM or SIGINT, then drains and returns. SIGHUP reloads the config from
+/// `config_path`; so does a change to that file when `reload.watch` is on.
+pub async fn run_until_signalled(running: Running, config_path: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    );
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
+        tracing::error!("cannot install signal handlers; stopping");
+        running.shutdown().await;
+        return;
+    };
+    let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = if running.proxy().config.reload.watch {
+        watch_file(&config_path, changed_tx)
+    } else {
+        None
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = running.reload_from(&config_path);
+            }
+            Some(()) = changed.recv() => {
+                tokio::time::sleep(WATCH_DEBOUNCE).await;
+                while changed.try_recv().is_ok() {}
+                tracing::info!("config file changed: reloading");
+                let _ = running.reload_from(&config_path);
+            }
+        }
+    }
+    tracing::info!("shutting down: no new connections; finishing calls in flight and in queues");
+    running.shutdown().await;
+}
+
+/// Watches the config file's directory (editors and Kubernetes ConfigMaps replace files by
+/// rename, which a watch on the file itself would miss). Only creations, changes and removals
+/// count: reading the file emits access events, which would otherwise loop.
+fn watch_file(path: &Path, changed: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let name = path.file_name()?.to_os_string();
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let handler = move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let relevant = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
+            && event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|f| f == name.as_os_str() || f.to_string_lossy().starts_with("..data"))
+            });
+        if relevant {
+            let _ = changed.try_send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::error!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
+        return None;
+    }
+    tracing::info!(file = %path.display(), "watching the config file for changes");
+    Some(watcher)
 }

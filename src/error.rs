@@ -46,6 +46,8 @@ pub enum ProxyError {
     StoreUnavailable,
     #[error("identity endpoint unavailable")]
     IdentityUnavailable,
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 impl ProxyError {
@@ -76,6 +78,11 @@ impl ProxyError {
                 *status,
                 "identity_refused",
                 "The identity endpoint refused the token.".into(),
+            ),
+            ProxyError::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "This proxy is shutting down before the call's turn; send it again.".into(),
             ),
             ProxyError::IdentityUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -123,7 +130,9 @@ impl ProxyError {
                     .map(|s| s.max(1))
             }
             // Outages of cliqgate's own dependencies are usually short: come back soon.
-            ProxyError::StoreUnavailable | ProxyError::IdentityUnavailable => Some(1),
+            ProxyError::StoreUnavailable
+            | ProxyError::IdentityUnavailable
+            | ProxyError::ShuttingDown => Some(1),
             ProxyError::MissingCredential { .. }
             | ProxyError::Unmatched
             | ProxyError::BadRequest(_)

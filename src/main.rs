@@ -32,10 +32,18 @@ struct Cli {
 enum Command {
     /// Validate the config and print the route table; exit 64 if it is invalid.
     Check,
+    /// Print the JSON Schema of the config file (for editors and CI); reads no config.
+    Schema,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Schema) = cli.command {
+        let _ = std::io::stdout()
+            .lock()
+            .write_all(cliqgate::config::JSON_SCHEMA.as_bytes());
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(errors) => {
@@ -54,7 +62,8 @@ fn main() -> ExitCode {
             let _ = writeln!(out, "{}: OK", cli.config.display());
             ExitCode::SUCCESS
         }
-        None => run(config),
+        Some(Command::Schema) => unreachable!("handled before the config is read"),
+        None => run(config, cli.config),
     }
 }
 
@@ -74,7 +83,7 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, config_path: PathBuf) -> ExitCode {
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -94,26 +103,10 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::from(EXIT_CANNOT_START);
             }
         };
-        shutdown_signal().await;
-        tracing::info!("shutting down: no new connections; finishing calls in flight");
-        running.shutdown().await;
+        // SIGHUP reloads the config; SIGTERM/SIGINT drain and stop.
+        cliqgate::app::run_until_signalled(running, config_path).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}

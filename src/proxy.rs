@@ -16,13 +16,13 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::{read_prefix, Limited, Prefixed, ProxyBody};
-use crate::config::{Config, IdentityConfig, OnLimit, Unmatched};
+use crate::config::{Config, IdentityConfig, OnLimit, RouteMode, Unmatched};
 use crate::error::ProxyError;
 use crate::headers::{fields_size, remove_hop_by_hop};
 use crate::identity::{identify, IdentityError};
 use crate::limit::{
     Acquire, Key, Limiter, LockReason, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
-    Reservation, RouteId, Store, StoreError, UserKey,
+    Reservation, RouteId, RouteNames, Store, StoreError, UserKey,
 };
 use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
 use crate::resolve::{ResolveError, Resolver};
@@ -37,6 +37,9 @@ const QUEUE_BODY_PEEK: usize = 64 * 1024;
 /// One route as the pipeline needs it, built once per config.
 pub struct RouteRuntime {
     pub name: String,
+    /// The route's id in the limiter: stable for its name across reloads.
+    pub id: RouteId,
+    pub mode: RouteMode,
     pub policy: Policy,
     pub queue: Option<QueueRule>,
     pub metrics: RouteMetrics,
@@ -52,6 +55,8 @@ pub struct Proxy {
     unmatched: RouteMetrics,
     pub limiter: Arc<Store>,
     upstream: Upstream,
+    /// Set when a shutdown begins: queued calls that cannot be sent by then are refused.
+    drain: Arc<Drain>,
     /// Resolve mode: who owns a token.
     resolver: Option<Resolver>,
     pub metrics: Arc<Metrics>,
@@ -63,6 +68,8 @@ impl Proxy {
         limiter: Arc<Store>,
         upstream: Upstream,
         metrics: Arc<Metrics>,
+        names: &RouteNames,
+        drain: Arc<Drain>,
     ) -> Self {
         let routes = config
             .routes
@@ -79,6 +86,8 @@ impl Proxy {
                 .unwrap_or_else(|_| HeaderValue::from_static("\"route\""));
                 RouteRuntime {
                     name: route.name.clone(),
+                    id: names.id(&route.name),
+                    mode: route.mode,
                     policy,
                     queue: (route.on_limit == OnLimit::Queue).then(|| QueueRule {
                         max_wait: duration_nanos(route.max_wait),
@@ -95,9 +104,9 @@ impl Proxy {
                 // Lookups spend the identity endpoint's own quota: the route that covers its path,
                 // or Zoho's published figure for /api/v2/me under a route id of its own.
                 let (route, policy) = match table.find(&Method::GET, resolve.url.path()) {
-                    Some(id) => (id, routes[id.0 as usize].policy),
+                    Some(index) => (routes[index.0 as usize].id, routes[index.0 as usize].policy),
                     None => (
-                        RouteId(routes.len() as u32),
+                        names.id(crate::resolve::IDENTITY_ROUTE_NAME),
                         crate::resolve::identity_policy(config.safety_margin),
                     ),
                 };
@@ -113,6 +122,7 @@ impl Proxy {
             IdentityConfig::Token | IdentityConfig::Header { .. } => None,
         };
         Proxy {
+            drain,
             table,
             resolver,
             routes,
@@ -126,10 +136,10 @@ impl Proxy {
 
     /// Brings per-route gauges that are derived from limiter state up to date (before a scrape).
     pub fn refresh_gauges(&self) {
-        for (i, route) in self.routes.iter().enumerate() {
+        for route in &self.routes {
             route
                 .metrics
-                .set_locks_active(self.limiter.locks_active(RouteId(i as u32)));
+                .set_locks_active(self.limiter.locks_active(route.id));
         }
         self.metrics.limiter_keys.set(self.limiter.len() as i64);
     }
@@ -185,9 +195,14 @@ impl Proxy {
         };
         log.user = Some(user);
         let key = Key {
-            route: route_id,
+            route: route.id,
             user,
         };
+
+        // Shadow routes: decide and count as if enforced, but forward at once.
+        if route.mode == RouteMode::Shadow {
+            return self.shadow(req, route, key, log).await;
+        }
 
         // Limit: forward now, wait for a reserved slot, or refuse at once.
         let acquired = self.limiter.acquire(&route.policy, key, route.queue).await;
@@ -210,6 +225,72 @@ impl Proxy {
         }
         add_ratelimit_headers(&mut response, route, view);
         Ok(response)
+    }
+
+    /// A shadow route: the decision enforcing would take is computed, logged and counted (the
+    /// `decision` label), and the call is forwarded at once whatever it is. A slot that would have
+    /// been waited for is given back at once, so the limiter keeps modelling enforcement.
+    async fn shadow(
+        &self,
+        req: Request<Incoming>,
+        route: &RouteRuntime,
+        key: Key,
+        log: &mut AccessLog,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        log.shadow = true;
+        let acquired = self.limiter.acquire(&route.policy, key, route.queue).await;
+        let (decision, view) = match acquired {
+            Ok(Acquire::Now { view, .. }) => (Decision::Forwarded, Some(view)),
+            Ok(Acquire::Reserved { reservation, .. }) => {
+                let _ = self.limiter.cancel(&route.policy, &reservation).await;
+                (Decision::Delayed, None)
+            }
+            Ok(Acquire::Refused(refusal)) => (refusal_decision(refusal.reason), None),
+            // The store failed: enforcing would have refused; shadow forwards anyway.
+            Err(_) => (Decision::Rejected, None),
+        };
+        log.decision = Some(decision);
+        route.metrics.count(decision);
+        let (mut response, throttled) = self
+            .forward(req.map(box_incoming), Some(key), &route.metrics, log)
+            .await?;
+        if let Some(retry_after) = throttled {
+            self.learn_lock(route, key, retry_after);
+        }
+        if let Some(view) = view {
+            add_ratelimit_headers(&mut response, route, view);
+        }
+        Ok(response)
+    }
+
+    /// The upstream client (kept across reloads that do not change it).
+    pub(crate) fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Sleeps until a queued call's slot, unless a shutdown begins whose deadline comes first:
+    /// then the call is refused at once rather than left to be cut off.
+    async fn sleep_until_slot(&self, wake: Instant) -> Result<(), ProxyError> {
+        let mut drain = self.drain.subscribe();
+        loop {
+            let deadline = *drain.borrow_and_update();
+            if let Some(deadline) = deadline {
+                if wake > deadline {
+                    return Err(ProxyError::ShuttingDown);
+                }
+                tokio::time::sleep_until(wake).await;
+                return Ok(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => return Ok(()),
+                changed = drain.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep_until(wake).await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 
     /// The user key of a call: a credential hash, a trusted header, or a resolved user id.
@@ -307,7 +388,10 @@ impl Proxy {
         let mut ended = http_body::Body::is_end_stream(&body);
         while !ended && held.len() < QUEUE_BODY_PEEK {
             tokio::select! {
-                () = tokio::time::sleep_until(wake) => break,
+                slept = self.sleep_until_slot(wake) => match slept {
+                    Ok(()) => break,
+                    Err(e) => return Err(guard.refused(route, log, e)),
+                },
                 frame = body.frame() => match frame {
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => held.extend_from_slice(&data),
@@ -321,7 +405,9 @@ impl Proxy {
                 },
             }
         }
-        tokio::time::sleep_until(wake).await;
+        if let Err(e) = self.sleep_until_slot(wake).await {
+            return Err(guard.refused(route, log, e));
+        }
         let waited = queued_at.elapsed();
         log.queue_wait = Some(waited);
         route.metrics.queue_wait.observe(waited.as_secs_f64());
@@ -412,24 +498,13 @@ impl Proxy {
     }
 
     fn refusal(&self, route: &RouteRuntime, log: &mut AccessLog, refusal: Refusal) -> ProxyError {
-        let (decision, why) = match refusal.reason {
-            RefusalReason::Limited => (
-                Decision::Rejected,
-                "This user's rate limit for this endpoint is used up.",
-            ),
-            RefusalReason::QueueFull => (
-                Decision::Rejected,
-                "Too many calls are already waiting for this endpoint.",
-            ),
-            RefusalReason::TooFar => (
-                Decision::QueueTimeout,
-                "The next free slot for this user is further away than max_wait.",
-            ),
-            RefusalReason::Locked => (
-                Decision::Locked,
-                "Zoho locked this user out of this endpoint; wait for the lock to end.",
-            ),
+        let why = match refusal.reason {
+            RefusalReason::Limited => "This user's rate limit for this endpoint is used up.",
+            RefusalReason::QueueFull => "Too many calls are already waiting for this endpoint.",
+            RefusalReason::TooFar => "The next free slot for this user is further away than max_wait.",
+            RefusalReason::Locked => "Zoho locked this user out of this endpoint; wait for the lock to end.",
         };
+        let decision = refusal_decision(refusal.reason);
         let now = self.limiter.clock().now();
         let retry_after = Duration::from_nanos(refusal.retry_at.saturating_sub(now));
         self.refuse(
@@ -464,6 +539,42 @@ impl Proxy {
     }
 }
 
+/// Answers for queued calls are written before the drain deadline by at least this much.
+const DRAIN_ANSWER_ROOM: Duration = Duration::from_secs(1);
+
+/// The shutdown signal queued calls watch: `Some(deadline)` once a drain has begun.
+pub struct Drain {
+    deadline: tokio::sync::watch::Sender<Option<Instant>>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain { deadline: tokio::sync::watch::Sender::new(None) }
+    }
+}
+
+impl Drain {
+    /// Starts draining: queued calls whose slot comes after `timeout` (less the room their
+    /// answers need) are refused with 503 now; the others are sent when their slot comes.
+    pub fn begin(&self, timeout: Duration) {
+        let room = DRAIN_ANSWER_ROOM.min(timeout / 10);
+        self.deadline.send_replace(Some(Instant::now() + timeout.saturating_sub(room)));
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
+        self.deadline.subscribe()
+    }
+}
+
+/// The decision label of a refusal.
+fn refusal_decision(reason: RefusalReason) -> Decision {
+    match reason {
+        RefusalReason::Limited | RefusalReason::QueueFull => Decision::Rejected,
+        RefusalReason::TooFar => Decision::QueueTimeout,
+        RefusalReason::Locked => Decision::Locked,
+    }
+}
+
 /// Why a call has no user key.
 enum IdentifyFailure {
     /// Answer the caller with this (counted as `invalid`).
@@ -495,6 +606,17 @@ impl<'a> QueueGuard<'a> {
             Some(r) => self.limiter.redeem(&self.route.policy, &r).await,
             None => Ok(Ok(())),
         }
+    }
+
+    /// The call will not be sent (shutdown): give the slot back, count the refusal.
+    fn refused(mut self, route: &RouteRuntime, log: &mut AccessLog, error: ProxyError) -> ProxyError {
+        if let Some(reservation) = self.reservation.take() {
+            self.route.metrics.queue_depth.dec();
+            self.limiter.cancel_detached(self.route.policy, reservation);
+        }
+        route.metrics.count(Decision::Rejected);
+        log.decision = Some(Decision::Rejected);
+        error
     }
 
     fn cancelled(self, log: &mut AccessLog) -> ProxyError {
@@ -553,6 +675,8 @@ struct AccessLog {
     queue_wait: Option<Duration>,
     /// Time to the upstream's response head.
     upstream: Option<Duration>,
+    /// A shadow route: `decision` is what enforcing would have done; the call was forwarded.
+    shadow: bool,
     done: bool,
 }
 
@@ -569,6 +693,7 @@ impl AccessLog {
             status: 0,
             queue_wait: None,
             upstream: None,
+            shadow: false,
             done: false,
         }
     }
@@ -581,7 +706,7 @@ impl AccessLog {
         let queue_wait_ms = self.queue_wait.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         let upstream_ms = self.upstream.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         tracing::info!(target: "cliqgate::access", method = %self.method, path = %self.path, route,
-            user, decision, status = self.status, queue_wait_ms, upstream_ms,
+            user, decision, shadow = self.shadow, status = self.status, queue_wait_ms, upstream_ms,
             total_ms = self.started.elapsed().as_secs_f64() * 1e3, "call");
     }
 }

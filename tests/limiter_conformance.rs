@@ -50,7 +50,7 @@ impl Backends {
                     on_error: OnStoreError::Reject,
                     replicas: 1,
                     prefix: format!("t{}:", PREFIX.fetch_add(1, Ordering::Relaxed)),
-                    routes: vec!["route".into()],
+                    routes: cliqgate::limit::RouteNames::new(["route".to_string()]),
                     max_window: Duration::from_secs(1),
                     max_queued_total: 10_000,
                     injected_time: true,

@@ -15,8 +15,9 @@ mod window;
 
 pub use clock::{Clock, ManualClock, Nanos, TokioClock};
 pub use gcra::gcra_period;
-pub use memory::{MemoryStore, Recent};
+pub use memory::{KeySnapshot, KeyStatus, MemoryStore, Recent};
 pub use redis::{RedisOptions, RedisStore};
+
 pub use store::Store;
 
 use std::future::Future;
@@ -28,6 +29,43 @@ use crate::config::{Algorithm, RouteConfig};
 /// Index of a route in the compiled route table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RouteId(pub u32);
+
+/// Stable ids for route names. A route keeps its id (and so its limiter state) for the life of
+/// the process, across config reloads; a name never seen before gets the next id.
+#[derive(Debug, Default)]
+pub struct RouteNames {
+    names: std::sync::RwLock<Vec<String>>,
+}
+
+impl RouteNames {
+    pub fn new(names: impl IntoIterator<Item = String>) -> std::sync::Arc<Self> {
+        let registry = RouteNames::default();
+        for name in names {
+            registry.id(&name);
+        }
+        std::sync::Arc::new(registry)
+    }
+
+    /// The id of `name`, registering it if new.
+    pub fn id(&self, name: &str) -> RouteId {
+        let read = self.names.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = read.iter().position(|n| n == name) {
+            return RouteId(i as u32);
+        }
+        drop(read);
+        let mut write = self.names.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = write.iter().position(|n| n == name) {
+            return RouteId(i as u32);
+        }
+        write.push(name.to_string());
+        RouteId((write.len() - 1) as u32)
+    }
+
+    pub fn name(&self, id: RouteId) -> Option<String> {
+        let read = self.names.read().unwrap_or_else(|p| p.into_inner());
+        read.get(id.0 as usize).cloned()
+    }
+}
 
 /// A 128-bit hash that names one user without revealing the credential it came from.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -29,7 +29,7 @@ use redis::Script;
 use super::memory::Recent;
 use super::{
     clock, Acquire, Clock, Key, Kind, MemoryStore, Nanos, Policy, QueueRule, QuotaView, Refusal,
-    RefusalReason, Reservation, RouteId, StoreError,
+    RefusalReason, Reservation, RouteId, RouteNames, StoreError,
 };
 use crate::config::OnStoreError;
 use crate::metrics::Metrics;
@@ -51,7 +51,7 @@ pub struct RedisOptions {
     /// Prefix of every key, so several deployments (or tests) can share one Redis.
     pub prefix: String,
     /// Route names by `RouteId`: keys use names, which every replica with the same config shares.
-    pub routes: Vec<String>,
+    pub routes: Arc<RouteNames>,
     /// The longest `per + safety_margin` of any route: how long hand-overs stay conservative.
     pub max_window: Duration,
     pub max_queued_total: usize,
@@ -162,11 +162,7 @@ impl RedisStore {
     // ---- keys and units ----
 
     fn key_base(&self, key: &Key) -> String {
-        let route = self
-            .options
-            .routes
-            .get(key.route.0 as usize)
-            .map_or("?", String::as_str);
+        let route = self.options.routes.name(key.route).unwrap_or_else(|| "?".to_string());
         let user: String = key.user.0.iter().map(|b| format!("{b:02x}")).collect();
         format!("{}{{{route}:{user}}}", self.options.prefix)
     }
