@@ -35,6 +35,13 @@ pub const DEFAULT_QUEUE_MAX_PER_USER: usize = 100;
 pub const DEFAULT_QUEUE_MAX_TOTAL: usize = 10_000;
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Pretty;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_ROUTE_MODE: RouteMode = RouteMode::Enforce;
+pub const DEFAULT_RELOAD_WATCH: bool = false;
+/// `admin.token`: shorter tokens are refused; the token guards `/admin/` (limits, config).
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// The JSON Schema (draft 2020-12) of the config file, as `cliqgate schema` prints it.
+pub const JSON_SCHEMA: &str = include_str!("schema.json");
 
 /// The validated configuration the proxy runs on.
 #[derive(Debug, Clone)]
@@ -72,7 +79,9 @@ pub struct AdminConfig {
 impl std::fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let token = self.token.as_ref().map(|_| "REDACTED");
-        f.debug_struct("AdminConfig").field("token", &token).finish()
+        f.debug_struct("AdminConfig")
+            .field("token", &token)
+            .finish()
     }
 }
 
@@ -539,6 +548,7 @@ const ROUTE_FIELDS: &[&str] = &[
     "max_wait",
     "algorithm",
     "burst",
+    "mode",
 ];
 
 const TOP: Schema = Schema {
@@ -557,12 +567,11 @@ const TOP: Schema = Schema {
         "log",
         "defaults",
         "routes",
+        "admin",
+        "reload",
     ],
     refused: &[],
 };
-
-const PLANNED_RESTART: &str = "not supported yet (planned: restart safety); limiter state lives \
-                               in memory and starts empty after a restart";
 
 /// The `identity` keys that only `mode: header` reads.
 const HEADER_KEYS: [&str; 2] = ["header", "trusted_networks"];
@@ -601,8 +610,9 @@ const STORE: Schema = Schema {
         "replicas",
         "timeout",
         "connect_timeout",
+        "state_file",
     ],
-    refused: &[("state_file", PLANNED_RESTART)],
+    refused: &[],
 };
 const TIMEOUTS: Schema = Schema {
     allowed: &["connect", "response", "client_header", "shutdown"],
@@ -618,6 +628,15 @@ const QUEUE: Schema = Schema {
 };
 const LOG: Schema = Schema {
     allowed: &["format", "level"],
+    refused: &[],
+};
+/// Read by hand ([`read_admin`]): nothing found under `admin` is ever quoted in a message.
+const ADMIN: Schema = Schema {
+    allowed: &["token"],
+    refused: &[],
+};
+const RELOAD: Schema = Schema {
+    allowed: &["watch"],
     refused: &[],
 };
 const DEFAULTS: Schema = Schema {
@@ -642,9 +661,34 @@ const ROUTE: Schema = Schema {
         "max_wait",
         "algorithm",
         "burst",
+        "mode",
     ],
     refused: &[],
 };
+
+/// The mappings under the top level, each with its keys (`routes[]`: every route).
+const SECTIONS: [(&str, &Schema); 10] = [
+    ("identity", &IDENTITY),
+    ("store", &STORE),
+    ("timeouts", &TIMEOUTS),
+    ("http", &HTTP),
+    ("queue", &QUEUE),
+    ("log", &LOG),
+    ("admin", &ADMIN),
+    ("reload", &RELOAD),
+    ("defaults", &DEFAULTS),
+    ("routes[]", &ROUTE),
+];
+
+/// Every key a config file may hold, as dotted paths: `listen`, `store.state_file`,
+/// `routes[].mode`. A test holds the JSON Schema ([`JSON_SCHEMA`]) to exactly these keys.
+pub fn known_keys() -> Vec<String> {
+    let mut keys: Vec<String> = TOP.allowed.iter().map(|k| (*k).to_string()).collect();
+    for (section, schema) in SECTIONS {
+        keys.extend(schema.allowed.iter().map(|k| format!("{section}.{k}")));
+    }
+    keys
+}
 
 /// YAML 1.1's merge key; saphyr (YAML 1.2) reads it as an ordinary key named `<<`.
 const MERGE_KEY: &str = "<<";
@@ -1107,11 +1151,13 @@ fn read_config(top: &Section, cx: &mut Ctx) -> Option<Config> {
         })
         .unwrap_or(DEFAULT_UNMATCHED);
     let identity = read_identity(top, cx);
-    let store = read_store(top, cx);
+    let (store, state_file) = read_store(top, cx);
     let timeouts = read_timeouts(top, cx);
     let http = read_http(top, cx);
     let queue = read_queue(top, cx);
     let log = read_log(top, cx);
+    let admin = read_admin(top, cx);
+    let reload = read_reload(top, cx);
     let routes = read_routes(top, cx);
     Some(Config {
         listen,
@@ -1126,10 +1172,9 @@ fn read_config(top: &Section, cx: &mut Ctx) -> Option<Config> {
         http,
         queue,
         log,
-        // Parsed by the operations keys (state file, admin, reload); defaults until then.
-        state_file: None,
-        admin: AdminConfig::default(),
-        reload: ReloadConfig::default(),
+        state_file,
+        admin,
+        reload,
         routes,
     })
 }
@@ -1217,10 +1262,7 @@ fn check_port(authority: &Authority) -> Result<(), String> {
 /// `upstream_ca_file`: checked now so a typo fails `cliqgate check`, not the first TLS handshake.
 fn ca_file(f: &Field, cx: &mut Ctx) -> Option<PathBuf> {
     let text = string(f, "a path to a PEM file", cx)?;
-    let path = match cx.base_dir {
-        Some(dir) if Path::new(text).is_relative() => dir.join(text),
-        _ => PathBuf::from(text),
-    };
+    let path = config_path(text, cx);
     if !path.is_file() {
         cx.error(
             f.line(),
@@ -1230,6 +1272,15 @@ fn ca_file(f: &Field, cx: &mut Ctx) -> Option<PathBuf> {
         return None;
     }
     Some(path)
+}
+
+/// A path from the config: a relative one is taken from the config file's directory (from the
+/// working directory for a config held in memory).
+fn config_path(text: &str, cx: &Ctx) -> PathBuf {
+    match cx.base_dir {
+        Some(dir) if Path::new(text).is_relative() => dir.join(text),
+        _ => PathBuf::from(text),
+    }
 }
 
 const HEADER_NEEDED: &str = "mode header needs `header`, the trusted request header that names \
@@ -1616,17 +1667,19 @@ fn check_json_pointer(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn read_store(top: &Section, cx: &mut Ctx) -> StoreConfig {
+/// `store`, and the memory store's `state_file`.
+fn read_store(top: &Section, cx: &mut Ctx) -> (StoreConfig, Option<PathBuf>) {
     #[derive(Clone, Copy, PartialEq)]
     enum Kind {
         Memory,
         Redis,
     }
     let Some(sec) = top.child("store", &STORE, cx) else {
-        return StoreConfig::Memory;
+        return (StoreConfig::Memory, None);
     };
     let kinds = [("memory", Kind::Memory), ("redis", Kind::Redis)];
     let kind_field = sec.field("kind");
+    let state_file_field = sec.field("state_file");
     match kind_field.as_ref().map(|f| choice(f, &kinds, cx)) {
         None | Some(Some(Kind::Memory)) => {
             let why = match kind_field {
@@ -1638,17 +1691,55 @@ fn read_store(top: &Section, cx: &mut Ctx) -> StoreConfig {
                     cx.error(f.line(), &f.key, why);
                 }
             }
-            StoreConfig::Memory
+            let state_file = state_file_field.and_then(|f| state_file(&f, cx));
+            (StoreConfig::Memory, state_file)
         }
         Some(Some(Kind::Redis)) => {
-            read_redis(&sec, true, cx).map_or(StoreConfig::Memory, StoreConfig::Redis)
+            if let Some(f) = state_file_field {
+                cx.error(f.line(), &f.key, STATE_FILE_UNDER_REDIS);
+            }
+            let store = read_redis(&sec, true, cx).map_or(StoreConfig::Memory, StoreConfig::Redis);
+            (store, None)
         }
         // A bad `kind` (reported): still check the values that are there, all errors at once.
         Some(None) => {
             let _ = read_redis(&sec, false, cx);
-            StoreConfig::Memory
+            let _ = state_file_field.and_then(|f| state_file(&f, cx));
+            (StoreConfig::Memory, None)
         }
     }
+}
+
+const STATE_FILE_UNDER_REDIS: &str = "only used with `kind: memory`: the Redis store keeps its \
+                                      state in Redis, so a restart forgets nothing without a file";
+
+/// `store.state_file`: cliqgate creates and rewrites the file, so its directory must exist now
+/// (a typo fails `cliqgate check`, not the first write at shutdown).
+fn state_file(f: &Field, cx: &mut Ctx) -> Option<PathBuf> {
+    let text = string(f, "a file path like \"/var/lib/cliqgate/state.json\"", cx)?;
+    let path = config_path(text, cx);
+    if text.ends_with('/') || path.is_dir() {
+        let why = format!(
+            "{} is a directory; name a file in it, e.g. \"{}\"",
+            path.display(),
+            path.join("state.json").display()
+        );
+        cx.error(f.line(), &f.key, why);
+        return None;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        let why = format!(
+            "no such directory: {} (cliqgate creates the state file, not its directory)",
+            dir.display()
+        );
+        cx.error(f.line(), &f.key, why);
+        return None;
+    }
+    Some(path)
 }
 
 const REDIS_URL_NEEDED: &str = "`kind: redis` needs `url`, e.g. \"redis://127.0.0.1:6379/0\" \
@@ -1977,6 +2068,111 @@ fn check_log_filter(text: &str) -> Result<(), String> {
         .map_err(|e| format!("{text:?} is not a log filter: {e}"))
 }
 
+// ---- Operations: admin API, reload ----
+
+/// `admin`. Nothing found here is ever quoted in a message (not a value, not an unknown key): a
+/// token written in the wrong place must not end up in a log or a CI transcript.
+fn read_admin(top: &Section, cx: &mut Ctx) -> AdminConfig {
+    let Some(node) = top.field("admin").map(|f| f.node) else {
+        return AdminConfig::default();
+    };
+    let map = match &node.data {
+        YamlDataOwned::Value(ScalarOwned::Null) => return AdminConfig::default(),
+        YamlDataOwned::Mapping(map) => map,
+        _ => {
+            let why = format!(
+                "expected a mapping like `admin: {{token: \"...\"}}`, found {} (not quoted: it may \
+                 be a secret)",
+                type_of(node)
+            );
+            cx.error(line_of(node), "admin", why);
+            return AdminConfig::default();
+        }
+    };
+    let mut token = None;
+    for (k, v) in map {
+        if k.data.as_str() == Some("token") {
+            let f = Field {
+                key: "admin.token".to_string(),
+                node: v,
+            };
+            token = admin_token(&f, cx);
+        } else {
+            let why = format!(
+                "unknown key (not quoted: it may be a secret written in the wrong place); allowed \
+                 here: {}",
+                ADMIN.allowed.join(", ")
+            );
+            cx.error(line_of(k), "admin", why);
+        }
+    }
+    AdminConfig { token }
+}
+
+const ADMIN_TOKEN_WHY: &str = "it guards the admin API (/admin/limits, /admin/config): use a \
+                               long random value, e.g. the output of `openssl rand -hex 32`";
+
+/// `admin.token`: checked without ever quoting it.
+fn admin_token(f: &Field, cx: &mut Ctx) -> Option<String> {
+    let YamlDataOwned::Value(ScalarOwned::String(token)) = &f.node.data else {
+        let why = format!(
+            "expected a string, found {} (not quoted: it may be a secret); write the token in \
+             quotes; {ADMIN_TOKEN_WHY}",
+            type_of(f.node)
+        );
+        cx.error(f.line(), &f.key, why);
+        return None;
+    };
+    let why = if token.is_empty() {
+        format!("must not be empty; {ADMIN_TOKEN_WHY}")
+    } else if !token.chars().all(|c| c.is_ascii_graphic()) {
+        format!(
+            "may hold only printable ASCII characters, no spaces: callers send it as \
+             `Authorization: Bearer <token>`; {ADMIN_TOKEN_WHY}"
+        )
+    } else if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+        format!("is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; {ADMIN_TOKEN_WHY}")
+    } else {
+        return Some(token.clone());
+    };
+    cx.error(f.line(), &f.key, why);
+    None
+}
+
+/// What kind of value a node holds, never the value itself (for secrets).
+fn type_of(node: &MarkedYamlOwned) -> &'static str {
+    match &node.data {
+        YamlDataOwned::Value(ScalarOwned::Null) => "an empty value",
+        YamlDataOwned::Value(ScalarOwned::Boolean(_)) => "a boolean",
+        YamlDataOwned::Value(ScalarOwned::Integer(_) | ScalarOwned::FloatingPoint(_)) => "a number",
+        YamlDataOwned::Value(ScalarOwned::String(_)) => "a string",
+        YamlDataOwned::Sequence(_) => "a list",
+        YamlDataOwned::Mapping(_) => "a mapping",
+        _ => "a value that is not a plain string (YAML tags are not supported)",
+    }
+}
+
+fn read_reload(top: &Section, cx: &mut Ctx) -> ReloadConfig {
+    let sec = top.child("reload", &RELOAD, cx);
+    let watch = sec
+        .as_ref()
+        .and_then(|s| s.field("watch"))
+        .and_then(|f| boolean(&f, cx))
+        .unwrap_or(DEFAULT_RELOAD_WATCH);
+    ReloadConfig { watch }
+}
+
+fn boolean(f: &Field, cx: &mut Ctx) -> Option<bool> {
+    match &f.node.data {
+        YamlDataOwned::Value(ScalarOwned::Boolean(b)) => Some(*b),
+        _ => {
+            let why = format!("expected true or false, found {}", kind_of(f.node));
+            cx.error(f.line(), &f.key, why);
+            None
+        }
+    }
+}
+
 // ---- Routes ----
 
 /// A value and where it was written, so errors about a merged route can point at `defaults`.
@@ -2005,6 +2201,7 @@ struct RouteFields {
     max_wait: Option<Spotted<Duration>>,
     algorithm: Option<Spotted<AlgorithmKind>>,
     burst: Option<Spotted<NonZeroU32>>,
+    mode: Option<Spotted<RouteMode>>,
     /// Keys present in the file, valid or not: a bad value is reported once, not also as missing.
     written: Vec<&'static str>,
 }
@@ -2023,6 +2220,10 @@ impl RouteFields {
         let algorithms = [
             ("window", AlgorithmKind::Window),
             ("gcra", AlgorithmKind::Gcra),
+        ];
+        let modes = [
+            ("enforce", RouteMode::Enforce),
+            ("shadow", RouteMode::Shadow),
         ];
         RouteFields {
             method: sec.field("method").and_then(|f| spot(f, |f| method(f, cx))),
@@ -2047,6 +2248,9 @@ impl RouteFields {
             burst: sec
                 .field("burst")
                 .and_then(|f| spot(f, |f| non_zero_u32(f, cx))),
+            mode: sec
+                .field("mode")
+                .and_then(|f| spot(f, |f| choice(f, &modes, cx))),
             written: ROUTE_FIELDS
                 .iter()
                 .copied()
@@ -2066,6 +2270,7 @@ impl RouteFields {
             max_wait: self.max_wait.or_else(|| defaults.max_wait.clone()),
             algorithm: self.algorithm.or_else(|| defaults.algorithm.clone()),
             burst: self.burst.or_else(|| defaults.burst.clone()),
+            mode: self.mode.or_else(|| defaults.mode.clone()),
             written: [self.written, defaults.written.clone()].concat(),
         }
     }
@@ -2277,7 +2482,7 @@ fn build_route(
         on_limit,
         max_wait: fields.max_wait.map_or(DEFAULT_MAX_WAIT, |s| s.value),
         algorithm: algorithm?,
-        mode: RouteMode::Enforce,
+        mode: fields.mode.map_or(DEFAULT_ROUTE_MODE, |s| s.value),
         line: sec.line,
     };
     Some(Built { route, paths })
@@ -2418,9 +2623,10 @@ impl Config {
                 format!("resolve {} (ttl {})", r.url, format_duration(r.ttl))
             }
         };
-        let store = match &self.store {
-            StoreConfig::Memory => "memory".to_string(),
-            StoreConfig::Redis(redis) => {
+        let store = match (&self.store, &self.state_file) {
+            (StoreConfig::Memory, None) => "memory".to_string(),
+            (StoreConfig::Memory, Some(path)) => format!("memory (state file {})", path.display()),
+            (StoreConfig::Redis(redis), _) => {
                 let on_error = match redis.on_error {
                     OnStoreError::Reject => "reject",
                     OnStoreError::Local => "local",
@@ -2436,7 +2642,7 @@ impl Config {
             Unmatched::Forward => "forward",
             Unmatched::Reject => "reject",
         };
-        let settings = [
+        let mut settings = vec![
             (
                 "upstream",
                 format!("{}://{}", self.upstream.scheme, self.upstream.authority),
@@ -2448,6 +2654,13 @@ impl Config {
             ("listen", self.listen.to_string()),
             ("admin", self.admin_listen.to_string()),
         ];
+        // Whether a token is set, never the token.
+        if self.admin.token.is_some() {
+            settings.push(("admin", "token set".to_string()));
+        }
+        if self.reload.watch {
+            settings.push(("reload", "on SIGHUP and file change".to_string()));
+        }
         let settings: Vec<String> = settings.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let mut out = settings.join("  ") + "\n";
         let header = [
@@ -2458,6 +2671,7 @@ impl Config {
             "WINDOW",
             "ON_LIMIT",
             "ALGORITHM",
+            "MODE",
             "PATHS",
         ];
         let mut rows = vec![header.map(String::from).to_vec()];
@@ -2486,6 +2700,11 @@ impl Config {
             format_duration(r.per + self.safety_margin),
             on_limit,
             algorithm,
+            match r.mode {
+                RouteMode::Enforce => "enforce",
+                RouteMode::Shadow => "shadow",
+            }
+            .to_string(),
             r.paths.join(" "),
         ]
     }
@@ -3497,16 +3716,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn state_file_is_still_refused() {
-        let errs = errors(&format!(
-            "{UPSTREAM}store:\n  kind: redis\n  url: \"redis://h\"\n  state_file: \"/s\"\n"
-        ));
-        assert_eq!(errs.len(), 1, "{errs:?}");
-        assert_eq!(errs[0].key, "store.state_file");
-        assert!(errs[0].message.contains("planned: restart safety"));
-    }
-
     // ---- Routes ----
 
     #[test]
@@ -3873,6 +4082,345 @@ mod tests {
             let _ = Config::from_yaml(&format!("{UPSTREAM}{text}"));
             let _ = Config::from_yaml(&text);
         }
+    }
+
+    // ---- Operations: route mode, state file, admin token, reload ----
+
+    #[test]
+    fn operations_keys_default_to_enforce_no_state_file_no_token_no_watch() {
+        let c = parse("");
+        assert_eq!(c.state_file, None);
+        assert_eq!(c.admin, AdminConfig { token: None });
+        assert_eq!(c.reload, ReloadConfig { watch: false });
+        assert_eq!(c.reload.watch, DEFAULT_RELOAD_WATCH);
+        assert_eq!(one_route(FULL_ROUTE).mode, RouteMode::Enforce);
+        assert_eq!(DEFAULT_ROUTE_MODE, RouteMode::Enforce);
+        let empty = parse("admin:\nreload:\nstore:\n  kind: memory\n");
+        assert_eq!(
+            (empty.admin, empty.reload, empty.state_file),
+            (AdminConfig::default(), ReloadConfig::default(), None)
+        );
+    }
+
+    #[test]
+    fn route_mode_comes_from_the_route_or_defaults() {
+        assert_eq!(
+            one_route(&format!("    mode: shadow\n{FULL_ROUTE}")).mode,
+            RouteMode::Shadow
+        );
+        assert_eq!(
+            one_route(&format!("    mode: enforce\n{FULL_ROUTE}")).mode,
+            RouteMode::Enforce
+        );
+        let c = parse(&dedent(
+            r#"
+            defaults:
+              mode: shadow
+            routes:
+              - name: a
+                path: "/a"
+                limit: 1
+                per: "1m"
+                lock: "1m"
+              - name: b
+                path: "/b"
+                limit: 1
+                per: "1m"
+                lock: "1m"
+                mode: enforce
+            "#,
+        ));
+        let modes: Vec<RouteMode> = c.routes.iter().map(|r| r.mode).collect();
+        assert_eq!(modes, [RouteMode::Shadow, RouteMode::Enforce]);
+    }
+
+    #[test]
+    fn bad_route_modes_are_refused() {
+        for (value, found) in [
+            ("dry-run", "unknown value \"dry-run\""),
+            ("true", "the boolean true"),
+        ] {
+            let errs = errors(&format!(
+                "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n{FULL_ROUTE}    mode: {value}\n"
+            ));
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!((errs[0].key.as_str(), errs[0].line), ("routes[0].mode", 8));
+            assert!(errs[0].message.contains(found), "{}", errs[0].message);
+            assert!(
+                errs[0].message.contains("enforce, shadow"),
+                "{}",
+                errs[0].message
+            );
+        }
+    }
+
+    fn store_errors(store: &str) -> Vec<ConfigError> {
+        errors(&format!("{UPSTREAM}store:\n{store}"))
+    }
+
+    #[test]
+    fn state_file_is_read_with_the_memory_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("state.json");
+        let text = format!("store:\n  state_file: \"{}\"\n", file.display());
+        assert_eq!(parse(&text).state_file, Some(file.clone()));
+        let text = format!(
+            "store:\n  kind: memory\n  state_file: \"{}\"\n",
+            file.display()
+        );
+        let c = parse(&text);
+        assert_eq!((c.store, c.state_file), (StoreConfig::Memory, Some(file)));
+        // Held in memory (no file): a relative path is taken from the working directory.
+        assert_eq!(
+            parse("store:\n  state_file: \"state.json\"\n").state_file,
+            Some(PathBuf::from("state.json"))
+        );
+    }
+
+    #[test]
+    fn state_file_is_taken_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("var")).expect("mkdir");
+        let path = dir.path().join("cliqgate.yaml");
+        let text = format!("{UPSTREAM}store:\n  state_file: \"var/state.json\"\n");
+        std::fs::write(&path, text).expect("write");
+        let c = Config::load(&path).expect("loads");
+        assert_eq!(c.state_file, Some(dir.path().join("var/state.json")));
+    }
+
+    #[test]
+    fn state_file_needs_an_existing_directory_and_a_file_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope").join("state.json");
+        let errs = store_errors(&format!("  state_file: \"{}\"\n", missing.display()));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line),
+            ("store.state_file", 3)
+        );
+        let expected = format!("no such directory: {}", dir.path().join("nope").display());
+        assert!(errs[0].message.contains(&expected), "{}", errs[0].message);
+        for path in [
+            dir.path().display().to_string(),
+            format!("{}/new/", dir.path().display()),
+        ] {
+            let errs = store_errors(&format!("  state_file: \"{path}\"\n"));
+            assert_eq!(errs.len(), 1, "{path}: {errs:?}");
+            assert!(
+                errs[0]
+                    .message
+                    .contains("is a directory; name a file in it"),
+                "{}",
+                errs[0].message
+            );
+        }
+        for (value, why) in [("\"\"", "must not be empty"), ("7", "found the integer 7")] {
+            let errs = store_errors(&format!("  state_file: {value}\n"));
+            assert_eq!(errs.len(), 1, "{value}: {errs:?}");
+            assert!(errs[0].message.contains(why), "{}", errs[0].message);
+        }
+    }
+
+    #[test]
+    fn state_file_is_refused_under_redis_and_checked_under_a_bad_kind() {
+        let errs = store_errors(
+            "  kind: redis\n  url: \"redis://127.0.0.1:6379/0\"\n  state_file: \"s.json\"\n",
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line),
+            ("store.state_file", 5)
+        );
+        assert!(
+            errs[0]
+                .message
+                .contains("the Redis store keeps its state in Redis"),
+            "{}",
+            errs[0].message
+        );
+        let errs = store_errors("  kind: disk\n  state_file: \"/no/such/dir/s.json\"\n");
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [("store.kind", 3), ("store.state_file", 4)],
+            "{errs:?}"
+        );
+    }
+
+    const TOKEN: &str = "0123456789abcdef";
+
+    #[test]
+    fn admin_token_of_16_printable_characters_is_kept() {
+        let c = parse(&format!("admin:\n  token: \"{TOKEN}\"\n"));
+        assert_eq!(c.admin.token.as_deref(), Some(TOKEN));
+        assert_eq!(TOKEN.len(), MIN_ADMIN_TOKEN_CHARS);
+        let shown = format!("{:?}\n{}", c, c.describe());
+        assert!(!shown.contains(TOKEN), "{shown}");
+        assert!(shown.contains("admin token set"), "{shown}");
+        assert!(!parse("").describe().contains("token set"));
+    }
+
+    #[test]
+    fn bad_admin_tokens_are_refused_without_being_quoted() {
+        for (value, secret, why) in [
+            (
+                "\"0123456789abcde\"",
+                "0123456789abcde",
+                "is shorter than 16 characters",
+            ),
+            ("\"\"", "", "must not be empty"),
+            (
+                "\"0123456789 abcdef\"",
+                "0123456789 abcdef",
+                "printable ASCII characters, no spaces",
+            ),
+            (
+                "\"0123456789abcdé-x\"",
+                "0123456789abcdé",
+                "printable ASCII",
+            ),
+            (
+                "123456789012345678",
+                "123456789012345678",
+                "expected a string, found a number",
+            ),
+            ("", "", "expected a string, found an empty value"),
+            (
+                "[\"0123456789abcdef0\"]",
+                "0123456789abcdef0",
+                "found a list",
+            ),
+        ] {
+            let errs = errors(&format!("{UPSTREAM}admin:\n  token: {value}\n"));
+            assert_eq!(errs.len(), 1, "{value}: {errs:?}");
+            assert_eq!((errs[0].key.as_str(), errs[0].line), ("admin.token", 3));
+            assert!(
+                errs[0].message.contains(why),
+                "{value}: {}",
+                errs[0].message
+            );
+            assert!(
+                errs[0].message.contains("it guards the admin API"),
+                "{}",
+                errs[0].message
+            );
+            if !secret.is_empty() {
+                assert!(!format!("{errs:?}").contains(secret), "{errs:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn anything_misplaced_under_admin_is_reported_without_being_quoted() {
+        let secret = "Sup3r-Secret-Admin-Token";
+        for text in [
+            format!("admin: \"{secret}\"\n"),
+            format!("admin:\n  {secret}: 1\n"),
+            format!("admin:\n  - \"{secret}\"\n"),
+            format!("admin: {{{secret}}}\n"),
+        ] {
+            let errs = errors(&format!("{UPSTREAM}{text}"));
+            assert_eq!(errs.len(), 1, "{text}: {errs:?}");
+            assert_eq!(errs[0].key, "admin", "{text}");
+            assert!(!format!("{errs:?}").contains(secret), "{text}: {errs:?}");
+        }
+    }
+
+    #[test]
+    fn reload_watch_takes_a_boolean() {
+        assert!(parse("reload:\n  watch: true\n").reload.watch);
+        assert!(!parse("reload:\n  watch: false\n").reload.watch);
+        for (value, found) in [
+            ("\"yes\"", "found the string \"yes\""),
+            ("yes", "found the string \"yes\""),
+            ("1", "found the integer 1"),
+            ("", "found an empty value"),
+        ] {
+            let errs = errors(&format!("{UPSTREAM}reload:\n  watch: {value}\n"));
+            assert_eq!(errs.len(), 1, "{value}: {errs:?}");
+            assert_eq!((errs[0].key.as_str(), errs[0].line), ("reload.watch", 3));
+            assert!(
+                errs[0].message.contains("expected true or false"),
+                "{}",
+                errs[0].message
+            );
+            assert!(errs[0].message.contains(found), "{}", errs[0].message);
+        }
+        let errs = errors(&format!("{UPSTREAM}reload:\n  wach: true\n"));
+        assert!(
+            errs[0].message.contains("did you mean `watch`?"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn describe_shows_the_operations_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("state.json");
+        let c = parse(&format!(
+            "store:\n  state_file: \"{}\"\nreload:\n  watch: true\nroutes:\n  - name: r\n    \
+             path: \"/a\"\n    mode: shadow\n{FULL_ROUTE}",
+            file.display()
+        ));
+        let text = c.describe();
+        let first = text.lines().next().expect("header line");
+        assert!(
+            first.contains(&format!("store memory (state file {})", file.display())),
+            "{text}"
+        );
+        assert!(first.contains("reload on SIGHUP and file change"), "{text}");
+        let mut lines = text.lines().skip(1);
+        let columns = lines.next().expect("column names");
+        let columns: Vec<&str> = columns.split_whitespace().collect();
+        assert_eq!(columns[columns.len() - 3..], ["ALGORITHM", "MODE", "PATHS"]);
+        let route = lines.next().expect("route line");
+        assert!(route.contains(" shadow "), "{route}");
+        assert!(parse("")
+            .describe()
+            .lines()
+            .next()
+            .is_some_and(|l| !l.contains("reload")));
+    }
+
+    #[test]
+    fn known_keys_list_every_section_key_once() {
+        let keys = known_keys();
+        for key in [
+            "upstream",
+            "admin",
+            "reload",
+            "identity.trusted_networks",
+            "store.state_file",
+            "timeouts.shutdown",
+            "admin.token",
+            "reload.watch",
+            "defaults.mode",
+            "routes[].mode",
+            "routes[].path",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
+        assert!(!keys
+            .iter()
+            .any(|k| k == "defaults.name" || k == "defaults.path"));
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len(), "{keys:?}");
+        // Every top-level key holding a mapping has its section listed.
+        for (section, _) in SECTIONS {
+            let name = section.trim_end_matches("[]");
+            assert!(TOP.allowed.contains(&name), "{section}");
+        }
+    }
+
+    #[test]
+    fn the_json_schema_is_json() {
+        let schema: serde_json::Value = serde_json::from_str(JSON_SCHEMA).expect("valid JSON");
+        assert_eq!(
+            schema["$schema"],
+            "https://json-schema.org/draft/2020-12/schema"
+        );
     }
 
     // ---- Shipped files ----
@@ -4314,6 +4862,15 @@ mod tests {
             trusted,
             default_trusted_networks(),
             "cliq.yaml shows the default"
+        );
+    }
+
+    #[test]
+    fn shipped_state_file_comment_names_the_interval() {
+        let every = format!("every {}", format_duration(STATE_FILE_INTERVAL));
+        assert!(
+            include_str!("../config/cliq.yaml").contains(&every),
+            "{every}"
         );
     }
 

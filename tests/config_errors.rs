@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cliqgate::config::{
-    Config, ConfigError, IdentityConfig, OnIdentityError, OnStoreError, ResolveConfig, StoreConfig,
-    DOCUMENT_KEY,
+    Config, ConfigError, IdentityConfig, OnIdentityError, OnStoreError, ResolveConfig, RouteMode,
+    StoreConfig, DOCUMENT_KEY,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -70,7 +70,40 @@ fn valid_fixture_with_every_key_loads() {
         Some(fixture("valid.yaml")),
         "a relative CA path is taken from the config file's directory"
     );
-    assert_eq!(config.routes.len(), 2);
+    assert_eq!(
+        config.state_file,
+        Some(fixture("state.json")),
+        "a relative state file is taken from the config file's directory"
+    );
+    assert_eq!(
+        config.admin.token.as_deref(),
+        Some("0123456789abcdef-valid-fixture")
+    );
+    assert!(config.reload.watch);
+    let modes: Vec<(&str, RouteMode)> = config
+        .routes
+        .iter()
+        .map(|r| (r.name.as_str(), r.mode))
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("chats.post_message", RouteMode::Shadow),
+            ("users.me", RouteMode::Enforce)
+        ],
+        "`defaults.mode` applies unless the route sets its own"
+    );
+    for shown in [
+        config.describe(),
+        format!("{config:?}"),
+        format!("{config:#?}"),
+    ] {
+        assert!(
+            !shown.contains("valid-fixture"),
+            "the admin token leaks:\n{shown}"
+        );
+    }
+    assert!(config.describe().contains("admin token set"));
 }
 
 #[test]
@@ -391,28 +424,104 @@ fn redis_store_with_every_key_loads() {
 }
 
 #[test]
-fn state_file_is_refused_as_not_supported_yet() {
+fn state_file_under_redis_is_refused() {
     assert_errors(
-        "state_file_refused.yaml",
+        "state_file_under_redis.yaml",
         &[(
             5,
             "store.state_file",
-            "not supported yet (planned: restart safety)",
+            "only used with `kind: memory`: the Redis store keeps its state in Redis",
         )],
     );
 }
 
-/// `assert_errors`, plus: the fixture's password (`hunter2-secret`) is in no message.
-fn assert_errors_without_password(name: &str, expected: &[(usize, &str, &str)]) {
+#[test]
+fn state_file_in_a_missing_directory_is_reported_with_its_resolved_path() {
+    let expected = fixture("no-such-dir").display().to_string();
+    assert_errors(
+        "state_file_missing_dir.yaml",
+        &[(
+            4,
+            "store.state_file",
+            &format!("no such directory: {expected}"),
+        )],
+    );
+}
+
+/// `assert_errors`, plus: no message (nor the errors' Debug form) holds `secret`.
+fn assert_errors_without(name: &str, secret: &str, expected: &[(usize, &str, &str)]) {
     assert_errors(name, expected);
     let listing = match Config::load(&fixture(name)) {
         Ok(_) => unreachable!("checked by assert_errors"),
         Err(errors) => format!("{errors}\n{errors:?}"),
     };
     assert!(
-        !listing.contains("hunter2"),
-        "{name}: the password leaks:\n{listing}"
+        !listing.contains(secret),
+        "{name}: {secret:?} leaks:\n{listing}"
     );
+}
+
+#[test]
+fn a_short_admin_token_is_refused_without_being_quoted() {
+    assert_errors_without(
+        "admin_short_token.yaml",
+        "tiny-Secret-42",
+        &[(
+            3,
+            "admin.token",
+            "is shorter than 16 characters; it guards the admin API",
+        )],
+    );
+}
+
+#[test]
+fn misplaced_admin_secrets_are_reported_without_being_quoted() {
+    for secret in ["4242424242424242424", "Misplaced-Secret-0001"] {
+        assert_errors_without(
+            "admin_token_misplaced.yaml",
+            secret,
+            &[
+                (4, "admin.token", "expected a string, found a number"),
+                (5, "admin", "unknown key (not quoted"),
+            ],
+        );
+    }
+}
+
+#[test]
+fn unknown_route_modes_list_the_allowed_ones() {
+    assert_errors(
+        "bad_route_mode.yaml",
+        &[
+            (
+                3,
+                "defaults.mode",
+                "unknown value \"dry-run\"; allowed: enforce, shadow",
+            ),
+            (
+                10,
+                "routes[0].mode",
+                "unknown value \"Shadow\"; allowed: enforce, shadow",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn reload_watch_must_be_a_boolean() {
+    assert_errors(
+        "bad_reload_watch.yaml",
+        &[(
+            3,
+            "reload.watch",
+            "expected true or false, found the string \"yes\"",
+        )],
+    );
+}
+
+/// `assert_errors`, plus: the fixture's password (`hunter2-secret`) is in no message.
+fn assert_errors_without_password(name: &str, expected: &[(usize, &str, &str)]) {
+    assert_errors_without(name, "hunter2", expected);
 }
 
 #[test]
@@ -686,11 +795,7 @@ fn every_error_in_a_file_is_reported_at_once() {
                 "identity.user_field",
                 "missing: mode resolve needs `user_field`",
             ),
-            (
-                8,
-                "store.state_file",
-                "not supported yet (planned: restart safety)",
-            ),
+            (8, "store.state_file", "no such directory"),
             (12, "defaults.name", "belongs to each route"),
             (17, "routes[0].limit", "must be at least 1, found 0"),
             (20, "routes[1].name", "use only letters, digits"),
