@@ -46,6 +46,8 @@ pub struct Running {
     admin: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     prober: Option<JoinHandle<()>>,
+    /// Restart safety (memory store with `state_file`): written periodically and on shutdown.
+    state: Option<crate::state::StateKeeper>,
 }
 
 /// What a proxy is built from besides its config, kept across reloads.
@@ -101,7 +103,10 @@ fn open_store(
     metrics: &Arc<Metrics>,
     names: &Arc<RouteNames>,
 ) -> Result<Arc<Store>, StartError> {
-    let clock = Arc::new(TokioClock::new());
+    // Starting the clock a window in the past lets sends restored from a state file keep their
+    // true age instead of being moved up to the process start.
+    let max_window = config.routes.iter().map(|r| r.per + config.safety_margin).max().unwrap_or_default();
+    let clock = Arc::new(TokioClock::with_history(max_window));
     let store = match &config.store {
         StoreConfig::Memory => Store::Memory(MemoryStore::new(clock, config.queue.max_total)),
         StoreConfig::Redis(redis) => {
@@ -139,6 +144,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let names = RouteNames::new(config.routes.iter().map(|r| r.name.clone()));
     let limiter = open_store(&config, &metrics, &names)?;
+    // Restart safety: load the state file (if configured) before the first call is decided.
+    let state = crate::state::resume(&config, &limiter, &names);
     let shared = Shared { limiter: limiter.clone(), metrics, names, drain: Arc::new(Drain::default()) };
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
@@ -152,7 +159,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (stop, stopped) = watch::channel(false);
 
     let server = {
-        let (builder, drain) = (builder(&proxy.config), proxy.config.timeouts.shutdown);
+        let builder = builder(&proxy.config);
+        // The drain is bounded by the shutdown timeout of the config current when it begins (a
+        // reload may have changed it): queued calls are promised a send before that deadline.
+        let drain = {
+            let current = current.clone();
+            move || current.load().config.timeouts.shutdown
+        };
         let current = current.clone();
         let service = move |req, peer| {
             // Each call runs on the config current when it arrived, to its end.
@@ -173,7 +186,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             builder,
             service,
             stopped.clone(),
-            Duration::from_secs(1),
+            || Duration::from_secs(1),
         ))
     };
     let prober = match limiter.as_ref() {
@@ -197,6 +210,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         server,
         admin,
         sweeper,
+        state,
     })
 }
 
@@ -269,6 +283,10 @@ impl Running {
         if let Some(prober) = self.prober {
             prober.abort();
         }
+        // Restart safety: the final state, after every call has been answered.
+        if let Some(state) = self.state {
+            state.finish().await;
+        }
     }
 }
 
@@ -301,13 +319,14 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
     })
 }
 
-/// Accepts connections until told to stop, then drains them for at most `drain`.
+/// Accepts connections until told to stop, then drains them for at most `drain()` (read when
+/// the drain begins).
 async fn serve<S, F>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     service: S,
     mut stopped: watch::Receiver<bool>,
-    drain: Duration,
+    drain: impl Fn() -> Duration,
 ) where
     S: Fn(hyper::Request<hyper::body::Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<hyper::Response<crate::body::ProxyBody>, Infallible>>
@@ -342,6 +361,7 @@ async fn serve<S, F>(
         }
     }
     drop(listener);
+    let drain = drain();
     if tokio::time::timeout(drain, graceful.shutdown())
         .await
         .is_err()

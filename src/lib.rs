@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod resolve;
 pub mod route;
+pub mod state;
 pub mod throttle;
 pub mod upstream;

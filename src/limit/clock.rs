@@ -31,6 +31,15 @@ impl TokioClock {
     }
 }
 
+impl TokioClock {
+    /// A clock whose origin lies `history` in the past, so times up to `history` before the
+    /// process started (restored from a state file) keep their true distance from now.
+    pub fn with_history(history: std::time::Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        TokioClock { origin: now.checked_sub(history).unwrap_or(now) }
+    }
+}
+
 impl Default for TokioClock {
     fn default() -> Self {
         Self::new()

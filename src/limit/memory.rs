@@ -24,11 +24,105 @@ pub enum Recent {
     Tat(i128),
 }
 
+/// One key's state, for carrying it over a restart ([`MemoryStore::snapshot`] and
+/// [`MemoryStore::restore`]). Times are on the store's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySnapshot {
+    pub key: Key,
+    /// Window keys: the send log, oldest first; reservations still ahead are included as sends.
+    pub sends: Vec<Nanos>,
+    /// GCRA keys: the theoretical arrival time (reservations included).
+    pub tat: Option<Nanos>,
+    /// 0 if the key is not locked.
+    pub locked_until: Nanos,
+    /// When the history stops constraining anything: a restored key is kept at least until then
+    /// (and, if its route changed algorithm meanwhile, treated as fully used until then).
+    pub idle_at: Nanos,
+}
+
+/// One key as the admin API shows it, computed under the route's current policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub key: Key,
+    /// Sends in the window ending now (GCRA: cells the TAT is ahead of now, an estimate).
+    /// Reservations not yet due are counted in `queued` instead.
+    pub calls_in_window: u32,
+    /// Calls that could go now (0 while locked).
+    pub remaining: u32,
+    /// Time until a new call could go (0: now); includes a running lock.
+    pub next_free_in: Nanos,
+    /// Time until the key's lock ends (0: not locked).
+    pub locked_for: Nanos,
+    /// Calls holding a reservation on this key.
+    pub queued: u32,
+}
+
+/// A key's status from its parts, at `now`. `floor`: see [`MemoryStore::assume_full_at`] (0: unset).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn key_status(
+    key: Key,
+    history: &History,
+    locked_until: Nanos,
+    idle_at: Nanos,
+    queued: u32,
+    policy: &Policy,
+    now: Nanos,
+    floor: Nanos,
+) -> KeyStatus {
+    let locked_for = locked_until.saturating_sub(now);
+    let (calls, view, next_free, floor_applies) = match (history, policy.kind) {
+        (History::Window(log), Kind::Window) => {
+            let calls = log
+                .iter()
+                .filter(|&t| t <= now && t.saturating_add(policy.window) > now)
+                .count();
+            let view = log.view(policy.limit, policy.window, now);
+            let next_free = log.next_free(policy.limit, policy.window, now);
+            let applies = floor > 0 && log.count_since(floor) < policy.limit as usize;
+            (calls as u64, view, next_free, applies)
+        }
+        (History::Gcra(tat), Kind::Gcra { burst, period }) => {
+            let cells = tat.0.saturating_sub(now).div_ceil(period.max(1));
+            let view = tat.view(burst, period, now);
+            let next_free = tat.next_free(burst, period, now);
+            let applies = floor > 0 && tat.0 <= floor;
+            let calls = cells.saturating_sub(u64::from(queued));
+            (calls, view, next_free, applies)
+        }
+        // The route changed algorithm: the next call restarts the key as fully used until
+        // `idle_at` (see `Entry::next_free`).
+        _ => {
+            let view = QuotaView {
+                remaining: 0,
+                reset_in: idle_at.saturating_sub(now),
+            };
+            (u64::from(policy.limit), view, idle_at.max(now), false)
+        }
+    };
+    let (mut remaining, mut next_free) = (view.remaining, next_free);
+    if floor_applies {
+        remaining = 0;
+        next_free = next_free.max(floor.saturating_add(policy.window));
+    }
+    if locked_for > 0 {
+        remaining = 0;
+        next_free = next_free.max(locked_until);
+    }
+    KeyStatus {
+        key,
+        calls_in_window: u32::try_from(calls.min(u64::from(policy.limit))).unwrap_or(u32::MAX),
+        remaining,
+        next_free_in: next_free.saturating_sub(now),
+        locked_for,
+        queued,
+    }
+}
+
 /// Enough shards that two cores rarely contend, few enough that a sweep is cheap.
 const SHARDS: usize = 64;
 
 #[derive(Debug, Clone)]
-enum History {
+pub(super) enum History {
     Window(SendLog),
     Gcra(Tat),
 }
@@ -204,6 +298,129 @@ impl MemoryStore {
     /// Calls holding a reservation in this store, all routes together.
     pub fn queued_total(&self) -> usize {
         self.queued_total.load(Ordering::Acquire)
+    }
+
+    /// Every key that still holds something (history that constrains a future call, a running
+    /// lock, or a reservation), for saving across a restart. Reservations are saved as sends:
+    /// whether their calls go or not, counting them is the safe side.
+    pub fn snapshot(&self) -> Vec<KeySnapshot> {
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (key, entry) in relock(shard).iter() {
+                if entry.idle_at <= now && entry.locked_until <= now && entry.queued == 0 {
+                    continue;
+                }
+                let (sends, tat) = match &entry.history {
+                    History::Window(log) => (log.iter().collect(), None),
+                    History::Gcra(tat) => (Vec::new(), Some(tat.0)),
+                };
+                out.push(KeySnapshot {
+                    key: *key,
+                    sends,
+                    tat,
+                    locked_until: entry.locked_until,
+                    idle_at: entry.idle_at,
+                });
+            }
+        }
+        out
+    }
+
+    /// Adds saved keys (from [`MemoryStore::snapshot`], possibly of another process, converted to
+    /// this store's clock). A key this store already holds is merged on the safe side: the union
+    /// of both send logs, the later TAT, the later lock.
+    pub fn restore(&self, keys: Vec<KeySnapshot>) {
+        for saved in keys {
+            let mut sends = saved.sends;
+            sends.sort_unstable();
+            let history = match saved.tat {
+                Some(tat) => History::Gcra(Tat(tat)),
+                None => {
+                    let mut log = SendLog::default();
+                    for t in sends {
+                        log.record(t, usize::MAX);
+                    }
+                    History::Window(log)
+                }
+            };
+            let locked = saved.locked_until > 0;
+            {
+                let mut shard = self.shard(&saved.key);
+                match shard.get_mut(&saved.key) {
+                    None => {
+                        shard.insert(
+                            saved.key,
+                            Entry {
+                                history,
+                                idle_at: saved.idle_at,
+                                locked_until: saved.locked_until,
+                                queued: 0,
+                            },
+                        );
+                    }
+                    Some(entry) => {
+                        match (&mut entry.history, history) {
+                            (History::Window(mine), History::Window(theirs)) => {
+                                let mut all: Vec<Nanos> =
+                                    mine.iter().chain(theirs.iter()).collect();
+                                all.sort_unstable();
+                                let mut log = SendLog::default();
+                                for t in all {
+                                    log.record(t, usize::MAX);
+                                }
+                                *mine = log;
+                            }
+                            (History::Gcra(mine), History::Gcra(theirs)) => {
+                                mine.0 = mine.0.max(theirs.0);
+                            }
+                            // Different algorithms: keep the one that constrains longer.
+                            (mine, theirs) => {
+                                if saved.idle_at > entry.idle_at {
+                                    *mine = theirs;
+                                }
+                            }
+                        }
+                        entry.idle_at = entry.idle_at.max(saved.idle_at);
+                        entry.locked_until = entry.locked_until.max(saved.locked_until);
+                    }
+                }
+            }
+            if locked {
+                let mut locks = relock(&self.locks);
+                let held = locks.entry(saved.key).or_insert(0);
+                *held = (*held).max(saved.locked_until);
+            }
+        }
+    }
+
+    /// The status of every key that holds something, under its route's policy (`policy` gives
+    /// `None` for routes no longer configured: those keys are left out).
+    pub fn status(&self, policy: impl Fn(RouteId) -> Option<Policy>) -> Vec<KeyStatus> {
+        let now = self.clock.now();
+        let floor = self.floor.load(Ordering::Acquire);
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (key, entry) in relock(shard).iter() {
+                if entry.idle_at <= now && entry.locked_until <= now && entry.queued == 0 {
+                    continue;
+                }
+                let Some(policy) = policy(key.route) else {
+                    continue;
+                };
+                out.push(key_status(
+                    *key,
+                    &entry.history,
+                    entry.locked_until,
+                    entry.idle_at,
+                    entry.queued,
+                    &policy,
+                    now,
+                    floor,
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -459,6 +676,89 @@ mod tests {
             matches!(locked, Acquire::Refused(r) if r.reason == RefusalReason::Locked),
             "lock kept: {locked:?}"
         );
+    }
+
+    #[test]
+    fn snapshot_skips_idle_keys_and_restore_merges_on_the_safe_side() {
+        let (clock, store, policy) = setup();
+        store.acquire_now(&policy, key(1), None);
+        clock.set(50);
+        store.acquire_now(&policy, key(2), None);
+        store.lock_now(key(3), 400);
+        clock.set(120); // key 1 idle since 100
+        let mut snap = store.snapshot();
+        snap.sort_by_key(|s| s.key.user);
+        let users: Vec<u8> = snap.iter().map(|s| s.key.user.0[0]).collect();
+        assert_eq!(users, vec![2, 3]);
+        assert_eq!(snap[0].sends, vec![50]);
+        assert_eq!((snap[0].idle_at, snap[1].locked_until), (150, 400));
+
+        let (_clock2, other, _) = setup();
+        other.acquire_now(&policy, key(2), None); // at 0
+        other.restore(snap);
+        let merged = other
+            .snapshot()
+            .into_iter()
+            .find(|s| s.key == key(2))
+            .expect("key 2");
+        assert_eq!(merged.sends, vec![0, 50]);
+        assert_eq!(other.locks_in(RouteId(0)), 1, "restored locks are counted");
+        let refused = other.acquire_now(&policy, key(2), None);
+        assert!(
+            matches!(refused, Acquire::Refused(r) if r.retry_at == 100),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn status_reports_calls_remaining_locks_and_queue() {
+        let (clock, store, _) = setup();
+        let policy = Policy::new(
+            NonZeroU32::new(5).expect("5"),
+            Duration::from_nanos(100),
+            Duration::from_nanos(1_000),
+            Algorithm::Window,
+        );
+        for _ in 0..3 {
+            store.acquire_now(&policy, key(1), None);
+        }
+        store.lock_now(key(2), 300);
+        let queue = Some(QueueRule {
+            max_wait: 1_000,
+            max_per_user: 10,
+        });
+        for _ in 0..6 {
+            store.acquire_now(&policy, key(4), queue);
+        }
+        clock.set(10);
+        let mut all = store.status(|r| (r == RouteId(0)).then_some(policy));
+        all.sort_by_key(|s| s.key.user);
+        assert_eq!(all.len(), 3);
+        assert_eq!(
+            all[0],
+            KeyStatus {
+                key: key(1),
+                calls_in_window: 3,
+                remaining: 2,
+                next_free_in: 0,
+                locked_for: 0,
+                queued: 0
+            }
+        );
+        assert_eq!(
+            (all[1].remaining, all[1].next_free_in, all[1].locked_for),
+            (0, 290, 290)
+        );
+        assert_eq!(
+            (
+                all[2].calls_in_window,
+                all[2].remaining,
+                all[2].queued,
+                all[2].next_free_in
+            ),
+            (5, 0, 1, 90)
+        );
+        assert!(store.status(|_| None).is_empty(), "unknown routes left out");
     }
 
     #[test]

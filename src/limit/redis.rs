@@ -34,6 +34,10 @@ use super::{
 use crate::config::OnStoreError;
 use crate::metrics::Metrics;
 
+/// `GET /admin/limits` for this store (a child module: it reads the store's private state).
+#[path = "redis_admin.rs"]
+mod admin;
+
 const PRELUDE: &str = include_str!("lua/prelude.lua");
 
 /// How often a replica checks on Redis (faster while it is down, to come back quickly).
