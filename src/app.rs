@@ -105,7 +105,12 @@ fn open_store(
 ) -> Result<Arc<Store>, StartError> {
     // Starting the clock a window in the past lets sends restored from a state file keep their
     // true age instead of being moved up to the process start.
-    let max_window = config.routes.iter().map(|r| r.per + config.safety_margin).max().unwrap_or_default();
+    let max_window = config
+        .routes
+        .iter()
+        .map(|r| r.per + config.safety_margin)
+        .max()
+        .unwrap_or_default();
     let clock = Arc::new(TokioClock::with_history(max_window));
     let store = match &config.store {
         StoreConfig::Memory => Store::Memory(MemoryStore::new(clock, config.queue.max_total)),
@@ -146,7 +151,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let limiter = open_store(&config, &metrics, &names)?;
     // Restart safety: load the state file (if configured) before the first call is decided.
     let state = crate::state::resume(&config, &limiter, &names);
-    let shared = Shared { limiter: limiter.clone(), metrics, names, drain: Arc::new(Drain::default()) };
+    let shared = Shared {
+        limiter: limiter.clone(),
+        metrics,
+        names,
+        drain: Arc::new(Drain::default()),
+    };
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let proxy = Arc::new(shared.proxy(config, upstream));
@@ -227,7 +237,9 @@ impl Running {
     pub fn reload(&self, mut config: Config) -> Result<(), StartError> {
         let old = self.current.load_full();
         if (config.listen, config.admin_listen) != (old.config.listen, old.config.admin_listen) {
-            tracing::warn!("listen and admin_listen change only with a restart; keeping the current ones");
+            tracing::warn!(
+                "listen and admin_listen change only with a restart; keeping the current ones"
+            );
             (config.listen, config.admin_listen) = (old.config.listen, old.config.admin_listen);
         }
         if config.store != old.config.store || config.state_file != old.config.state_file {
@@ -238,9 +250,14 @@ impl Running {
         let same_upstream = config.upstream == old.config.upstream
             && config.upstream_ca_file == old.config.upstream_ca_file
             && config.timeouts == old.config.timeouts;
-        let upstream = if same_upstream { old.upstream().clone() } else { Upstream::new(&config)? };
+        let upstream = if same_upstream {
+            old.upstream().clone()
+        } else {
+            Upstream::new(&config)?
+        };
         let routes = config.routes.len();
-        self.current.store(Arc::new(self.shared.proxy(config, upstream)));
+        self.current
+            .store(Arc::new(self.shared.proxy(config, upstream)));
         tracing::info!(routes, "config reloaded");
         Ok(())
     }
@@ -443,7 +460,10 @@ pub async fn run_until_signalled(running: Running, config_path: PathBuf) {
 /// Watches the config file's directory (editors and Kubernetes ConfigMaps replace files by
 /// rename, which a watch on the file itself would miss). Only creations, changes and removals
 /// count: reading the file emits access events, which would otherwise loop.
-fn watch_file(path: &Path, changed: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+fn watch_file(
+    path: &Path,
+    changed: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::{EventKind, RecursiveMode, Watcher};
     let name = path.file_name()?.to_os_string();
     let dir = match path.parent() {
@@ -452,10 +472,13 @@ fn watch_file(path: &Path, changed: tokio::sync::mpsc::Sender<()>) -> Option<not
     };
     let handler = move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        let relevant = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
-            && event.paths.iter().any(|p| {
-                p.file_name().is_some_and(|f| f == name.as_os_str() || f.to_string_lossy().starts_with("..data"))
-            });
+        let relevant = matches!(
+            event.kind,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+        ) && event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|f| f == name.as_os_str() || f.to_string_lossy().starts_with("..data"))
+        });
         if relevant {
             let _ = changed.try_send(());
         }

@@ -109,4 +109,3 @@ fn run(config: Config, config_path: PathBuf) -> ExitCode {
         ExitCode::SUCCESS
     })
 }
-

@@ -501,8 +501,12 @@ impl Proxy {
         let why = match refusal.reason {
             RefusalReason::Limited => "This user's rate limit for this endpoint is used up.",
             RefusalReason::QueueFull => "Too many calls are already waiting for this endpoint.",
-            RefusalReason::TooFar => "The next free slot for this user is further away than max_wait.",
-            RefusalReason::Locked => "Zoho locked this user out of this endpoint; wait for the lock to end.",
+            RefusalReason::TooFar => {
+                "The next free slot for this user is further away than max_wait."
+            }
+            RefusalReason::Locked => {
+                "Zoho locked this user out of this endpoint; wait for the lock to end."
+            }
         };
         let decision = refusal_decision(refusal.reason);
         let now = self.limiter.clock().now();
@@ -549,7 +553,9 @@ pub struct Drain {
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain { deadline: tokio::sync::watch::Sender::new(None) }
+        Drain {
+            deadline: tokio::sync::watch::Sender::new(None),
+        }
     }
 }
 
@@ -558,7 +564,8 @@ impl Drain {
     /// answers need) are refused with 503 now; the others are sent when their slot comes.
     pub fn begin(&self, timeout: Duration) {
         let room = DRAIN_ANSWER_ROOM.min(timeout / 10);
-        self.deadline.send_replace(Some(Instant::now() + timeout.saturating_sub(room)));
+        self.deadline
+            .send_replace(Some(Instant::now() + timeout.saturating_sub(room)));
     }
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
@@ -609,7 +616,12 @@ impl<'a> QueueGuard<'a> {
     }
 
     /// The call will not be sent (shutdown): give the slot back, count the refusal.
-    fn refused(mut self, route: &RouteRuntime, log: &mut AccessLog, error: ProxyError) -> ProxyError {
+    fn refused(
+        mut self,
+        route: &RouteRuntime,
+        log: &mut AccessLog,
+        error: ProxyError,
+    ) -> ProxyError {
         if let Some(reservation) = self.reservation.take() {
             self.route.metrics.queue_depth.dec();
             self.limiter.cancel_detached(self.route.policy, reservation);

@@ -36,7 +36,9 @@ impl TokioClock {
     /// process started (restored from a state file) keep their true distance from now.
     pub fn with_history(history: std::time::Duration) -> Self {
         let now = tokio::time::Instant::now();
-        TokioClock { origin: now.checked_sub(history).unwrap_or(now) }
+        TokioClock {
+            origin: now.checked_sub(history).unwrap_or(now),
+        }
     }
 }
 

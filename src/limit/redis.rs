@@ -166,7 +166,11 @@ impl RedisStore {
     // ---- keys and units ----
 
     fn key_base(&self, key: &Key) -> String {
-        let route = self.options.routes.name(key.route).unwrap_or_else(|| "?".to_string());
+        let route = self
+            .options
+            .routes
+            .name(key.route)
+            .unwrap_or_else(|| "?".to_string());
         let user: String = key.user.0.iter().map(|b| format!("{b:02x}")).collect();
         format!("{}{{{route}:{user}}}", self.options.prefix)
     }
