@@ -351,7 +351,10 @@ async fn serve<S, F>(
         + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Forget connections that have ended, so the set holds only open ones.
+        while connections.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -368,7 +371,7 @@ async fn serve<S, F>(
                 let service = service_fn(move |req| service(req, peer));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
@@ -388,6 +391,8 @@ async fn serve<S, F>(
             "connections still open after the shutdown timeout; closing them"
         );
     }
+    // Whatever is still open now is closed, also when cliqgate runs inside another program.
+    connections.abort_all();
 }
 
 async fn sweep(limiter: Arc<Store>, mut stopped: watch::Receiver<bool>) {
@@ -417,20 +422,33 @@ async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
 /// several steps.
 const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 
+/// The signals cliqgate acts on. Install them before [`start`], so a signal that arrives while
+/// the proxy starts is acted on rather than killing the process.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Runs until SIGTERM or SIGINT, then drains and returns. SIGHUP reloads the config from
 /// `config_path`; so does a change to that file when `reload.watch` is on.
-pub async fn run_until_signalled(running: Running, config_path: PathBuf) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let signals = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    );
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
-        tracing::error!("cannot install signal handlers; stopping");
-        running.shutdown().await;
-        return;
-    };
+pub async fn run_until_signalled(running: Running, signals: Signals, config_path: PathBuf) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
     let _watcher = if running.proxy().config.reload.watch {
         watch_file(&config_path, changed_tx)

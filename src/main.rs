@@ -96,6 +96,13 @@ fn run(config: Config, config_path: PathBuf) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let signals = match cliqgate::app::Signals::install() {
+            Ok(signals) => signals,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return ExitCode::from(EXIT_CANNOT_START);
+            }
+        };
         let running = match cliqgate::app::start(config).await {
             Ok(running) => running,
             Err(e) => {
@@ -104,7 +111,7 @@ fn run(config: Config, config_path: PathBuf) -> ExitCode {
             }
         };
         // SIGHUP reloads the config; SIGTERM/SIGINT drain and stop.
-        cliqgate::app::run_until_signalled(running, config_path).await;
+        cliqgate::app::run_until_signalled(running, signals, config_path).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
