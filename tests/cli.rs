@@ -6,12 +6,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read};
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use http::header::AUTHORIZATION;
 use http::HeaderValue;
@@ -20,15 +17,12 @@ use tokio::net::TcpStream;
 
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cliqgate");
 /// sysexits.h EX_USAGE: what the binary exits with on a bad config (SPEC "Running").
 const EXIT_BAD_CONFIG: i32 = 64;
 
 /// Upper bound on `cliqgate check` and on a start that must fail: they read one small file.
 /// Generous for a loaded CI machine, far below a CI job's timeout.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-/// Upper bound on the binary logging `cliqgate listening` after spawn (same reasoning).
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The drain deadline written into the test config (`timeouts.shutdown`).
 const DRAIN_DEADLINE: &str = "20s";
 /// Upper bound on exiting after SIGTERM/SIGINT. Well under [`DRAIN_DEADLINE`]: a drain that only
@@ -40,8 +34,6 @@ const SLOW_CALL: Duration = Duration::from_secs(1);
 /// How soon after the signal the proxy must refuse new connections: it closes its listener as
 /// soon as the signal is handled.
 const STOP_ACCEPTING_WITHIN: Duration = Duration::from_secs(5);
-/// Upper bound on reading the rest of the child's output once it has exited.
-const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Credentials that must never appear in any log line, stdout, or `/metrics`.
 const SECRET_TOKEN: &str = "SECRET-TOKEN-123";
@@ -54,124 +46,9 @@ fn repo_file(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
 
-/// A child process of the binary, its output collected line by line as it comes (on threads:
-/// tokio's `process` feature is not enabled in this crate). Killed on drop, so a failing test
-/// leaves nothing running.
-struct Spawned {
-    child: Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-    stdout: Arc<Mutex<Vec<String>>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-fn collect_lines(
-    stream: impl Read + Send + 'static,
-    into: Arc<Mutex<Vec<String>>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            into.lock().expect("output lines").push(line);
-        }
-    })
-}
-
-impl Spawned {
-    fn new(args: &[&std::ffi::OsStr]) -> Spawned {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cliqgate");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![
-            collect_lines(child.stderr.take().expect("piped stderr"), stderr.clone()),
-            collect_lines(child.stdout.take().expect("piped stdout"), stdout.clone()),
-        ];
-        Spawned {
-            child,
-            stderr,
-            stdout,
-            readers,
-        }
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("poll cliqgate")
-    }
-
-    /// Waits (bounded) for the process to exit, then (bounded) for the rest of its output.
-    async fn exit(&mut self, within: Duration) -> ExitStatus {
-        let give_up = Instant::now() + within;
-        let status = loop {
-            if let Some(status) = self.try_wait() {
-                break status;
-            }
-            if Instant::now() >= give_up {
-                panic!(
-                    "cliqgate did not exit within {within:?}:\n{}",
-                    self.stderr_text()
-                );
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        };
-        let give_up = Instant::now() + OUTPUT_DRAIN_TIMEOUT;
-        while !self.readers.iter().all(JoinHandle::is_finished) {
-            assert!(
-                Instant::now() < give_up,
-                "the child's output did not end after it exited"
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-        status
-    }
-
-    fn stderr_lines(&self) -> Vec<String> {
-        self.stderr.lock().expect("output lines").clone()
-    }
-
-    fn stdout_lines(&self) -> Vec<String> {
-        self.stdout.lock().expect("output lines").clone()
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr_lines().join("\n")
-    }
-
-    fn stdout_text(&self) -> String {
-        self.stdout_lines().join("\n")
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// What a finished run printed.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
 /// Runs the binary to completion with `args`, bounded by [`COMMAND_TIMEOUT`].
-async fn run(args: &[&std::ffi::OsStr]) -> Finished {
-    let mut spawned = Spawned::new(args);
-    let status = spawned.exit(COMMAND_TIMEOUT).await;
-    Finished {
-        status,
-        stdout: spawned.stdout_text(),
-        stderr: spawned.stderr_text(),
-    }
+async fn run(args: &[&OsStr]) -> Finished {
+    run_to_exit(args, COMMAND_TIMEOUT).await
 }
 
 // ---- cliqgate check ----
@@ -228,12 +105,6 @@ routes:
     lock: "10m"
 "#;
 
-fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
-    let path = dir.path().join("cliqgate.yaml");
-    std::fs::write(&path, yaml).expect("write the test config");
-    path
-}
-
 fn assert_every_error_reported(output: &Finished) {
     let stderr = output.stderr.clone();
     assert_eq!(output.status.code(), Some(EXIT_BAD_CONFIG), "{stderr}");
@@ -279,118 +150,18 @@ async fn check_on_a_missing_file_exits_64() {
 
 // ---- the running proxy ----
 
-/// The running proxy binary and the addresses it logged.
-struct Gate {
-    process: Spawned,
-    proxy_addr: SocketAddr,
-    admin_addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
 /// A config with JSON logs at debug level (the most a troubleshooting operator would turn on),
 /// ephemeral listeners, and one reject-mode route allowing two calls per minute.
 fn gate_yaml(upstream: &str) -> String {
-    format!(
-        r#"listen: "127.0.0.1:0"
-admin_listen: "127.0.0.1:0"
-upstream: "{upstream}"
-log:
-  format: json
-  level: "debug"
-timeouts:
-  shutdown: "{DRAIN_DEADLINE}"
-routes:
-  - name: {CHAT_ROUTE}
-    method: POST
-    path: "{CHAT}"
-    limit: 2
-    per: "1m"
-    lock: "10m"
-    on_limit: reject
-"#
+    let per = Duration::from_secs(60);
+    let lock = Duration::from_secs(600);
+    let chat = post_route(CHAT_ROUTE, CHAT, 2, per, lock, "    on_limit: reject\n");
+    gate_config(
+        upstream,
+        "debug",
+        DRAIN_DEADLINE,
+        &format!("routes:\n{chat}"),
     )
-}
-
-impl Gate {
-    async fn start(upstream: &str) -> Gate {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = write_config(&dir, &gate_yaml(upstream));
-        let mut process = Spawned::new(&["--config".as_ref(), path.as_os_str()]);
-        let give_up = Instant::now() + START_TIMEOUT;
-        let listening = loop {
-            let found = process
-                .stderr_lines()
-                .iter()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .find(|event| event["message"] == "cliqgate listening");
-            if let Some(event) = found {
-                break event;
-            }
-            if let Some(status) = process.try_wait() {
-                panic!(
-                    "cliqgate exited ({status}) before listening:\n{}",
-                    process.stderr_text()
-                );
-            }
-            assert!(
-                Instant::now() < give_up,
-                "cliqgate did not log `cliqgate listening` within {START_TIMEOUT:?}"
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        };
-        let addr = |field: &str| -> SocketAddr {
-            listening[field]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no {field} in {listening}"))
-        };
-        Gate {
-            proxy_addr: addr("proxy_addr"),
-            admin_addr: addr("admin_addr"),
-            process,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path_and_query: &str) -> String {
-        format!("http://{}{path_and_query}", self.proxy_addr)
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin_addr)
-    }
-
-    /// Sends `SIGTERM`, `SIGINT`, ... with the `kill` command.
-    fn signal(&self, name: &str) {
-        let pid = self.process.child.id();
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {pid}: {status}");
-    }
-
-    async fn exit(&mut self, within: Duration) -> ExitStatus {
-        self.process.exit(within).await
-    }
-
-    /// Every stderr line that is a JSON event.
-    fn events(&self) -> Vec<serde_json::Value> {
-        self.process
-            .stderr_lines()
-            .iter()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    }
-
-    /// Access-log events (target `cliqgate::access`), in order.
-    fn access_log(&self) -> Vec<serde_json::Value> {
-        self.events()
-            .into_iter()
-            .filter(|event| event["target"] == "cliqgate::access")
-            .collect()
-    }
 }
 
 /// A call carrying both secrets: the OAuth token in `Authorization` and the webhook key in the
@@ -418,7 +189,7 @@ async fn running_proxy_serves_logs_each_call_and_never_shows_a_credential() {
         Duration::from_secs(600),
     )])
     .await;
-    let mut gate = Gate::start(&stub.url()).await;
+    let mut gate = Gate::start(&gate_yaml(&stub.url())).await;
     let client = Client::new();
 
     for path in ["/healthz", "/readyz"] {
@@ -568,7 +339,7 @@ async fn sigterm_finishes_the_call_in_flight_refuses_new_ones_and_exits_zero() {
     )])
     .await;
     stub.set_delay(SLOW_CALL);
-    let mut gate = Gate::start(&stub.url()).await;
+    let mut gate = Gate::start(&gate_yaml(&stub.url())).await;
     let client = Client::new();
 
     let in_flight = tokio::spawn({
@@ -623,7 +394,7 @@ async fn sigterm_closes_the_listener_while_a_call_is_still_in_flight() {
         Duration::from_secs(600),
     )])
     .await;
-    let mut gate = Gate::start(&stub.url()).await;
+    let mut gate = Gate::start(&gate_yaml(&stub.url())).await;
     let mut call = TcpStream::connect(gate.proxy_addr)
         .await
         .expect("connect to the proxy");
@@ -668,7 +439,7 @@ async fn sigterm_closes_the_listener_while_a_call_is_still_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_stops_the_proxy_with_exit_zero() {
     let stub = ZohoStub::start(vec![]).await;
-    let mut gate = Gate::start(&stub.url()).await;
+    let mut gate = Gate::start(&gate_yaml(&stub.url())).await;
     // One call first, so a pooled keep-alive connection is open when the signal comes.
     let client = Client::new();
     let answer = client

@@ -6,27 +6,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cliqgate");
-
-/// Upper bound on the binary logging `cliqgate listening` after spawn. Generous for a loaded CI
-/// machine, far below a CI job's timeout.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound on a reload (signal or file change) showing in `/metrics`: the signal is handled
 /// at once, the watch debounces for 300 ms.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound on exiting after SIGTERM: the test configs' drain deadline is shorter.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Upper bound on reading the rest of the child's output once it has exited.
-const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 const CHAT: &str = "/api/v3/chats/{chat_id}/message";
 const CHAT_ROUTE: &str = "chats.post_message";
@@ -37,217 +23,15 @@ const CHANNEL_ROUTE: &str = "channels.post_message";
 const PER: Duration = Duration::from_secs(60);
 const LOCK: Duration = Duration::from_secs(600);
 
-/// A child process of the binary, its output collected line by line as it comes. Killed on
-/// drop, so a failing test leaves nothing running.
-struct Spawned {
-    child: Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-fn collect_lines(
-    stream: impl Read + Send + 'static,
-    into: Arc<Mutex<Vec<String>>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            into.lock().expect("output lines").push(line);
-        }
-    })
-}
-
-impl Spawned {
-    fn new(config: &Path) -> Spawned {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cliqgate");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![collect_lines(
-            child.stderr.take().expect("piped stderr"),
-            stderr.clone(),
-        )];
-        Spawned {
-            child,
-            stderr,
-            readers,
-        }
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("poll cliqgate")
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().expect("output lines").join("\n")
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The running proxy binary, its config file and the addresses it logged.
-struct Gate {
-    process: Spawned,
-    config: PathBuf,
-    proxy_addr: SocketAddr,
-    admin_addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Gate {
-    async fn start(yaml: &str) -> Gate {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("cliqgate.yaml");
-        std::fs::write(&config, yaml).expect("write the test config");
-        let mut process = Spawned::new(&config);
-        let give_up = Instant::now() + START_TIMEOUT;
-        let listening = loop {
-            let found = events_of(&process)
-                .into_iter()
-                .find(|event| event["message"] == "cliqgate listening");
-            if let Some(event) = found {
-                break event;
-            }
-            if let Some(status) = process.try_wait() {
-                panic!(
-                    "cliqgate exited ({status}) before listening:\n{}",
-                    process.stderr_text()
-                );
-            }
-            assert!(
-                Instant::now() < give_up,
-                "cliqgate did not log `cliqgate listening` within {START_TIMEOUT:?}"
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        };
-        let addr = |field: &str| -> SocketAddr {
-            listening[field]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no {field} in {listening}"))
-        };
-        Gate {
-            proxy_addr: addr("proxy_addr"),
-            admin_addr: addr("admin_addr"),
-            process,
-            config,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.proxy_addr)
-    }
-
-    /// Replaces the config file the way editors and ConfigMaps do: a new file renamed over it.
-    fn rewrite_config(&self, yaml: &str) {
-        let next = self.config.with_extension("yaml.next");
-        std::fs::write(&next, yaml).expect("write the new config");
-        std::fs::rename(&next, &self.config).expect("replace the config");
-    }
-
-    /// Sends `SIGHUP`, `SIGTERM`, ... with the `kill` command.
-    fn signal(&self, name: &str) {
-        let pid = self.process.child.id();
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {pid}: {status}");
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.process.try_wait() {
-            panic!(
-                "cliqgate exited ({status}):\n{}",
-                self.process.stderr_text()
-            );
-        }
-    }
-
-    /// Waits (bounded) for the process to exit, then (bounded) for the rest of its output.
-    async fn exit(&mut self, within: Duration) -> ExitStatus {
-        let give_up = Instant::now() + within;
-        let status = loop {
-            if let Some(status) = self.process.try_wait() {
-                break status;
-            }
-            if Instant::now() >= give_up {
-                panic!(
-                    "cliqgate did not exit within {within:?}:\n{}",
-                    self.process.stderr_text()
-                );
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        };
-        let give_up = Instant::now() + OUTPUT_DRAIN_TIMEOUT;
-        while !self.process.readers.iter().all(JoinHandle::is_finished) {
-            assert!(
-                Instant::now() < give_up,
-                "the child's output did not end after it exited"
-            );
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-        status
-    }
-
-    fn events(&self) -> Vec<serde_json::Value> {
-        events_of(&self.process)
-    }
-
-    /// Access-log events (target `cliqgate::access`) for `route`, in order.
-    fn access_log(&self, route: &str) -> Vec<serde_json::Value> {
-        self.events()
-            .into_iter()
-            .filter(|event| event["target"] == "cliqgate::access" && event["route"] == route)
-            .collect()
-    }
-
-    /// Waits until a JSON log event matching `wanted` has been read from stderr (the metric for
-    /// an event may be visible before its log line is).
-    async fn wait_for_event(&self, what: &str, wanted: impl Fn(&serde_json::Value) -> bool) {
-        let wanted = &wanted;
-        wait_for(what, RELOAD_TIMEOUT, || async move {
-            self.events().iter().any(wanted)
-        })
-        .await;
-    }
-
-    /// Waits until `/metrics` counts `n` reloads with this `result`.
-    async fn wait_for_reloads(&self, result: &str, n: f64) {
-        let admin = self.admin_addr;
-        wait_for(
-            &format!("{n} config reload(s) with result {result}"),
-            RELOAD_TIMEOUT,
-            || async move { reloads(&scrape(admin).await, result) >= n },
-        )
-        .await;
-    }
-}
-
-/// Every stderr line that is a JSON event.
-fn events_of(process: &Spawned) -> Vec<serde_json::Value> {
-    process
-        .stderr
-        .lock()
-        .expect("output lines")
-        .iter()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
+/// Waits until `/metrics` counts `n` reloads with this `result`.
+async fn wait_for_reloads(gate: &Gate, result: &str, n: f64) {
+    let admin = gate.admin_addr;
+    wait_for(
+        &format!("{n} config reload(s) with result {result}"),
+        RELOAD_TIMEOUT,
+        || async move { reloads(&scrape(admin).await, result) >= n },
+    )
+    .await;
 }
 
 fn reloads(metrics: &str, result: &str) -> f64 {
@@ -262,26 +46,12 @@ fn reloads(metrics: &str, result: &str) -> f64 {
 /// A config with JSON logs (info: the access log), ephemeral listeners, `top` lines (e.g.
 /// `reload:`) and a reject-mode chat route allowing `limit` calls per [`PER`], plus `more` routes.
 fn gate_yaml(upstream: &str, top: &str, limit: u32, more: &str) -> String {
-    format!(
-        r#"listen: "127.0.0.1:0"
-admin_listen: "127.0.0.1:0"
-upstream: "{upstream}"
-log:
-  format: json
-  level: "info"
-timeouts:
-  shutdown: "5s"
-{top}routes:
-  - name: {CHAT_ROUTE}
-    method: POST
-    path: "{CHAT}"
-    limit: {limit}
-    per: "{per}s"
-    lock: "{lock}s"
-    on_limit: reject
-{more}"#,
-        per = PER.as_secs(),
-        lock = LOCK.as_secs()
+    let chat = post_route(CHAT_ROUTE, CHAT, limit, PER, LOCK, "    on_limit: reject\n");
+    gate_config(
+        upstream,
+        "info",
+        "5s",
+        &format!("{top}routes:\n{chat}{more}"),
     )
 }
 
@@ -326,9 +96,11 @@ async fn sighup_reloads_a_good_file_and_refuses_a_bad_one_without_stopping() {
     // A new limit in the file, then SIGHUP.
     gate.rewrite_config(&gate_yaml(&stub.url(), "", NEW, ""));
     gate.signal("HUP");
-    gate.wait_for_reloads("success", 1.0).await;
-    gate.wait_for_event("config reloaded", |e| e["message"] == "config reloaded")
-        .await;
+    wait_for_reloads(&gate, "success", 1.0).await;
+    gate.wait_for_event("config reloaded", RELOAD_TIMEOUT, |e| {
+        e["message"] == "config reloaded"
+    })
+    .await;
     // In effect for a fresh user, and for alice on top of the two calls she already made.
     assert_eq!(statuses(&client, &chat, "bob", 5).await, ok_then_429(4, 1));
     assert_eq!(
@@ -339,14 +111,18 @@ async fn sighup_reloads_a_good_file_and_refuses_a_bad_one_without_stopping() {
     // A broken file: refused, logged, counted; the process keeps running on the old config.
     std::fs::write(&gate.config, "routes: [\n  - name: x\n").expect("break the config");
     gate.signal("HUP");
-    gate.wait_for_reloads("failure", 1.0).await;
+    wait_for_reloads(&gate, "failure", 1.0).await;
     gate.assert_running();
-    gate.wait_for_event("an ERROR log line for the refused reload", |e| {
-        e["level"] == "ERROR"
-            && e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("reload refused"))
-    })
+    gate.wait_for_event(
+        "an ERROR log line for the refused reload",
+        RELOAD_TIMEOUT,
+        |e| {
+            e["level"] == "ERROR"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("reload refused"))
+        },
+    )
     .await;
     assert_eq!(
         statuses(&client, &chat, "carol", 5).await,
@@ -370,7 +146,7 @@ async fn watched_config_file_reloads_without_a_signal() {
     let watch = "reload:\n  watch: true\n";
     let mut gate = Gate::start(&gate_yaml(&stub.url(), watch, OLD, "")).await;
     // The watch is set up just after `cliqgate listening`; a change before it would be missed.
-    gate.wait_for_event("the config watch to be set up", |e| {
+    gate.wait_for_event("the config watch to be set up", RELOAD_TIMEOUT, |e| {
         e["message"] == "watching the config file for changes"
     })
     .await;
@@ -382,12 +158,12 @@ async fn watched_config_file_reloads_without_a_signal() {
     );
 
     gate.rewrite_config(&gate_yaml(&stub.url(), watch, NEW, ""));
-    gate.wait_for_reloads("success", 1.0).await;
+    wait_for_reloads(&gate, "success", 1.0).await;
     assert_eq!(statuses(&client, &chat, "bob", 4).await, ok_then_429(3, 1));
 
     // A broken edit is refused like a broken SIGHUP reload.
     gate.rewrite_config("routes: [\n");
-    gate.wait_for_reloads("failure", 1.0).await;
+    wait_for_reloads(&gate, "failure", 1.0).await;
     gate.assert_running();
     assert_eq!(
         statuses(&client, &chat, "carol", 4).await,
@@ -402,10 +178,13 @@ async fn watched_config_file_reloads_without_a_signal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_route_forwards_and_logs_what_it_would_have_done() {
     let stub = chat_stub().await;
-    let shadow = format!(
-        "  - name: {CHANNEL_ROUTE}\n    method: POST\n    path: \"{CHANNEL}\"\n    limit: 1\n    per: \"{}s\"\n    lock: \"{}s\"\n    on_limit: reject\n    mode: shadow\n",
-        PER.as_secs(),
-        LOCK.as_secs()
+    let shadow = post_route(
+        CHANNEL_ROUTE,
+        CHANNEL,
+        1,
+        PER,
+        LOCK,
+        "    on_limit: reject\n    mode: shadow\n",
     );
     let mut gate = Gate::start(&gate_yaml(&stub.url(), "", 2, &shadow)).await;
     let client = Client::new();
@@ -422,7 +201,7 @@ async fn shadow_route_forwards_and_logs_what_it_would_have_done() {
     gate.signal("TERM");
     let status = gate.exit(EXIT_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{status}");
-    let shadowed = gate.access_log(CHANNEL_ROUTE);
+    let shadowed = gate.access_log_for(CHANNEL_ROUTE);
     let seen: Vec<(&str, bool, u64)> = shadowed
         .iter()
         .map(|e| {
@@ -442,7 +221,7 @@ async fn shadow_route_forwards_and_logs_what_it_would_have_done() {
         ],
         "{shadowed:#?}"
     );
-    let enforced = gate.access_log(CHAT_ROUTE);
+    let enforced = gate.access_log_for(CHAT_ROUTE);
     assert!(
         enforced.iter().all(|e| e["shadow"] == false),
         "{enforced:#?}"
@@ -453,10 +232,13 @@ async fn shadow_route_forwards_and_logs_what_it_would_have_done() {
 async fn sigterm_refuses_a_call_queued_beyond_the_drain_and_exits_zero() {
     // One call per minute: the second one's slot is a minute away, far past the 5 s drain.
     let stub = chat_stub().await;
-    let queue = format!(
-        "  - name: {CHANNEL_ROUTE}\n    method: POST\n    path: \"{CHANNEL}\"\n    limit: 1\n    per: \"{}s\"\n    lock: \"{}s\"\n    on_limit: queue\n    max_wait: \"120s\"\n",
-        PER.as_secs(),
-        LOCK.as_secs()
+    let queue = post_route(
+        CHANNEL_ROUTE,
+        CHANNEL,
+        1,
+        PER,
+        LOCK,
+        "    on_limit: queue\n    max_wait: \"120s\"\n",
     );
     let mut gate = Gate::start(&gate_yaml(&stub.url(), "", 2, &queue)).await;
     let client = Client::new();
@@ -506,7 +288,7 @@ async fn sigterm_refuses_a_call_queued_beyond_the_drain_and_exits_zero() {
     assert_eq!(status.code(), Some(0), "{status}");
     assert_eq!(stub.count_for(CHANNEL, "erin"), 1);
     let logged: Vec<(String, u64)> = gate
-        .access_log(CHANNEL_ROUTE)
+        .access_log_for(CHANNEL_ROUTE)
         .iter()
         .map(|e| {
             (

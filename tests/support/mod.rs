@@ -14,6 +14,7 @@
 // Each test binary compiles its own copy of this module and uses a different subset of it.
 #![allow(dead_code, unused_imports)]
 
+mod binary;
 mod client;
 mod metrics;
 mod proxy;
@@ -21,6 +22,7 @@ mod redis;
 mod stub;
 mod window;
 
+pub use binary::{gate_config, post_route, run_to_exit, write_config, Finished, Gate, Spawned};
 pub use client::{
     raw_exchange, request, scrape, wait_for, Client, ClientError, TestResponse, CLIENT_TIMEOUT,
     POLL_INTERVAL,
