@@ -353,9 +353,9 @@ async fn serve<S, F>(
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        // Forget connections that have ended, so the set holds only open ones.
-        while connections.try_join_next().is_some() {}
         tokio::select! {
+            // Forget connections as they end, so the set holds only open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(conn) => conn,
