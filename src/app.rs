@@ -115,12 +115,6 @@ fn open_store(
     let store = match &config.store {
         StoreConfig::Memory => Store::Memory(MemoryStore::new(clock, config.queue.max_total)),
         StoreConfig::Redis(redis) => {
-            let max_window = config
-                .routes
-                .iter()
-                .map(|r| r.per + config.safety_margin)
-                .max()
-                .unwrap_or_default();
             let options = RedisOptions {
                 url: redis.url.clone(),
                 timeout: redis.timeout,

@@ -90,7 +90,7 @@ impl Proxy {
                     mode: route.mode,
                     policy,
                     queue: (route.on_limit == OnLimit::Queue).then(|| QueueRule {
-                        max_wait: duration_nanos(route.max_wait),
+                        max_wait: crate::limit::nanos(route.max_wait),
                         max_per_user: config.queue.max_per_user,
                     }),
                     metrics: metrics.route(&route.name),
@@ -478,7 +478,7 @@ impl Proxy {
             .limiter
             .clock()
             .now()
-            .saturating_add(duration_nanos(lock));
+            .saturating_add(crate::limit::nanos(lock));
         // The lock is also kept by the store; if the store fails here the throttle response still
         // reaches the caller, and Zoho's own lock answers the next call (counted as an error).
         let limiter = self.limiter.clone();
@@ -667,10 +667,6 @@ fn add_ratelimit_headers(
 
 fn box_incoming(body: Incoming) -> ProxyBody {
     body.map_err(Into::into).boxed()
-}
-
-fn duration_nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// One access-log line per call, written once whatever the outcome. Never the query (it may

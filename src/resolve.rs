@@ -294,7 +294,7 @@ impl Resolver {
                 .limiter
                 .clock()
                 .now()
-                .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+                .saturating_add(crate::limit::nanos(wait));
             let refusal = Refusal {
                 reason: RefusalReason::Locked,
                 retry_at,

@@ -7,7 +7,8 @@ use std::time::Duration;
 /// Nanoseconds since the clock's origin.
 pub type Nanos = u64;
 
-pub(crate) fn nanos(d: Duration) -> Nanos {
+/// A duration in the limiter's unit, saturating (a duration past ~584 years is "forever").
+pub fn nanos(d: Duration) -> Nanos {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 

@@ -13,7 +13,7 @@ mod redis;
 mod store;
 mod window;
 
-pub use clock::{Clock, ManualClock, Nanos, TokioClock};
+pub use clock::{nanos, Clock, ManualClock, Nanos, TokioClock};
 pub use gcra::gcra_period;
 pub use memory::{KeySnapshot, KeyStatus, MemoryStore, Recent};
 pub use redis::{RedisOptions, RedisStore};
