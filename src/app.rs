@@ -1,11 +1,20 @@
 //! Binds the listeners (port 0 works, for tests) and runs the proxy until shutdown.
 //!
+//! Threads: the proxy listener is served by `workers` threads, each with its own single-threaded
+//! tokio runtime, its own `SO_REUSEPORT` listener on the same address (the kernel spreads new
+//! connections over them) and its own upstream connection pool, so a call never leaves the thread
+//! that accepted it (nginx's worker model; measured in benches/load/RESULTS.md: a third less CPU
+//! per call than one work-stealing runtime, whose cross-thread wake-ups dominate a proxy's cost).
+//! The limiter store, metrics and config are shared by all of them. The admin listener, the
+//! sweeper, the Redis prober and signals run on the runtime that called [`start`].
+//!
 //! Shutdown: stop accepting, let in-flight calls finish (bounded by `timeouts.shutdown`: hyper's
 //! graceful shutdown can wait forever on idle connections), then return.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors, StoreConfig};
@@ -29,6 +38,8 @@ use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// How often idle limiter keys are swept: memory follows active users within this delay.
 const EVICT_INTERVAL: Duration = Duration::from_secs(10);
+/// Pending connections per worker listener (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 1024;
 /// Room above `max_header_bytes` for the request line, so oversized fields get cliqgate's own
 /// Zoho-style 431 rather than hyper's bare one.
 const HEAD_BUFFER_SLACK: usize = 16 * 1024;
@@ -42,7 +53,8 @@ pub struct Running {
     /// What outlives a reload: limiter state (route ids by name), metrics, the drain signal.
     shared: Shared,
     stop: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    /// One per worker thread: resolves when that worker has drained and stopped.
+    workers: Vec<oneshot::Receiver<()>>,
     admin: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     prober: Option<JoinHandle<()>>,
@@ -57,6 +69,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     names: Arc<RouteNames>,
     drain: Arc<Drain>,
+    /// Proxy worker threads, each with its own upstream pool.
+    workers: NonZeroUsize,
 }
 
 impl Shared {
@@ -90,6 +104,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
+    #[error("cannot start a worker thread: {0}")]
+    Worker(std::io::Error),
     #[error("store: {0}")]
     Store(#[from] StoreError),
 }
@@ -138,8 +154,22 @@ fn open_store(
     Ok(Arc::new(store))
 }
 
-/// Starts the proxy and admin listeners on the configured addresses.
+/// The number of proxy worker threads when none is given: one per CPU the process may use.
+pub fn default_workers() -> NonZeroUsize {
+    std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+}
+
+/// Starts the proxy and admin listeners on the configured addresses, with
+/// [`default_workers`] proxy threads.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with_workers(config, default_workers()).await
+}
+
+/// Starts the proxy and admin listeners, the proxy listener served by `workers` threads.
+pub async fn start_with_workers(
+    config: Config,
+    workers: NonZeroUsize,
+) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let names = RouteNames::new(config.routes.iter().map(|r| r.name.clone()));
     let limiter = open_store(&config, &metrics, &names)?;
@@ -150,19 +180,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics,
         names,
         drain: Arc::new(Drain::default()),
+        workers,
     };
-    let upstream = Upstream::new(&config)?;
+    let upstream = Upstream::new(&config, workers)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let proxy = Arc::new(shared.proxy(config, upstream));
     let current = Arc::new(ArcSwap::new(proxy.clone()));
 
-    let listener = bind("proxy listener", listen).await?;
+    let listeners = bind_workers(listen, workers)?;
     let admin_listener = bind("admin listener", admin_listen).await?;
-    let proxy_addr = local_addr(&listener, listen)?;
+    let proxy_addr = listeners[0]
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "proxy listener",
+            addr: listen,
+            source,
+        })?;
     let admin_addr = local_addr(&admin_listener, admin_listen)?;
     let (stop, stopped) = watch::channel(false);
 
-    let server = {
+    let mut worker_done = Vec::with_capacity(listeners.len());
+    for (index, listener) in listeners.into_iter().enumerate() {
         let builder = builder(&proxy.config);
         // The drain is bounded by the shutdown timeout of the config current when it begins (a
         // reload may have changed it): queued calls are promised a send before that deadline.
@@ -176,8 +214,30 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             let proxy = current.load_full();
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         };
-        tokio::spawn(serve(listener, builder, service, stopped.clone(), drain))
-    };
+        let stopped = stopped.clone();
+        // Everything that can fail happens here, before the thread starts: a worker that could
+        // not start would silently leave its share of connections unserved.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Worker)?;
+        let listener = {
+            let _in_runtime = runtime.enter();
+            TcpListener::from_std(listener).map_err(StartError::Worker)?
+        };
+        let (done, done_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("cliqgate-worker-{index}"))
+            .spawn(move || {
+                crate::upstream::enter_worker(index);
+                runtime.block_on(serve(listener, builder, service, stopped, drain));
+                // Upstream connections of this worker close with its runtime.
+                drop(runtime);
+                let _ = done.send(());
+            })
+            .map_err(StartError::Worker)?;
+        worker_done.push(done_rx);
+    }
     let admin = {
         let current = current.clone();
         let service = move |req, _peer| {
@@ -211,7 +271,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         current,
         shared,
         stop,
-        server,
+        workers: worker_done,
         admin,
         sweeper,
         state,
@@ -247,7 +307,7 @@ impl Running {
         let upstream = if same_upstream {
             old.upstream().clone()
         } else {
-            Upstream::new(&config)?
+            Upstream::new(&config, self.shared.workers)?
         };
         let routes = config.routes.len();
         self.current
@@ -288,7 +348,10 @@ impl Running {
 
     /// Waits until the servers have stopped.
     pub async fn wait(self) {
-        let _ = self.server.await;
+        for worker in self.workers {
+            // An error only means the worker thread is gone, which is what is waited for.
+            let _ = worker.await;
+        }
         let _ = self.admin.await;
         self.sweeper.abort();
         if let Some(prober) = self.prober {
@@ -320,6 +383,56 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// The proxy listener, once per worker: the first on the configured address (port 0 picks one),
+/// the others on the address the first got, all with `SO_REUSEPORT` so the kernel spreads new
+/// connections over the workers. Created on the calling runtime, handed over as std listeners.
+fn bind_workers(
+    addr: SocketAddr,
+    workers: NonZeroUsize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let what = "proxy listener";
+    // SO_REUSEPORT would also let a second cliqgate (same user) join this port and silently
+    // take half its calls, each counting only its own: a plain bind first fails if anything
+    // already listens there, as a proxy without SO_REUSEPORT would.
+    if addr.port() != 0 {
+        drop(
+            std::net::TcpListener::bind(addr).map_err(|source| StartError::Bind {
+                what,
+                addr,
+                source,
+            })?,
+        );
+    }
+    let mut bound = addr;
+    let mut listeners = Vec::with_capacity(workers.get());
+    for _ in 0..workers.get() {
+        let bind_one = || -> std::io::Result<std::net::TcpListener> {
+            let socket = if bound.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(bound)?;
+            socket.listen(LISTEN_BACKLOG)?.into_std()
+        };
+        let listener = bind_one().map_err(|source| StartError::Bind {
+            what,
+            addr: bound,
+            source,
+        })?;
+        if listeners.is_empty() {
+            bound =
+                listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { what, addr, source })?;
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }
 
 fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {

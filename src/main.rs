@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,6 +25,10 @@ struct Cli {
     /// The YAML config file.
     #[arg(long, short, global = true, default_value = "config/cliq.yaml")]
     config: PathBuf,
+    /// Proxy worker threads, each serving its share of connections on its own event loop
+    /// [default: one per CPU].
+    #[arg(long, env = "CLIQGATE_WORKERS", value_name = "N")]
+    workers: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -63,7 +68,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Schema) => unreachable!("handled before the config is read"),
-        None => run(config, cli.config),
+        None => run(config, cli.config, cli.workers),
     }
 }
 
@@ -83,9 +88,12 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn run(config: Config, config_path: PathBuf) -> ExitCode {
+fn run(config: Config, config_path: PathBuf, workers: Option<NonZeroUsize>) -> ExitCode {
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let workers = workers.unwrap_or_else(cliqgate::app::default_workers);
+    // This thread's runtime carries signals, the admin listener and housekeeping; the proxy
+    // listener has its own worker threads (`app::start_with_workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -103,7 +111,7 @@ fn run(config: Config, config_path: PathBuf) -> ExitCode {
                 return ExitCode::from(EXIT_CANNOT_START);
             }
         };
-        let running = match cliqgate::app::start(config).await {
+        let running = match cliqgate::app::start_with_workers(config, workers).await {
             Ok(running) => running,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

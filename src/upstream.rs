@@ -3,7 +3,13 @@
 //! Whatever the request line or `Host` says, the URI is rebuilt from the configured scheme and
 //! authority plus the caller's path and query (no open proxy). Requests are never retried: a
 //! POST that may have reached Zoho must not be sent twice.
+//!
+//! Each proxy worker thread has its own connection pool (see `app`): hyper-util runs every
+//! pooled connection as a task on the runtime that opened it, and a pool shared by threads would
+//! move each call's response between them.
 
+use std::cell::Cell;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,17 +38,44 @@ pub enum UpstreamSetupError {
     Tls(#[from] rustls::Error),
 }
 
+type PooledClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+thread_local! {
+    /// The proxy worker this thread is, if it is one: picks its connection pool.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks the calling thread as proxy worker `index`, for its whole life.
+pub(crate) fn enter_worker(index: usize) {
+    WORKER.with(|worker| worker.set(Some(index)));
+}
+
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// One pool per worker thread, then one for every other thread (tests, the admin runtime).
+    clients: Arc<[PooledClient]>,
     target: UpstreamTarget,
     host: HeaderValue,
     response_timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(config: &Config) -> Result<Self, UpstreamSetupError> {
+    pub fn new(config: &Config, workers: NonZeroUsize) -> Result<Self, UpstreamSetupError> {
         let tls = tls_config(config)?;
+        let clients = (0..=workers.get())
+            .map(|_| Self::client(config, tls.clone()))
+            .collect();
+        let host = HeaderValue::from_str(config.upstream.authority.as_str())
+            .map_err(|e| UpstreamSetupError::Tls(rustls::Error::General(e.to_string())))?;
+        Ok(Upstream {
+            clients,
+            target: config.upstream.clone(),
+            host,
+            response_timeout: config.timeouts.response,
+        })
+    }
+
+    fn client(config: &Config, tls: rustls::ClientConfig) -> PooledClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -52,20 +85,21 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .retry_canceled_requests(false)
             .set_host(false)
-            .build(connector);
-        let host = HeaderValue::from_str(config.upstream.authority.as_str())
-            .map_err(|e| UpstreamSetupError::Tls(rustls::Error::General(e.to_string())))?;
-        Ok(Upstream {
-            client,
-            target: config.upstream.clone(),
-            host,
-            response_timeout: config.timeouts.response,
-        })
+            .build(connector)
+    }
+
+    /// The calling thread's pool.
+    fn pool(&self) -> &PooledClient {
+        let last = self.clients.len() - 1;
+        let index = WORKER
+            .with(Cell::get)
+            .map_or(last, |worker| worker.min(last));
+        &self.clients[index]
     }
 
     /// The absolute URI of a call: always the configured upstream.
@@ -92,7 +126,7 @@ impl Upstream {
         {
             req.headers_mut().insert(header::HOST, host);
         }
-        self.client.request(req).await.map_err(|e| {
+        self.pool().request(req).await.map_err(|e| {
             tracing::warn!(error = %error_chain(&e), "identity lookup failed");
             ProxyError::UpstreamUnavailable
         })
@@ -106,7 +140,7 @@ impl Upstream {
         // Requests that arrive over h2c go out as HTTP/1.1.
         *req.version_mut() = Version::HTTP_11;
         req.headers_mut().insert(header::HOST, self.host.clone());
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.response_timeout, self.pool().request(req)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) if is_timeout(&e) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
