@@ -3,6 +3,8 @@
 //! Labels are bounded: route name, decision, HTTP status, store operation. Never a user, a token
 //! or a path. Per-route handles are created once, so the hot path only bumps atomics.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -119,7 +121,13 @@ pub struct RouteMetrics {
     pub queue_wait: Histogram,
     locks_active: Gauge,
     responses: Family<RouteCode, Counter>,
+    /// Counters of the usual statuses, looked up once: the family lookup clones and hashes a
+    /// label on every call. Created on first use, so only statuses Zoho sent are exposed.
+    common_responses: Arc<[OnceLock<Counter>; COMMON_CODES.len()]>,
 }
+
+/// Statuses most upstream answers have.
+const COMMON_CODES: [u16; 6] = [200, 201, 204, 400, 404, 429];
 
 impl RouteMetrics {
     pub fn count(&self, decision: Decision) {
@@ -131,12 +139,20 @@ impl RouteMetrics {
     }
 
     pub fn response(&self, status: u16) {
-        self.responses
-            .get_or_create(&RouteCode {
-                route: self.name.clone(),
-                code: status,
-            })
-            .inc();
+        if let Some(index) = COMMON_CODES.iter().position(|&code| code == status) {
+            self.common_responses[index]
+                .get_or_init(|| self.response_counter(status))
+                .inc();
+            return;
+        }
+        self.response_counter(status).inc();
+    }
+
+    fn response_counter(&self, status: u16) -> Counter {
+        self.responses.get_or_create_owned(&RouteCode {
+            route: self.name.clone(),
+            code: status,
+        })
     }
 
     pub fn set_locks_active(&self, n: usize) {
@@ -265,6 +281,7 @@ impl Metrics {
             queue_wait: self.queue_wait.get_or_create_owned(&label),
             locks_active: self.locks_active.get_or_create_owned(&label),
             responses: self.responses.clone(),
+            common_responses: Arc::new(std::array::from_fn(|_| OnceLock::new())),
         }
     }
 
@@ -326,5 +343,25 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn upstream_statuses_are_counted_and_only_those_seen_are_exposed() {
+        let m = Metrics::new();
+        let r = m.route("messages.forward");
+        r.response(200);
+        r.response(200);
+        r.clone().response(503);
+        let text = m.encode();
+        for line in [
+            "cliqgate_upstream_responses_total{route=\"messages.forward\",code=\"200\"} 2",
+            "cliqgate_upstream_responses_total{route=\"messages.forward\",code=\"503\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(
+            !text.contains("code=\"429\""),
+            "a status never seen is exposed:\n{text}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -45,6 +45,8 @@ pub struct RouteRuntime {
     pub metrics: RouteMetrics,
     /// `RateLimit-Policy` value (draft-ietf-httpapi-ratelimit-headers): quota and window.
     policy_header: HeaderValue,
+    /// The fixed start of this route's `RateLimit` value: `"name";r=`.
+    ratelimit_prefix: Box<[u8]>,
 }
 
 /// Everything a call needs, shared by all connections.
@@ -95,6 +97,7 @@ impl Proxy {
                     }),
                     metrics: metrics.route(&route.name),
                     policy_header,
+                    ratelimit_prefix: format!("\"{}\";r=", route.name).into_bytes().into(),
                 }
             })
             .collect::<Vec<_>>();
@@ -183,7 +186,7 @@ impl Proxy {
             };
         };
         let route = &self.routes[route_id.0 as usize];
-        log.route_name = Some(route.name.clone());
+        log.set_route(&route.name);
 
         // User: whose quota. A call nobody can be charged for is refused, never forwarded.
         let user = match self.identify(&req, peer).await {
@@ -657,10 +660,16 @@ fn add_ratelimit_headers(
     view: QuotaView,
 ) {
     let reset_secs = Duration::from_nanos(view.reset_in).as_secs_f64().ceil() as u64;
-    let value = format!("\"{}\";r={};t={}", route.name, view.remaining, reset_secs);
+    // Built once per call into one buffer (this runs on every forwarded call).
+    let mut digits = itoa::Buffer::new();
+    let mut value = Vec::with_capacity(route.ratelimit_prefix.len() + 24);
+    value.extend_from_slice(&route.ratelimit_prefix);
+    value.extend_from_slice(digits.format(view.remaining).as_bytes());
+    value.extend_from_slice(b";t=");
+    value.extend_from_slice(digits.format(reset_secs).as_bytes());
     let headers = response.headers_mut();
     headers.insert("ratelimit-policy", route.policy_header.clone());
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert("ratelimit", value);
     }
 }
@@ -671,7 +680,11 @@ fn box_incoming(body: Incoming) -> ProxyBody {
 
 /// One access-log line per call, written once whatever the outcome. Never the query (it may
 /// carry `zapikey`) and never a credential: the user appears as a short hash.
+///
+/// With the access log filtered out (`log.level` above `info`), nothing is copied or formatted
+/// for it: `enabled` is decided once per call.
 struct AccessLog {
+    enabled: bool,
     started: Instant,
     method: Method,
     path: String,
@@ -690,10 +703,16 @@ struct AccessLog {
 
 impl AccessLog {
     fn new<B>(req: &Request<B>) -> Self {
+        let enabled = tracing::enabled!(target: "cliqgate::access", tracing::Level::INFO);
         AccessLog {
+            enabled,
             started: Instant::now(),
             method: req.method().clone(),
-            path: req.uri().path().to_string(),
+            path: if enabled {
+                req.uri().path().to_string()
+            } else {
+                String::new()
+            },
             route: UNMATCHED_ROUTE,
             route_name: None,
             user: None,
@@ -706,8 +725,17 @@ impl AccessLog {
         }
     }
 
+    fn set_route(&mut self, name: &str) {
+        if self.enabled {
+            self.route_name = Some(name.to_string());
+        }
+    }
+
     fn finish(&mut self) {
         self.done = true;
+        if !self.enabled {
+            return;
+        }
         let route = self.route_name.as_deref().unwrap_or(self.route);
         let user = self.user.map(|u| u.short()).unwrap_or_default();
         let decision = self.decision.map_or("error", Decision::as_str);

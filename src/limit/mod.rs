@@ -74,7 +74,13 @@ pub struct UserKey(pub [u8; 16]);
 impl UserKey {
     /// The first 8 bytes in hex: enough to tell users apart in logs, too short to be a credential.
     pub fn short(&self) -> String {
-        self.0[..8].iter().map(|b| format!("{b:02x}")).collect()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(16);
+        for b in &self.0[..8] {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        out
     }
 }
 
@@ -292,4 +298,18 @@ pub trait Limiter: Send + Sync + 'static {
 
     /// The local clock answers are expressed on (the proxy sleeps on it).
     fn clock(&self) -> &dyn Clock;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_user_key_is_the_first_eight_bytes_in_lowercase_hex() {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&[0x00, 0x0f, 0xa0, 0xff, 0x12, 0x34, 0xab, 0xcd]);
+        bytes[8..].fill(0xee);
+        assert_eq!(UserKey(bytes).short(), "000fa0ff1234abcd");
+        assert_eq!(format!("{:?}", UserKey(bytes)), "UserKey(000fa0ff1234abcd)");
+    }
 }
