@@ -5,6 +5,7 @@
 //! Each step is a function with the reason it sits where it does. Only this module and
 //! [`crate::upstream`] see both the caller's and Zoho's side of a call.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,86 +149,104 @@ impl Proxy {
     }
 
     /// Handles one call from an app. Never fails: every outcome is a response.
-    pub async fn handle(
+    ///
+    /// This future is what every call in flight holds, queued ones included, so its size is
+    /// memory per call. Written as a function returning an `async move` block, here and in
+    /// `pipeline` and `wait_for_slot`: an `async fn` keeps a second copy of each argument it
+    /// moves into a local (the request head is 264 bytes).
+    #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
+    pub fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> Response<ProxyBody> {
-        let mut log = AccessLog::new(&req);
-        let response = match self.pipeline(req, peer, &mut log).await {
-            Ok(response) => response,
-            Err(error) => error.to_response(),
-        };
-        log.status = response.status().as_u16();
-        log.finish();
-        response
+    ) -> impl Future<Output = Response<ProxyBody>> {
+        async move {
+            let mut log = AccessLog::new(&req);
+            let response = match self.pipeline(req, peer, &mut log).await {
+                Ok(response) => response,
+                Err(error) => error.to_response(),
+            };
+            log.status = response.status().as_u16();
+            log.finish();
+            response
+        }
     }
 
-    async fn pipeline(
-        &self,
+    #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
+    fn pipeline<'a>(
+        &'a self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        log: &mut AccessLog,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        // Malformed or oversized calls are refused before they can cost anyone quota.
-        self.check_request(&req)?;
+        log: &'a mut AccessLog,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
+        async move {
+            // Malformed or oversized calls are refused before they can cost anyone quota.
+            self.check_request(&req)?;
 
-        // Route: which of Zoho's per-endpoint quotas this call spends.
-        let Some(route_id) = self.table.find(req.method(), req.uri().path()) else {
-            log.route = UNMATCHED_ROUTE;
-            log.decision = Some(Decision::Unmatched);
-            self.unmatched.count(Decision::Unmatched);
-            return match self.config.unmatched {
-                Unmatched::Reject => Err(ProxyError::Unmatched),
-                Unmatched::Forward => self
-                    .forward(req.map(box_incoming), None, &self.unmatched, log)
-                    .await
-                    .map(|(r, _)| r),
+            // Route: which of Zoho's per-endpoint quotas this call spends.
+            let Some(route_id) = self.table.find(req.method(), req.uri().path()) else {
+                log.route = UNMATCHED_ROUTE;
+                log.decision = Some(Decision::Unmatched);
+                self.unmatched.count(Decision::Unmatched);
+                return match self.config.unmatched {
+                    Unmatched::Reject => Err(ProxyError::Unmatched),
+                    Unmatched::Forward => self
+                        .forward(req.map(box_incoming), None, &self.unmatched, log)
+                        .await
+                        .map(|(r, _)| r),
+                };
             };
-        };
-        let route = &self.routes[route_id.0 as usize];
-        log.set_route(&route.name);
+            let route = &self.routes[route_id.0 as usize];
+            log.set_route(&route.name);
 
-        // User: whose quota. A call nobody can be charged for is refused, never forwarded.
-        let user = match self.identify(&req, peer).await {
-            Ok(user) => user,
-            Err(IdentifyFailure::Refused(error)) => {
-                return Err(self.refuse(route, log, Decision::Invalid, error))
+            // User: whose quota. A call nobody can be charged for is refused, never forwarded.
+            let user = match self.identify(&req, peer).await {
+                Ok(user) => user,
+                Err(IdentifyFailure::Refused(error)) => {
+                    return Err(self.refuse(route, log, Decision::Invalid, error))
+                }
+                Err(IdentifyFailure::Limited(refusal)) => {
+                    return Err(self.refusal(route, log, refusal))
+                }
+            };
+            log.user = Some(user);
+            let key = Key {
+                route: route.id,
+                user,
+            };
+
+            // Shadow routes: decide and count as if enforced, but forward at once.
+            if route.mode == RouteMode::Shadow {
+                // Boxed: a rarely used path need not size every call's future.
+                return Box::pin(self.shadow(req, route, key, log)).await;
             }
-            Err(IdentifyFailure::Limited(refusal)) => return Err(self.refusal(route, log, refusal)),
-        };
-        log.user = Some(user);
-        let key = Key {
-            route: route.id,
-            user,
-        };
 
-        // Shadow routes: decide and count as if enforced, but forward at once.
-        if route.mode == RouteMode::Shadow {
-            return self.shadow(req, route, key, log).await;
-        }
+            // Limit: forward now, wait for a reserved slot, or refuse at once.
+            let acquired = self.limiter.acquire(&route.policy, key, route.queue).await;
+            let acquired = acquired.map_err(|e| self.store_failed(route, log, e))?;
+            let (req, view, decision) = match acquired {
+                Acquire::Now { view, .. } => (req.map(box_incoming), view, Decision::Forwarded),
+                Acquire::Reserved { reservation, view } => {
+                    let (parts, body) = req.into_parts();
+                    let req = self
+                        .wait_for_slot(route, reservation, parts, body, log)
+                        .await?;
+                    (req, view, Decision::Delayed)
+                }
+                Acquire::Refused(refusal) => return Err(self.refusal(route, log, refusal)),
+            };
+            log.decision = Some(decision);
+            route.metrics.count(decision);
 
-        // Limit: forward now, wait for a reserved slot, or refuse at once.
-        let acquired = self.limiter.acquire(&route.policy, key, route.queue).await;
-        let acquired = acquired.map_err(|e| self.store_failed(route, log, e))?;
-        let (req, view, decision) = match acquired {
-            Acquire::Now { view, .. } => (req.map(box_incoming), view, Decision::Forwarded),
-            Acquire::Reserved { reservation, view } => {
-                let req = self.wait_for_slot(route, reservation, req, log).await?;
-                (req, view, Decision::Delayed)
+            // Forward, then learn: a throttle signal locks this (route, user) locally.
+            let (mut response, throttled) =
+                self.forward(req, Some(key), &route.metrics, log).await?;
+            if let Some(retry_after) = throttled {
+                self.learn_lock(route, key, retry_after);
             }
-            Acquire::Refused(refusal) => return Err(self.refusal(route, log, refusal)),
-        };
-        log.decision = Some(decision);
-        route.metrics.count(decision);
-
-        // Forward, then learn: a throttle signal locks this (route, user) locally.
-        let (mut response, throttled) = self.forward(req, Some(key), &route.metrics, log).await?;
-        if let Some(retry_after) = throttled {
-            self.learn_lock(route, key, retry_after);
+            add_ratelimit_headers(&mut response, route, view);
+            Ok(response)
         }
-        add_ratelimit_headers(&mut response, route, view);
-        Ok(response)
     }
 
     /// A shadow route: the decision enforcing would take is computed, logged and counted (the
@@ -319,8 +338,9 @@ impl Proxy {
         let Some(resolver) = &self.resolver else {
             return Ok(key);
         };
-        resolver
-            .resolve(key, req.headers())
+        // Boxed: moka's lookup state is ~5 KB, which every call's future (and so every queued
+        // call) would otherwise carry, in token and header mode too.
+        Box::pin(resolver.resolve(key, req.headers()))
             .await
             .map_err(|e| match e {
                 ResolveError::Refused {
@@ -372,104 +392,123 @@ impl Proxy {
     /// Waits for a reserved slot. If the caller goes away meanwhile, the future is dropped (hyper
     /// drops it with the connection) or the body read fails: either way the guard gives the slot
     /// back and the call is never sent.
-    async fn wait_for_slot(
-        &self,
-        route: &RouteRuntime,
+    #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
+    fn wait_for_slot<'a>(
+        &'a self,
+        route: &'a RouteRuntime,
         reservation: Reservation,
-        req: Request<Incoming>,
-        log: &mut AccessLog,
-    ) -> Result<Request<ProxyBody>, ProxyError> {
-        let guard = QueueGuard::new(&self.limiter, route, reservation);
-        let queued_at = Instant::now();
-        let wake = self.limiter.clock().instant(reservation.slot);
-        let (parts, mut body) = req.into_parts();
-        // Reading the body while waiting is how a caller that hangs up mid-request is noticed
-        // (hyper notices one that hangs up after its request is complete). At most
-        // QUEUE_BODY_PEEK bytes are held; a larger body waits in the socket and streams later.
-        let mut held = BytesMut::new();
-        let mut trailers = None;
-        let mut ended = http_body::Body::is_end_stream(&body);
-        while !ended && held.len() < QUEUE_BODY_PEEK {
-            tokio::select! {
-                slept = self.sleep_until_slot(wake) => match slept {
-                    Ok(()) => break,
-                    Err(e) => return Err(guard.refused(route, log, e)),
-                },
-                frame = body.frame() => match frame {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => held.extend_from_slice(&data),
-                        Err(frame) => {
-                            trailers = frame.into_trailers().ok();
-                            ended = true;
-                        }
+        parts: http::request::Parts,
+        mut body: Incoming,
+        log: &'a mut AccessLog,
+    ) -> impl Future<Output = Result<Request<ProxyBody>, ProxyError>> + 'a {
+        async move {
+            let guard = QueueGuard::new(&self.limiter, route, reservation);
+            let queued_at = Instant::now();
+            let wake = self.limiter.clock().instant(reservation.slot);
+            // Reading the body while waiting is how a caller that hangs up mid-request is noticed
+            // (hyper notices one that hangs up after its request is complete). At most
+            // QUEUE_BODY_PEEK bytes are held; a larger body waits in the socket and streams later.
+            let mut held = BytesMut::new();
+            let mut trailers = None;
+            let mut ended = http_body::Body::is_end_stream(&body);
+            while !ended && held.len() < QUEUE_BODY_PEEK {
+                tokio::select! {
+                    slept = self.sleep_until_slot(wake) => match slept {
+                        Ok(()) => break,
+                        Err(e) => return Err(guard.refused(route, log, e)),
                     },
-                    Some(Err(_)) => return Err(guard.cancelled(log)),
-                    None => ended = true,
-                },
+                    frame = body.frame() => match frame {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => held.extend_from_slice(&data),
+                            Err(frame) => {
+                                trailers = frame.into_trailers().ok();
+                                ended = true;
+                            }
+                        },
+                        Some(Err(_)) => return Err(guard.cancelled(log)),
+                        None => ended = true,
+                    },
+                }
             }
+            if let Err(e) = self.sleep_until_slot(wake).await {
+                return Err(guard.refused(route, log, e));
+            }
+            let waited = queued_at.elapsed();
+            log.queue_wait = Some(waited);
+            route.metrics.queue_wait.observe(waited.as_secs_f64());
+            match guard.redeem().await {
+                Ok(Ok(())) => {}
+                Ok(Err(refusal)) => return Err(self.refusal(route, log, refusal)),
+                Err(e) => return Err(self.store_failed(route, log, e)),
+            }
+            let rest = (!ended).then_some(body);
+            Ok(Request::from_parts(
+                parts,
+                Prefixed::new(held.freeze(), trailers, rest).boxed(),
+            ))
         }
-        if let Err(e) = self.sleep_until_slot(wake).await {
-            return Err(guard.refused(route, log, e));
-        }
-        let waited = queued_at.elapsed();
-        log.queue_wait = Some(waited);
-        route.metrics.queue_wait.observe(waited.as_secs_f64());
-        match guard.redeem().await {
-            Ok(Ok(())) => {}
-            Ok(Err(refusal)) => return Err(self.refusal(route, log, refusal)),
-            Err(e) => return Err(self.store_failed(route, log, e)),
-        }
-        let rest = (!ended).then_some(body);
-        Ok(Request::from_parts(
-            parts,
-            Prefixed::new(held.freeze(), trailers, rest).boxed(),
-        ))
     }
 
     /// Sends the call to Zoho and passes the answer back, streamed. Returns the response and,
     /// if Zoho signalled a throttle, its Retry-After (if any).
-    async fn forward(
-        &self,
+    fn forward<'a>(
+        &'a self,
         req: Request<ProxyBody>,
         key: Option<Key>,
-        metrics: &RouteMetrics,
-        log: &mut AccessLog,
-    ) -> Result<(Response<ProxyBody>, Option<Option<Duration>>), ProxyError> {
+        metrics: &'a RouteMetrics,
+        log: &'a mut AccessLog,
+    ) -> impl Future<Output = Result<(Response<ProxyBody>, Option<Option<Duration>>), ProxyError>> + 'a
+    {
+        // The upstream request is built before the future, which then holds only the send.
+        let sending = self
+            .upstream_request(req)
+            .map(|req| self.upstream.send(req));
+        async move {
+            let started = Instant::now();
+            let response = match sending {
+                Ok(sending) => sending.await,
+                Err(e) => return Err(e),
+            };
+            let upstream_time = started.elapsed();
+            log.upstream = Some(upstream_time);
+            metrics
+                .upstream_duration
+                .observe(upstream_time.as_secs_f64());
+            let response = response?;
+            metrics.response(response.status().as_u16());
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            let signal = throttle::classify_status(parts.status);
+            // Unlimited calls cannot be locked; success bodies are never read.
+            let (body, throttled) = match (signal, key) {
+                (StatusSignal::Throttled, Some(_)) => (body.map_err(Into::into).boxed(), true),
+                (StatusSignal::Inspect, Some(_)) => {
+                    let read = tokio::time::timeout(
+                        self.config.timeouts.response,
+                        read_prefix(body, throttle::MAX_ERROR_PREFIX),
+                    )
+                    .await
+                    .map_err(|_| ProxyError::UpstreamTimeout(self.config.timeouts.response))?
+                    .map_err(|_| ProxyError::UpstreamUnavailable)?;
+                    let (prefix, trailers, rest) = read;
+                    let throttled = throttle::body_signals_throttle(&prefix, rest.is_none());
+                    (Prefixed::new(prefix, trailers, rest).boxed(), throttled)
+                }
+                _ => (body.map_err(Into::into).boxed(), false),
+            };
+            let retry_after = throttled.then(|| throttle::retry_after(&parts.headers));
+            Ok((Response::from_parts(parts, body), retry_after))
+        }
+    }
+
+    /// The call as it goes to Zoho: the configured upstream's URI, hop-by-hop fields removed,
+    /// the body bounded while it streams.
+    fn upstream_request(&self, req: Request<ProxyBody>) -> Result<Request<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         parts.uri = self.upstream.uri_for(parts.uri.path_and_query())?;
         remove_hop_by_hop(&mut parts.headers);
         let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
-        let started = Instant::now();
-        let response = self.upstream.send(Request::from_parts(parts, body)).await;
-        let upstream_time = started.elapsed();
-        log.upstream = Some(upstream_time);
-        metrics
-            .upstream_duration
-            .observe(upstream_time.as_secs_f64());
-        let response = response?;
-        metrics.response(response.status().as_u16());
-        let (mut parts, body) = response.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        let signal = throttle::classify_status(parts.status);
-        // Unlimited calls cannot be locked; success bodies are never read.
-        let (body, throttled) = match (signal, key) {
-            (StatusSignal::Throttled, Some(_)) => (body.map_err(Into::into).boxed(), true),
-            (StatusSignal::Inspect, Some(_)) => {
-                let read = tokio::time::timeout(
-                    self.config.timeouts.response,
-                    read_prefix(body, throttle::MAX_ERROR_PREFIX),
-                )
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout(self.config.timeouts.response))?
-                .map_err(|_| ProxyError::UpstreamUnavailable)?;
-                let (prefix, trailers, rest) = read;
-                let throttled = throttle::body_signals_throttle(&prefix, rest.is_none());
-                (Prefixed::new(prefix, trailers, rest).boxed(), throttled)
-            }
-            _ => (body.map_err(Into::into).boxed(), false),
-        };
-        let retry_after = throttled.then(|| throttle::retry_after(&parts.headers));
-        Ok((Response::from_parts(parts, body), retry_after))
+        Ok(Request::from_parts(parts, body))
     }
 
     /// Zoho locked this user out of this route: stop sending for the lock period (or Zoho's

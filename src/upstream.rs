@@ -9,6 +9,7 @@
 //! move each call's response between them.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,24 +134,31 @@ impl Upstream {
     }
 
     /// Sends one call and waits (bounded) for the response head; the body streams afterwards.
-    pub async fn send(
+    /// The request is prepared before the returned future, which holds only the sending (it is
+    /// part of every call's state).
+    pub fn send(
         &self,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> {
         // Requests that arrive over h2c go out as HTTP/1.1.
         *req.version_mut() = Version::HTTP_11;
         req.headers_mut().insert(header::HOST, self.host.clone());
-        match tokio::time::timeout(self.response_timeout, self.pool().request(req)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if is_timeout(&e) => Err(ProxyError::UpstreamTimeout(self.response_timeout)),
-            // A streamed request body went over `max_body_bytes`: the caller's fault, not Zoho's.
-            Ok(Err(e)) if body_too_large(&e).is_some() => Err(ProxyError::BodyTooLarge {
-                limit: body_too_large(&e).unwrap_or_default(),
-            }),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %error_chain(&e), "upstream call failed");
-                Err(ProxyError::UpstreamUnavailable)
+        let timeout = self.response_timeout;
+        let response = tokio::time::timeout(timeout, self.pool().request(req));
+        async move {
+            match response.await {
+                Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) if is_timeout(&e) => Err(ProxyError::UpstreamTimeout(timeout)),
+                // A streamed request body went over `max_body_bytes`: the caller's fault, not
+                // Zoho's.
+                Ok(Err(e)) if body_too_large(&e).is_some() => Err(ProxyError::BodyTooLarge {
+                    limit: body_too_large(&e).unwrap_or_default(),
+                }),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %error_chain(&e), "upstream call failed");
+                    Err(ProxyError::UpstreamUnavailable)
+                }
             }
         }
     }

@@ -49,7 +49,9 @@ impl Limiter for Store {
     ) -> Result<Acquire, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.acquire_now(policy, key, queue)),
-            Store::Redis(r) => r.acquire(policy, key, queue).await,
+            // Boxed: a Redis round trip's state is large, and every call's future (queued ones
+            // included) would otherwise reserve room for it, memory store or not.
+            Store::Redis(r) => Box::pin(r.acquire(policy, key, queue)).await,
         }
     }
 
@@ -70,7 +72,7 @@ impl Limiter for Store {
     ) -> Result<Result<(), Refusal>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.redeem_now(reservation)),
-            Store::Redis(r) => r.redeem(reservation).await,
+            Store::Redis(r) => Box::pin(r.redeem(reservation)).await,
         }
     }
 
