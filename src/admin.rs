@@ -304,6 +304,7 @@ pub fn config_json(c: &Config) -> Value {
                 "algorithm": algorithm,
                 "burst": burst,
                 "mode": mode_name(r.mode),
+                "validate": r.validate.map(|set| set.name),
             })
         })
         .collect();

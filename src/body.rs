@@ -148,6 +148,37 @@ where
     }
 }
 
+/// Why a whole request body could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// More than this many bytes.
+    TooLarge(u64),
+    /// The body broke off (the caller went away, or sent a malformed chunk).
+    Broken,
+}
+
+/// Reads a whole request body of at most `limit` bytes, and its trailers: for a call that must be
+/// inspected before it is forwarded. [`Prefixed`] replays both unchanged.
+pub async fn read_whole<B>(
+    body: B,
+    limit: u64,
+) -> Result<(Bytes, Option<http::HeaderMap>), ReadError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            Ok((collected.to_bytes(), trailers))
+        }
+        Err(e) => Err(match e.downcast_ref::<BodyTooLarge>() {
+            Some(too_large) => ReadError::TooLarge(too_large.0),
+            None => ReadError::Broken,
+        }),
+    }
+}
+
 /// Reads frames of `body` until at least `want` bytes, the end, or a trailers frame.
 /// Returns the bytes read, trailers if met, and the rest of the body if it did not end.
 pub async fn read_prefix<B>(

@@ -13,6 +13,8 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, Method};
 use saphyr::{LoadableYamlNode, MarkedYamlOwned, ScalarOwned, YamlDataOwned};
 
+use crate::validate::{RuleSet, NO_VALIDATION, RULE_SETS};
+
 // ---- Defaults: every default lives here, each with a test in this module. ----
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -318,6 +320,9 @@ pub struct RouteConfig {
     pub max_wait: Duration,
     pub algorithm: Algorithm,
     pub mode: RouteMode,
+    /// `validate`: the endpoint's documented input limits, checked before the limiter so a call
+    /// Zoho would refuse costs no quota. `None` (the default): calls are not checked.
+    pub validate: Option<&'static RuleSet>,
     /// Line of the route in the file, for messages.
     pub line: usize,
 }
@@ -647,6 +652,10 @@ const DEFAULTS: Schema = Schema {
             "belongs to each route (names are unique), not to `defaults`",
         ),
         ("path", "belongs to each route, not to `defaults`"),
+        (
+            "validate",
+            "belongs to the route of the endpoint whose rules it names, not to `defaults`",
+        ),
     ],
 };
 const ROUTE: Schema = Schema {
@@ -662,6 +671,7 @@ const ROUTE: Schema = Schema {
         "algorithm",
         "burst",
         "mode",
+        "validate",
     ],
     refused: &[],
 };
@@ -2471,6 +2481,7 @@ fn build_route(
         .map_or(DEFAULT_ON_LIMIT, |s| s.value);
     check_max_wait(sec, &fields, on_limit, cx);
     let algorithm = route_algorithm(sec, &fields, cx);
+    let validate = route_validate(sec, &fields, cx);
     let paths = paths?;
     let route = RouteConfig {
         name: name?,
@@ -2483,6 +2494,7 @@ fn build_route(
         max_wait: fields.max_wait.map_or(DEFAULT_MAX_WAIT, |s| s.value),
         algorithm: algorithm?,
         mode: fields.mode.map_or(DEFAULT_ROUTE_MODE, |s| s.value),
+        validate,
         line: sec.line,
     };
     Some(Built { route, paths })
@@ -2561,6 +2573,31 @@ fn route_algorithm(sec: &Section, fields: &RouteFields, cx: &mut Ctx) -> Option<
             Some(Algorithm::Gcra { burst: burst.value })
         }
     }
+}
+
+/// `validate`: a rule set by name, or `none`. A rule set describes one endpoint, so the route must
+/// take that endpoint's method only: a call of another method would be judged by rules that are
+/// not its own (and refused when Zoho would serve it).
+fn route_validate(sec: &Section, fields: &RouteFields, cx: &mut Ctx) -> Option<&'static RuleSet> {
+    let f = sec.field("validate")?;
+    let mut options: Vec<(&str, Option<&'static RuleSet>)> =
+        RULE_SETS.iter().map(|set| (set.name, Some(*set))).collect();
+    options.push((NO_VALIDATION, None));
+    let rules = choice(&f, &options, cx).flatten()?;
+    let method = fields.method.as_ref().and_then(|m| m.value.as_ref());
+    if method != Some(&rules.method) {
+        let takes = match method {
+            Some(method) => format!("takes {method}"),
+            None => "takes every method".to_string(),
+        };
+        let why = format!(
+            "{} checks {} {} calls, but this route {takes}; set `method: {}` on the route",
+            rules.name, rules.method, rules.endpoint, rules.method
+        );
+        cx.error(f.line(), &f.key, why);
+        return None;
+    }
+    Some(rules)
 }
 
 /// The router takes the first route whose method and path match, so a path that an earlier route
@@ -2672,6 +2709,7 @@ impl Config {
             "ON_LIMIT",
             "ALGORITHM",
             "MODE",
+            "VALIDATE",
             "PATHS",
         ];
         let mut rows = vec![header.map(String::from).to_vec()];
@@ -2705,6 +2743,7 @@ impl Config {
                 RouteMode::Shadow => "shadow",
             }
             .to_string(),
+            r.validate.map_or(NO_VALIDATION, |set| set.name).to_string(),
             r.paths.join(" "),
         ]
     }
@@ -2982,6 +3021,15 @@ mod tests {
         assert_eq!(r.max_wait, Duration::from_secs(30));
         assert_eq!(r.algorithm, Algorithm::Window);
         assert_eq!(r.method, None);
+    }
+
+    #[test]
+    fn validation_defaults_to_off() {
+        assert_eq!(one_route(FULL_ROUTE).validate, None);
+        let off = one_route(&format!(
+            "    method: DELETE\n    validate: none\n{FULL_ROUTE}"
+        ));
+        assert_eq!(off.validate, None);
     }
 
     // ---- Values ----
@@ -3850,6 +3898,88 @@ mod tests {
     }
 
     #[test]
+    fn validate_names_a_rule_set_for_the_routes_method() {
+        for set in RULE_SETS {
+            let r = one_route(&format!(
+                "    method: {}\n    validate: {}\n{FULL_ROUTE}",
+                set.method.as_str().to_lowercase(),
+                set.name
+            ));
+            assert_eq!(r.validate, Some(set));
+        }
+        let inherited = parse(&format!(
+            "defaults:\n  method: POST\nroutes:\n  - name: r\n    path: \"/a\"\n    \
+             validate: cliq.forward_messages\n{FULL_ROUTE}"
+        ));
+        assert_eq!(
+            inherited.routes[0].validate,
+            Some(&crate::validate::FORWARD_MESSAGES),
+            "the method may come from `defaults`"
+        );
+    }
+
+    #[test]
+    fn unknown_rule_sets_list_the_known_ones() {
+        let errs = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    method: DELETE\n    \
+             validate: cliq.delete_message\n{FULL_ROUTE}"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line),
+            ("routes[0].validate", 6)
+        );
+        assert_eq!(
+            errs[0].message,
+            "unknown value \"cliq.delete_message\"; allowed: cliq.delete_messages, \
+             cliq.forward_messages, cliq.search_messages, none"
+        );
+        let errs = errors(&format!(
+            "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    validate: true\n{FULL_ROUTE}"
+        ));
+        assert!(
+            errs[0].message.contains("found the boolean true"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_rule_set_on_a_route_of_another_method_is_refused() {
+        for (method, takes) in [
+            ("    method: GET\n", "this route takes GET"),
+            ("", "this route takes every method"),
+            ("    method: \"*\"\n", "this route takes every method"),
+        ] {
+            let errs = errors(&format!(
+                "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n{method}    \
+                 validate: cliq.delete_messages\n{FULL_ROUTE}"
+            ));
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].key, "routes[0].validate");
+            assert_eq!(
+                errs[0].message,
+                format!(
+                    "cliq.delete_messages checks DELETE /api/v3/chats/{{chat_id}}/messages \
+                     calls, but {takes}; set `method: DELETE` on the route"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn validate_under_defaults_is_refused() {
+        let errs = errors(&format!(
+            "{UPSTREAM}defaults:\n  validate: cliq.search_messages\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line),
+            ("defaults.validate", 3)
+        );
+        assert!(errs[0].message.contains("not to `defaults`"), "{errs:?}");
+    }
+
+    #[test]
     fn max_wait_on_a_rejecting_route_is_refused() {
         let errs = errors(&format!(
             "{UPSTREAM}routes:\n  - name: r\n    path: \"/a\"\n    on_limit: reject\n    max_wait: \"5s\"\n{FULL_ROUTE}"
@@ -4372,7 +4502,10 @@ mod tests {
         let mut lines = text.lines().skip(1);
         let columns = lines.next().expect("column names");
         let columns: Vec<&str> = columns.split_whitespace().collect();
-        assert_eq!(columns[columns.len() - 3..], ["ALGORITHM", "MODE", "PATHS"]);
+        assert_eq!(
+            columns[columns.len() - 4..],
+            ["ALGORITHM", "MODE", "VALIDATE", "PATHS"]
+        );
         let route = lines.next().expect("route line");
         assert!(route.contains(" shadow "), "{route}");
         assert!(parse("")
@@ -4464,6 +4597,24 @@ mod tests {
             .routes
             .iter()
             .all(|r| r.on_limit == OnLimit::Queue && r.max_wait == Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn shipped_config_validates_the_endpoints_with_documented_input_limits() {
+        let c = shipped();
+        let validated: Vec<(&str, &str)> = c
+            .routes
+            .iter()
+            .filter_map(|r| r.validate.map(|set| (r.name.as_str(), set.name)))
+            .collect();
+        assert_eq!(
+            validated,
+            [
+                ("chats.delete_messages", "cliq.delete_messages"),
+                ("messages.forward", "cliq.forward_messages"),
+                ("messages.search", "cliq.search_messages"),
+            ]
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Every failure cliqgate answers itself, as one Zoho-style JSON response, in one exhaustive match.
 //!
 //! Zoho's envelope is `{"code": "...", "message": "..."}`; refusals add `retry_after` (seconds).
+//! Some Zoho endpoints nest it under `error` instead ([`Envelope::Nested`]); a call refused by an
+//! endpoint's own rules is answered in that endpoint's shape.
 
 use std::time::Duration;
 
@@ -8,6 +10,15 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::{full, ProxyBody};
+
+/// The two shapes of Zoho's error bodies (../shared/cliq-api.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// `{"code": "...", "message": "..."}`: the v3 Messages API, and cliqgate's own answers.
+    Flat,
+    /// `{"error": {"code": "...", "message": "..."}}`: e.g. Search messages' bad input.
+    Nested,
+}
 
 /// Who is at fault decides the status class (pingora's `ErrorSource`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +47,9 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("request header fields over {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    /// The call breaks a documented limit of its endpoint (src/validate.rs): Zoho would refuse it.
+    #[error("invalid call: {0}")]
+    Invalid(crate::validate::Invalid),
     // --- the upstream ---
     #[error("upstream unavailable")]
     UpstreamUnavailable,
@@ -104,6 +118,12 @@ impl ProxyError {
                 "headers_too_large",
                 format!("The request header fields are larger than {limit} bytes."),
             ),
+            // Zoho's own code for the broken rule, as Zoho would answer the call.
+            ProxyError::Invalid(invalid) => (
+                StatusCode::BAD_REQUEST,
+                invalid.code,
+                invalid.message.clone(),
+            ),
             ProxyError::UpstreamUnavailable => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
@@ -140,8 +160,29 @@ impl ProxyError {
             | ProxyError::IdentityRefused { .. }
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::Invalid(_)
             | ProxyError::UpstreamUnavailable
             | ProxyError::UpstreamTimeout(_) => None,
+        }
+    }
+
+    /// The body's shape: Zoho's for the endpoint when the answer stands in for Zoho's own.
+    fn envelope(&self) -> Envelope {
+        match self {
+            ProxyError::Invalid(invalid) => invalid.envelope,
+            ProxyError::MissingCredential { .. }
+            | ProxyError::RateLimited { .. }
+            | ProxyError::Unmatched
+            | ProxyError::BadRequest(_)
+            | ProxyError::UntrustedSource
+            | ProxyError::IdentityRefused { .. }
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::UpstreamUnavailable
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::StoreUnavailable
+            | ProxyError::IdentityUnavailable
+            | ProxyError::ShuttingDown => Envelope::Flat,
         }
     }
 
@@ -172,6 +213,9 @@ impl ProxyError {
         if let Some(secs) = retry_after {
             body["retry_after"] = secs.into();
         }
+        if self.envelope() == Envelope::Nested {
+            body = serde_json::json!({ "error": body });
+        }
         let mut response = Response::new(full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();
@@ -201,6 +245,44 @@ mod tests {
         assert_eq!(e(1000).retry_after_secs(), Some(1));
         assert_eq!(e(1001).retry_after_secs(), Some(2));
         assert_eq!(ProxyError::UpstreamUnavailable.retry_after_secs(), None);
+    }
+
+    #[test]
+    fn invalid_calls_are_400_in_their_endpoints_envelope() {
+        let body = |e: ProxyError| {
+            let r = e.to_response();
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            assert!(r.headers().get(header::RETRY_AFTER).is_none());
+            let bytes = body_bytes(r);
+            serde_json::from_slice::<serde_json::Value>(&bytes).expect("JSON")
+        };
+        let invalid = |envelope| {
+            ProxyError::Invalid(crate::validate::Invalid {
+                code: "invalid.inputs.submitted",
+                message: "m".into(),
+                envelope,
+            })
+        };
+        assert_eq!(
+            body(invalid(Envelope::Nested)),
+            serde_json::json!({"error": {"code": "invalid.inputs.submitted", "message": "m"}})
+        );
+        assert_eq!(
+            body(invalid(Envelope::Flat)),
+            serde_json::json!({"code": "invalid.inputs.submitted", "message": "m"})
+        );
+    }
+
+    /// The bytes of a response built here (a `Full` body: ready at once).
+    fn body_bytes(r: Response<ProxyBody>) -> Bytes {
+        use http_body_util::BodyExt;
+        let collected = r.into_body().collect();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(collected)
+            .expect("a full body cannot fail")
+            .to_bytes()
     }
 
     #[test]

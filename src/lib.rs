@@ -19,3 +19,4 @@ pub mod route;
 pub mod state;
 pub mod throttle;
 pub mod upstream;
+pub mod validate;

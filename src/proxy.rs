@@ -1,6 +1,6 @@
 //! The request pipeline, top to bottom:
-//! route → user → limit (forward / delay / refuse) → forward → learn from the response →
-//! metrics and one access-log line.
+//! route → user → validate → limit (forward / delay / refuse) → forward → learn from the
+//! response → metrics and one access-log line.
 //!
 //! Each step is a function with the reason it sits where it does. Only this module and
 //! [`crate::upstream`] see both the caller's and Zoho's side of a call.
@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::{read_prefix, Limited, Prefixed, ProxyBody};
+use crate::body::{read_prefix, read_whole, Limited, Prefixed, ProxyBody, ReadError};
 use crate::config::{Config, IdentityConfig, OnLimit, RouteMode, Unmatched};
 use crate::error::ProxyError;
 use crate::headers::{fields_size, remove_hop_by_hop};
@@ -30,6 +30,7 @@ use crate::resolve::{ResolveError, Resolver};
 use crate::route::RouteTable;
 use crate::throttle::{self, StatusSignal};
 use crate::upstream::Upstream;
+use crate::validate::{Invalid, RuleSet};
 
 /// Body bytes a queued call may hold while it waits: enough for any Cliq message call, small
 /// enough that a full queue stays small. Larger bodies wait in the socket.
@@ -43,6 +44,8 @@ pub struct RouteRuntime {
     pub mode: RouteMode,
     pub policy: Policy,
     pub queue: Option<QueueRule>,
+    /// The endpoint's documented input limits, checked before the limiter (`None`: unchecked).
+    pub validate: Option<&'static RuleSet>,
     pub metrics: RouteMetrics,
     /// `RateLimit-Policy` value (draft-ietf-httpapi-ratelimit-headers): quota and window.
     policy_header: HeaderValue,
@@ -96,6 +99,7 @@ impl Proxy {
                         max_wait: crate::limit::nanos(route.max_wait),
                         max_per_user: config.queue.max_per_user,
                     }),
+                    validate: route.validate,
                     metrics: metrics.route(&route.name),
                     policy_header,
                     ratelimit_prefix: format!("\"{}\";r=", route.name).into_bytes().into(),
@@ -215,6 +219,19 @@ impl Proxy {
                 user,
             };
 
+            // Validate: a call Zoho would refuse as malformed is answered here, before the
+            // limiter, so it spends no quota (after the user: a call without credential keeps
+            // its 401). Boxed, like every step only some routes take.
+            let req = match route.validate {
+                None => req.map(box_incoming),
+                Some(rules) => match Box::pin(self.validate(rules, route, req, log)).await? {
+                    Checked::Valid(req) => req,
+                    Checked::Invalid(req, invalid) => {
+                        return Box::pin(self.invalid(req, route, key, invalid, log)).await
+                    }
+                },
+            };
+
             // Shadow routes: decide and count as if enforced, but forward at once.
             if route.mode == RouteMode::Shadow {
                 // Boxed: a rarely used path need not size every call's future.
@@ -225,7 +242,7 @@ impl Proxy {
             let acquired = self.limiter.acquire(&route.policy, key, route.queue).await;
             let acquired = acquired.map_err(|e| self.store_failed(route, log, e))?;
             let (req, view, decision) = match acquired {
-                Acquire::Now { view, .. } => (req.map(box_incoming), view, Decision::Forwarded),
+                Acquire::Now { view, .. } => (req, view, Decision::Forwarded),
                 Acquire::Reserved { reservation, view } => {
                     let (parts, body) = req.into_parts();
                     let req = self
@@ -242,7 +259,7 @@ impl Proxy {
             let (mut response, throttled) =
                 self.forward(req, Some(key), &route.metrics, log).await?;
             if let Some(retry_after) = throttled {
-                self.learn_lock(route, key, retry_after);
+                self.learn_lock(route, key, retry_after).await;
             }
             add_ratelimit_headers(&mut response, route, view);
             Ok(response)
@@ -254,7 +271,7 @@ impl Proxy {
     /// been waited for is given back at once, so the limiter keeps modelling enforcement.
     async fn shadow(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         route: &RouteRuntime,
         key: Key,
         log: &mut AccessLog,
@@ -273,14 +290,68 @@ impl Proxy {
         };
         log.decision = Some(decision);
         route.metrics.count(decision);
-        let (mut response, throttled) = self
-            .forward(req.map(box_incoming), Some(key), &route.metrics, log)
-            .await?;
+        let (mut response, throttled) = self.forward(req, Some(key), &route.metrics, log).await?;
         if let Some(retry_after) = throttled {
-            self.learn_lock(route, key, retry_after);
+            self.learn_lock(route, key, retry_after).await;
         }
         if let Some(view) = view {
             add_ratelimit_headers(&mut response, route, view);
+        }
+        Ok(response)
+    }
+
+    /// Checks a call against its route's rule set. Only a rule set that reads the body has it read
+    /// first (bounded by `http.max_body_bytes`, trailers kept) and then forwards the very same
+    /// bytes; every other body stays streamed.
+    async fn validate(
+        &self,
+        rules: &RuleSet,
+        route: &RouteRuntime,
+        req: Request<Incoming>,
+        log: &mut AccessLog,
+    ) -> Result<Checked, ProxyError> {
+        if !rules.reads_body() {
+            let verdict = rules.check(req.uri().query(), None);
+            return Ok(Checked::new(req.map(box_incoming), verdict));
+        }
+        let (parts, body) = req.into_parts();
+        let (bytes, trailers) = match read_whole(body, self.config.http.max_body_bytes).await {
+            Ok(read) => read,
+            Err(ReadError::TooLarge(limit)) => {
+                let error = ProxyError::BodyTooLarge { limit };
+                return Err(self.refuse(route, log, Decision::Invalid, error));
+            }
+            Err(ReadError::Broken) => {
+                let error = ProxyError::BadRequest("The request body ended early.");
+                return Err(self.refuse(route, log, Decision::Cancelled, error));
+            }
+        };
+        let verdict = rules.check(parts.uri.query(), Some(&bytes));
+        let body = Prefixed::<Incoming>::new(bytes, trailers, None).boxed();
+        Ok(Checked::new(Request::from_parts(parts, body), verdict))
+    }
+
+    /// A call that breaks its route's rules: answered with Zoho's own error, counted as
+    /// `invalid`, never forwarded, no quota spent. A shadow route only logs and counts it and
+    /// forwards it as if unchecked; its quota is left as enforcing would leave it.
+    async fn invalid(
+        &self,
+        req: Request<ProxyBody>,
+        route: &RouteRuntime,
+        key: Key,
+        invalid: Invalid,
+        log: &mut AccessLog,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        tracing::debug!(route = %route.name, code = invalid.code, why = %invalid.message,
+            "call breaks a documented limit of its endpoint");
+        let error = self.refuse(route, log, Decision::Invalid, ProxyError::Invalid(invalid));
+        if route.mode == RouteMode::Enforce {
+            return Err(error);
+        }
+        log.shadow = true;
+        let (response, throttled) = self.forward(req, Some(key), &route.metrics, log).await?;
+        if let Some(retry_after) = throttled {
+            self.learn_lock(route, key, retry_after).await;
         }
         Ok(response)
     }
@@ -398,7 +469,7 @@ impl Proxy {
         route: &'a RouteRuntime,
         reservation: Reservation,
         parts: http::request::Parts,
-        mut body: Incoming,
+        mut body: ProxyBody,
         log: &'a mut AccessLog,
     ) -> impl Future<Output = Result<Request<ProxyBody>, ProxyError>> + 'a {
         async move {
@@ -513,7 +584,11 @@ impl Proxy {
 
     /// Zoho locked this user out of this route: stop sending for the lock period (or Zoho's
     /// Retry-After, if longer). The throttle response itself goes to the caller as it came.
-    fn learn_lock(&self, route: &RouteRuntime, key: Key, retry_after: Option<Duration>) {
+    ///
+    /// The response waits until the store has the lock, so the caller's next call (to any
+    /// replica) is refused; the store write runs as its own task, so it completes even if this
+    /// caller goes away meanwhile.
+    async fn learn_lock(&self, route: &RouteRuntime, key: Key, retry_after: Option<Duration>) {
         route.metrics.throttled.inc();
         let lock = Duration::from_nanos(route.policy.lock).max(retry_after.unwrap_or_default());
         let until = self
@@ -521,12 +596,12 @@ impl Proxy {
             .clock()
             .now()
             .saturating_add(crate::limit::nanos(lock));
-        // The lock is also kept by the store; if the store fails here the throttle response still
-        // reaches the caller, and Zoho's own lock answers the next call (counted as an error).
+        // If the store fails here the throttle response still reaches the caller, and Zoho's own
+        // lock answers the next call (counted as an error).
         let limiter = self.limiter.clone();
         let policy = route.policy;
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
+        let recording = tokio::spawn(async move {
             if let Err(e) = limiter
                 .lock(&policy, key, until, LockReason::UpstreamThrottle)
                 .await
@@ -537,6 +612,8 @@ impl Proxy {
         });
         tracing::warn!(route = %route.name, user = %key.user.short(), lock_secs = lock.as_secs(),
             "Zoho signalled a throttle; user locked out of this route");
+        // A join error means the runtime is shutting down; the answer goes out regardless.
+        let _ = recording.await;
     }
 
     fn refusal(&self, route: &RouteRuntime, log: &mut AccessLog, refusal: Refusal) -> ProxyError {
@@ -621,6 +698,22 @@ fn refusal_decision(reason: RefusalReason) -> Decision {
         RefusalReason::Limited | RefusalReason::QueueFull => Decision::Rejected,
         RefusalReason::TooFar => Decision::QueueTimeout,
         RefusalReason::Locked => Decision::Locked,
+    }
+}
+
+/// A call after validation, its body ready to forward (streamed, or the bytes that were read).
+enum Checked {
+    Valid(Request<ProxyBody>),
+    /// Breaks a rule: refused, or (shadow routes) counted and forwarded anyway.
+    Invalid(Request<ProxyBody>, Invalid),
+}
+
+impl Checked {
+    fn new(req: Request<ProxyBody>, verdict: Result<(), Invalid>) -> Self {
+        match verdict {
+            Ok(()) => Checked::Valid(req),
+            Err(invalid) => Checked::Invalid(req, invalid),
+        }
     }
 }
 

@@ -152,6 +152,7 @@ mod tests {
             max_wait: Duration::from_secs(30),
             algorithm: Algorithm::Window,
             mode: crate::config::RouteMode::Enforce,
+            validate: None,
             line: 1,
         }
     }

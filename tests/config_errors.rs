@@ -89,10 +89,17 @@ fn valid_fixture_with_every_key_loads() {
         modes,
         [
             ("chats.post_message", RouteMode::Shadow),
-            ("users.me", RouteMode::Enforce)
+            ("users.me", RouteMode::Enforce),
+            ("messages.forward", RouteMode::Shadow)
         ],
         "`defaults.mode` applies unless the route sets its own"
     );
+    let validated: Vec<Option<&str>> = config
+        .routes
+        .iter()
+        .map(|r| r.validate.map(|set| set.name))
+        .collect();
+    assert_eq!(validated, [None, None, Some("cliq.forward_messages")]);
     for shown in [
         config.describe(),
         format!("{config:?}"),
@@ -502,6 +509,32 @@ fn unknown_route_modes_list_the_allowed_ones() {
                 10,
                 "routes[0].mode",
                 "unknown value \"Shadow\"; allowed: enforce, shadow",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn bad_validate_values_name_the_rule_sets_and_the_method_they_need() {
+    assert_errors(
+        "bad_validate.yaml",
+        &[
+            (
+                3,
+                "defaults.validate",
+                "belongs to the route of the endpoint whose rules it names, not to `defaults`",
+            ),
+            (
+                11,
+                "routes[0].validate",
+                "unknown value \"cliq.delete_message\"; allowed: cliq.delete_messages, \
+                 cliq.forward_messages, cliq.search_messages, none",
+            ),
+            (
+                18,
+                "routes[1].validate",
+                "cliq.forward_messages checks POST /api/v3/messages calls, but this route takes \
+                 GET; set `method: POST` on the route",
             ),
         ],
     );

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use boon::{Compiler, SchemaIndex, Schemas, ValidationError};
 use cliqgate::config::{known_keys, Config, JSON_SCHEMA};
+use cliqgate::validate::{NO_VALIDATION, RULE_SETS};
 use saphyr::{LoadableYamlNode, Scalar, Yaml};
 use serde_json::{Map, Number, Value};
 
@@ -149,6 +150,7 @@ const REFUSED: &[(&str, &[&str])] = &[
     ),
     ("bad_route_mode.yaml", &["/defaults/mode", "/routes/0/mode"]),
     ("bad_reload_watch.yaml", &["/reload/watch"]),
+    ("bad_validate.yaml", &["/defaults", "/routes/0/validate"]),
     ("admin_short_token.yaml", &["/admin/token"]),
     ("state_file_under_redis.yaml", &["/store/state_file"]),
     (
@@ -228,6 +230,8 @@ fn the_schema_refuses_what_it_describes_in_small_documents() {
         r#"{"upstream": "https://cliq.zoho.com", "routes": [{"name": "a", "path": "/{x}y"}]}"#,
         r#"{"upstream": "https://cliq.zoho.com", "routes": [{"name": "a", "path": []}]}"#,
         r#"{"upstream": "https://cliq.zoho.com", "routes": [{"name": "a", "path": "/a", "mode": "dry"}]}"#,
+        r#"{"upstream": "https://cliq.zoho.com", "routes": [{"name": "a", "path": "/a", "validate": "cliq.nope"}]}"#,
+        r#"{"upstream": "https://cliq.zoho.com", "defaults": {"validate": "cliq.search_messages"}}"#,
         r#"{"upstream": "https://cliq.zoho.com", "identity": {"url": "https://h/me"}}"#,
         r#"{"upstream": "https://cliq.zoho.com", "identity": {"mode": "resolve", "url": "https://h/me", "user_field": "data"}}"#,
     ];
@@ -246,6 +250,7 @@ fn the_schema_refuses_what_it_describes_in_small_documents() {
         r#"{"upstream": "https://cliq.zoho.com", "admin": {"token": "0123456789abcdef"}, "reload": {"watch": true}}"#,
         r#"{"upstream": "https://cliq.zoho.com", "routes": [{"name": "a", "method": "Post", "path": "/a/{id}", "mode": "shadow", "limit": 1, "per": "1h30m", "lock": "1m500ms"}]}"#,
         r#"{"upstream": "https://cliq.zoho.com", "routes": [{"name": "a", "method": "*", "path": ["/a", "/b"]}]}"#,
+        r#"{"upstream": "https://cliq.zoho.com", "routes": [{"name": "a", "method": "GET", "path": "/a", "validate": "cliq.search_messages"}]}"#,
     ];
     for text in accepted {
         let instance: Value = serde_json::from_str(text).expect(text);
@@ -420,12 +425,27 @@ fn key_schemas_carry_the_documented_defaults() {
         ("defaults.algorithm", "window"),
         ("defaults.mode", "enforce"),
         ("routes[].mode", "enforce"),
+        ("routes[].validate", "none"),
     ] {
         assert_eq!(default(key), Some(Value::from(expected)), "{key}");
     }
     assert_eq!(default("reload.watch"), Some(Value::Bool(false)));
     assert_eq!(default("queue.max_total"), Some(Value::from(10_000)));
     assert_eq!(default("admin.token"), None, "no token by default");
+}
+
+#[test]
+fn the_schema_lists_exactly_the_rule_sets_cliqgate_knows() {
+    let root = schema_json();
+    let listed: BTreeSet<&str> = property(&root, "routes[].validate")["enum"]
+        .as_array()
+        .expect("validate is an enum")
+        .iter()
+        .map(|v| v.as_str().expect("names are strings"))
+        .collect();
+    let mut known: BTreeSet<&str> = RULE_SETS.iter().map(|set| set.name).collect();
+    known.insert(NO_VALIDATION);
+    assert_eq!(listed, known);
 }
 
 // ---- `cliqgate schema` ----

@@ -61,7 +61,7 @@ impl Limiter for Store {
                 m.cancel_now(policy, reservation);
                 Ok(())
             }
-            Store::Redis(r) => r.cancel(policy, reservation).await,
+            Store::Redis(r) => Box::pin(r.cancel(policy, reservation)).await,
         }
     }
 
@@ -88,7 +88,7 @@ impl Limiter for Store {
                 m.lock_now(key, until);
                 Ok(())
             }
-            Store::Redis(r) => r.lock(key, until).await,
+            Store::Redis(r) => Box::pin(r.lock(key, until)).await,
         }
     }
 
