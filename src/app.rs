@@ -263,7 +263,7 @@ pub async fn start_with_workers(
         Store::Memory(_) => None,
     };
     let sweeper = tokio::spawn(sweep(limiter, stopped));
-    tracing::info!(%proxy_addr, %admin_addr, "cliqgate listening");
+    tracing::info!(%proxy_addr, %admin_addr, workers = workers.get(), "cliqgate listening");
     Ok(Running {
         prober,
         proxy_addr,

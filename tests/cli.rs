@@ -458,3 +458,39 @@ async fn sigint_stops_the_proxy_with_exit_zero() {
     assert!(refuses_connections(gate.proxy_addr).await);
     assert!(refuses_connections(gate.admin_addr).await);
 }
+
+// ---- worker threads ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_flag_sets_the_proxy_threads_and_zero_is_refused() {
+    let stub = ZohoStub::start(vec![]).await;
+    let mut gate = Gate::start_with_args(&gate_yaml(&stub.url()), &["--workers", "3"]).await;
+    assert_eq!(gate.listening["workers"], 3, "{}", gate.listening);
+    // Separate connections, so they land on different workers' sockets; all are served.
+    for n in 0..12 {
+        let answer = Client::new()
+            .send(request(
+                Method::GET,
+                &gate.url(&format!("/api/v2/anything/{n}")),
+                None,
+                Bytes::new(),
+            ))
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    gate.signal("TERM");
+    let status = gate.exit(EXIT_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(refuses_connections(gate.proxy_addr).await);
+
+    let path = repo_file("config/cliq.yaml");
+    let zero = run(&[
+        "--workers".as_ref(),
+        "0".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ])
+    .await;
+    assert_eq!(zero.status.code(), Some(2), "{}", zero.stderr);
+    assert!(zero.stderr.contains("--workers"), "{}", zero.stderr);
+}

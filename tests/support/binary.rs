@@ -231,6 +231,8 @@ pub struct Gate {
     pub config: PathBuf,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The `cliqgate listening` event.
+    pub listening: serde_json::Value,
     _dir: tempfile::TempDir,
 }
 
@@ -239,9 +241,16 @@ impl Gate {
     /// [`START_TIMEOUT`], for its `cliqgate listening` event to learn `proxy_addr` and
     /// `admin_addr`.
     pub async fn start(yaml: &str) -> Gate {
+        Gate::start_with_args(yaml, &[]).await
+    }
+
+    /// As [`Gate::start`], with `args` before `--config FILE`.
+    pub async fn start_with_args(yaml: &str, args: &[&str]) -> Gate {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = write_config(&dir, yaml);
-        let mut process = Spawned::new([OsStr::new("--config"), config.as_os_str()]);
+        let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        all.extend([OsStr::new("--config"), config.as_os_str()]);
+        let mut process = Spawned::new(all);
         let give_up = Instant::now() + START_TIMEOUT;
         let listening = loop {
             let found = process
@@ -270,6 +279,7 @@ impl Gate {
                 .unwrap_or_else(|| panic!("no {field} in {listening}"))
         };
         Gate {
+            listening: listening.clone(),
             proxy_addr: addr("proxy_addr"),
             admin_addr: addr("admin_addr"),
             process,
