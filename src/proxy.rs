@@ -22,7 +22,7 @@ use crate::error::ProxyError;
 use crate::headers::{fields_size, remove_hop_by_hop};
 use crate::identity::{identify, IdentityError};
 use crate::limit::{
-    Acquire, Key, Limiter, LockReason, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
+    Acquire, Key, Limiter, LockReason, Nanos, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
     Reservation, RouteId, RouteNames, Store, StoreError, UserKey,
 };
 use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
@@ -245,9 +245,8 @@ impl Proxy {
                 Acquire::Now { view, .. } => (req, view, Decision::Forwarded),
                 Acquire::Reserved { reservation, view } => {
                     let (parts, body) = req.into_parts();
-                    let req = self
-                        .wait_for_slot(route, reservation, parts, body, log)
-                        .await?;
+                    let guard = QueueGuard::new(&self.limiter, route, reservation);
+                    let req = self.wait_for_slot(route, guard, parts, body, log).await?;
                     (req, view, Decision::Delayed)
                 }
                 Acquire::Refused(refusal) => return Err(self.refusal(route, log, refusal)),
@@ -365,25 +364,25 @@ impl Proxy {
     /// then the call is refused at once rather than left to be cut off.
     async fn sleep_until_slot(&self, wake: Instant) -> Result<(), ProxyError> {
         let mut drain = self.drain.subscribe();
+        // One timer for the whole wait (this state is held by every queued call).
+        let sleep = tokio::time::sleep_until(wake);
+        tokio::pin!(sleep);
         loop {
-            let deadline = *drain.borrow_and_update();
-            if let Some(deadline) = deadline {
+            if let Some(deadline) = *drain.borrow_and_update() {
                 if wake > deadline {
                     return Err(ProxyError::ShuttingDown);
                 }
-                tokio::time::sleep_until(wake).await;
-                return Ok(());
+                break;
             }
             tokio::select! {
-                () = tokio::time::sleep_until(wake) => return Ok(()),
-                changed = drain.changed() => {
-                    if changed.is_err() {
-                        tokio::time::sleep_until(wake).await;
-                        return Ok(());
-                    }
-                }
+                () = &mut sleep => return Ok(()),
+                changed = drain.changed() => if changed.is_err() {
+                    break;
+                },
             }
         }
+        sleep.await;
+        Ok(())
     }
 
     /// The user key of a call: a credential hash, a trusted header, or a resolved user id.
@@ -467,20 +466,20 @@ impl Proxy {
     fn wait_for_slot<'a>(
         &'a self,
         route: &'a RouteRuntime,
-        reservation: Reservation,
+        guard: QueueGuard<'a>,
         parts: http::request::Parts,
         mut body: ProxyBody,
         log: &'a mut AccessLog,
     ) -> impl Future<Output = Result<Request<ProxyBody>, ProxyError>> + 'a {
         async move {
-            let guard = QueueGuard::new(&self.limiter, route, reservation);
             let queued_at = Instant::now();
-            let wake = self.limiter.clock().instant(reservation.slot);
+            let wake = self.limiter.clock().instant(guard.slot());
             // Reading the body while waiting is how a caller that hangs up mid-request is noticed
             // (hyper notices one that hangs up after its request is complete). At most
             // QUEUE_BODY_PEEK bytes are held; a larger body waits in the socket and streams later.
             let mut held = BytesMut::new();
-            let mut trailers = None;
+            // Boxed: rare, and this state is held by every queued call.
+            let mut trailers: Option<Box<http::HeaderMap>> = None;
             let mut ended = http_body::Body::is_end_stream(&body);
             while !ended && held.len() < QUEUE_BODY_PEEK {
                 tokio::select! {
@@ -492,7 +491,7 @@ impl Proxy {
                         Some(Ok(frame)) => match frame.into_data() {
                             Ok(data) => held.extend_from_slice(&data),
                             Err(frame) => {
-                                trailers = frame.into_trailers().ok();
+                                trailers = frame.into_trailers().ok().map(Box::new);
                                 ended = true;
                             }
                         },
@@ -515,7 +514,7 @@ impl Proxy {
             let rest = (!ended).then_some(body);
             Ok(Request::from_parts(
                 parts,
-                Prefixed::new(held.freeze(), trailers, rest).boxed(),
+                Prefixed::new(held.freeze(), trailers.map(|t| *t), rest).boxed(),
             ))
         }
     }
@@ -742,6 +741,11 @@ impl<'a> QueueGuard<'a> {
         }
     }
 
+    /// The reserved slot.
+    fn slot(&self) -> Nanos {
+        self.reservation.as_ref().map_or(0, |r| r.slot)
+    }
+
     async fn redeem(mut self) -> Result<Result<(), Refusal>, StoreError> {
         self.route.metrics.queue_depth.dec();
         match self.reservation.take() {
@@ -814,14 +818,11 @@ fn box_incoming(body: Incoming) -> ProxyBody {
 /// carry `zapikey`) and never a credential: the user appears as a short hash.
 ///
 /// With the access log filtered out (`log.level` above `info`), nothing is copied or formatted
-/// for it: `enabled` is decided once per call.
+/// for it (`text` is `None`; decided once per call). Every call in flight holds one of these.
 struct AccessLog {
-    enabled: bool,
+    text: Option<Box<LogText>>,
     started: Instant,
-    method: Method,
-    path: String,
     route: &'static str,
-    route_name: Option<String>,
     user: Option<UserKey>,
     decision: Option<Decision>,
     status: u16,
@@ -833,20 +834,26 @@ struct AccessLog {
     done: bool,
 }
 
+/// What only a written access-log line needs.
+struct LogText {
+    method: Method,
+    path: String,
+    route_name: Option<String>,
+}
+
 impl AccessLog {
     fn new<B>(req: &Request<B>) -> Self {
         let enabled = tracing::enabled!(target: "cliqgate::access", tracing::Level::INFO);
         AccessLog {
-            enabled,
+            text: enabled.then(|| {
+                Box::new(LogText {
+                    method: req.method().clone(),
+                    path: req.uri().path().to_string(),
+                    route_name: None,
+                })
+            }),
             started: Instant::now(),
-            method: req.method().clone(),
-            path: if enabled {
-                req.uri().path().to_string()
-            } else {
-                String::new()
-            },
             route: UNMATCHED_ROUTE,
-            route_name: None,
             user: None,
             decision: None,
             status: 0,
@@ -858,22 +865,22 @@ impl AccessLog {
     }
 
     fn set_route(&mut self, name: &str) {
-        if self.enabled {
-            self.route_name = Some(name.to_string());
+        if let Some(text) = &mut self.text {
+            text.route_name = Some(name.to_string());
         }
     }
 
     fn finish(&mut self) {
         self.done = true;
-        if !self.enabled {
+        let Some(text) = &self.text else {
             return;
-        }
-        let route = self.route_name.as_deref().unwrap_or(self.route);
+        };
+        let route = text.route_name.as_deref().unwrap_or(self.route);
         let user = self.user.map(|u| u.short()).unwrap_or_default();
         let decision = self.decision.map_or("error", Decision::as_str);
         let queue_wait_ms = self.queue_wait.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         let upstream_ms = self.upstream.map_or(0.0, |d| d.as_secs_f64() * 1e3);
-        tracing::info!(target: "cliqgate::access", method = %self.method, path = %self.path, route,
+        tracing::info!(target: "cliqgate::access", method = %text.method, path = %text.path, route,
             user, decision, shadow = self.shadow, status = self.status, queue_wait_ms, upstream_ms,
             total_ms = self.started.elapsed().as_secs_f64() * 1e3, "call");
     }
