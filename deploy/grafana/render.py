@@ -373,22 +373,27 @@ def draw(dashboard, data, run_start, run_end, out):
         bars = custom.get("drawStyle") == "bars"
         base = {}
         lines = []
+        # Every query has the same start, end and step: one time grid. A point a query did not
+        # return (a `> 0` filter, a series not yet born) is a gap, as in Grafana (spanNulls off);
+        # stacked series count it as 0.
+        grid = [run_start + k * SCRAPE_INTERVAL_S for k in range(int((run_end - run_start) // SCRAPE_INTERVAL_S) + 1)]
+        ts = [datetime.fromtimestamp(t, timezone.utc) for t in grid]
         for i, s in enumerate(sorted(series, key=lambda s: s["legend"])):
-            ts = [datetime.fromtimestamp(t, timezone.utc) for t, _ in s["values"]]
-            vs = [v for _, v in s["values"]]
-            if not ts:
+            if not s["values"]:
                 continue
+            known = {round((t - run_start) / SCRAPE_INTERVAL_S): v for t, v in s["values"]}
+            vs = [known.get(k, 0.0 if stacked or bars else float("nan")) for k in range(len(grid))]
             color = colors.get(s["legend"], CLASSIC[i % len(CLASSIC)])
             if bars:
                 width = SCRAPE_INTERVAL_S * 3 / 86400
                 ax.bar(ts, vs, width=width, color=color, label=s["legend"])
             elif stacked:
-                lower = [base.get(t, 0.0) for t in ts]
+                lower = [base.get(k, 0.0) for k in range(len(grid))]
                 upper = [lo + v for lo, v in zip(lower, vs)]
                 ax.fill_between(ts, lower, upper, color=color, alpha=0.35, linewidth=0)
                 ax.plot(ts, upper, color=color, linewidth=1.1, label=s["legend"])
-                for t, u in zip(ts, upper):
-                    base[t] = u
+                for k, u in enumerate(upper):
+                    base[k] = u
             else:
                 ax.plot(ts, vs, color=color, linewidth=1.3, label=s["legend"])
             lines.append(s["legend"])
