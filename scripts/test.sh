@@ -38,3 +38,7 @@ cargo clippy --all-targets --locked -- -D warnings
 
 echo "== cargo test"
 cargo test --all-targets --locked
+
+# The deployment files (deploy/): manifests, Dockerfile, alerts, dashboard, systemd unit.
+echo "== scripts/check-deploy.sh"
+scripts/check-deploy.sh

@@ -126,6 +126,10 @@ pub struct RouteMetrics {
     common_responses: Arc<[OnceLock<Counter>; COMMON_CODES.len()]>,
 }
 
+/// The store operations `cliqgate_store_errors_total{op}` counts (the Redis store's scripts and
+/// its connection probe).
+pub const STORE_OPS: [&str; 6] = ["acquire", "redeem", "cancel", "lock", "merge", "probe"];
+
 /// Statuses most upstream answers have.
 const COMMON_CODES: [u16; 6] = [200, 201, 204, 400, 404, 429];
 
@@ -258,6 +262,14 @@ impl Metrics {
             "Resolve mode: identity endpoint lookups by outcome",
             m.identity_lookups.clone(),
         );
+        // Series that exist from the start, so `increase()` sees their first event (a series
+        // born at 1 looks like no change to Prometheus).
+        for result in ["success", "failure"] {
+            m.config_reloads.get_or_create(&ResultLabel { result });
+        }
+        for op in STORE_OPS {
+            m.store_errors.get_or_create(&OpLabel { op });
+        }
         Metrics { registry, ..m }
     }
 
@@ -286,6 +298,7 @@ impl Metrics {
     }
 
     pub fn store_error(&self, op: &'static str) {
+        debug_assert!(STORE_OPS.contains(&op), "{op} is missing from STORE_OPS");
         self.store_errors.get_or_create(&OpLabel { op }).inc();
     }
 
@@ -339,6 +352,8 @@ mod tests {
             "cliqgate_queue_wait_seconds_count",
             "cliqgate_locks_active{route=\"chats.post_message\"} 0",
             "cliqgate_store_errors_total{op=\"acquire\"} 1",
+            "cliqgate_store_errors_total{op=\"redeem\"} 0",
+            "cliqgate_config_reloads_total{result=\"failure\"} 0",
             "cliqgate_config_reloads_total{result=\"success\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
