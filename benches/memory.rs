@@ -25,7 +25,7 @@
 //!   process (so its sockets and memory are not counted, and each side has its own file
 //!   descriptor limit) first sends one call per user (which fills the user's window), then N
 //!   calls at once, 10 per user, bodiless GETs: every one of them is queued (slots 1 to 10
-//!   minutes ahead). RSS, live heap (by size class), tokio tasks and open fds are read when the proxy holds all N, and again
+//!   minutes ahead). RSS, live heap (by size class) and open fds are read when the proxy holds all N, and again
 //!   after the client has hung up (every reservation given back). A second round with other users
 //!   then tells memory kept for reuse (it does not grow) from memory leaked per call (it doubles);
 //!   at the very end RSS is read once more after `malloc_trim(0)`.
@@ -304,15 +304,15 @@ fn main() {
             vec![("h1", 20), ("h2", 20)]
         };
         println!("\nQueued calls held by the real proxy (memory store; one fresh process each):\n");
-        println!("| protocol | queued calls | connections | RSS before | RSS queued | RSS/call | heap/call | allocs/call | tasks/call | RSS after hang-up | heap after hang-up |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| protocol | queued calls | connections | RSS before | RSS queued | RSS/call | heap/call | allocs/call | RSS after hang-up | heap after hang-up |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (proto, n) in runs {
             if !wants(&format!("queue {proto} {n}")) {
                 continue;
             }
             let r = child(&format!("queue,{proto},{n}"));
             println!(
-                "| {} | {} | {} | {} | {} | {} B | {} B | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} B | {} B | {} | {} | {} |",
                 proto,
                 r["queued"],
                 r["connections"],
@@ -321,7 +321,6 @@ fn main() {
                 r["rss_per_call"],
                 r["heap_per_call"],
                 r["allocs_per_call"],
-                r["tasks_per_call"],
                 mib(&r["rss_after_hangup"]),
                 mib(&r["heap_after_hangup"]),
             );
@@ -343,10 +342,7 @@ fn main() {
                     r["round2_kept_after_hangup"]
                 );
                 println!(
-                    "  tokio tasks before/queued/after hang-up: {}/{}/{}; open fds: {}/{}/{}",
-                    r["tasks_before"],
-                    r["tasks_queued"],
-                    r["tasks_after_hangup"],
+                    "  open fds before/queued/after hang-up: {}/{}/{}",
                     r["fds_before"],
                     r["fds_queued"],
                     r["fds_after_hangup"]
@@ -594,7 +590,6 @@ routes:
         let config = Config::from_yaml(&yaml).expect("valid config");
         cliqgate::app::start(config).await.expect("proxy starts")
     });
-    let metrics = rt.metrics();
     let connections = match proto {
         "h1" => n,
         _ => n.div_ceil(STREAMS_PER_CONNECTION),
@@ -634,7 +629,7 @@ routes:
         // Every user's window is full: each call that follows is queued.
         expect_line("PRIMED");
         std::thread::sleep(Duration::from_millis(200));
-        let (rss_before, heap_before, tasks_before) = (rss(), heap(), metrics.num_alive_tasks());
+        let (rss_before, heap_before) = (rss(), heap());
         let fds_before = open_fds();
         let first = *first_before.get_or_insert(heap_before);
 
@@ -645,7 +640,7 @@ routes:
         });
         std::thread::sleep(Duration::from_millis(500));
         let queued = queued_total(&running);
-        let (rss_queued, heap_queued, tasks_queued) = (rss(), heap(), metrics.num_alive_tasks());
+        let (rss_queued, heap_queued) = (rss(), heap());
         let fds_queued = open_fds();
 
         // The client hangs up: every queued call is cancelled and its memory freed.
@@ -658,7 +653,6 @@ routes:
         );
         std::thread::sleep(Duration::from_millis(500));
         let (rss_after, heap_after) = (rss(), heap());
-        let tasks_after = metrics.num_alive_tasks();
         let fds_after = open_fds();
 
         let per = queued as f64;
@@ -670,14 +664,10 @@ routes:
                 "rss_per_call": ((rss_queued - rss_before) as f64 / per).round(),
                 "heap_per_call": ((heap_queued.bytes - heap_before.bytes) as f64 / per).round(),
                 "allocs_per_call": round2((heap_queued.allocs - heap_before.allocs) as f64 / per),
-                "tasks_per_call": round2((tasks_queued as f64 - tasks_before as f64) / per),
                 "rss_after_hangup": rss_after,
                 "heap_after_hangup": heap_after.bytes - heap_before.bytes,
                 "growth": growth(&heap_before, &heap_queued, per),
                 "kept_after_hangup": growth(&heap_before, &heap_after, per),
-                "tasks_before": tasks_before,
-                "tasks_queued": tasks_queued,
-                "tasks_after_hangup": tasks_after,
                 "fds_before": fds_before,
                 "fds_queued": fds_queued,
                 "fds_after_hangup": fds_after,
