@@ -343,9 +343,7 @@ fn main() {
                 );
                 println!(
                     "  open fds before/queued/after hang-up: {}/{}/{}",
-                    r["fds_before"],
-                    r["fds_queued"],
-                    r["fds_after_hangup"]
+                    r["fds_before"], r["fds_queued"], r["fds_after_hangup"]
                 );
             }
         }

@@ -265,7 +265,8 @@ impl Metrics {
         // Series that exist from the start, so `increase()` sees their first event (a series
         // born at 1 looks like no change to Prometheus).
         for result in ["success", "failure"] {
-            m.config_reloads.get_or_create_owned(&ResultLabel { result });
+            m.config_reloads
+                .get_or_create_owned(&ResultLabel { result });
         }
         for op in STORE_OPS {
             m.store_errors.get_or_create_owned(&OpLabel { op });
