@@ -260,15 +260,15 @@ fn main() {
         println!(
             "\nActive (route, user) keys at limit 50, memory store (one fresh process each):\n"
         );
-        println!("| keys | algorithm | RSS before | RSS full | RSS/key | heap/key | allocs/key | fill ns/decision | keys after evict | evict ms | RSS after evict | RSS after malloc_trim | heap after evict |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| keys | algorithm | RSS before | RSS full | RSS/key | heap/key | allocs/key | fill ns/decision | keys after evict | evict ms | longest shard lock hold | RSS after evict | RSS after malloc_trim | heap after evict |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (n, algorithm) in runs {
             if !wants(&format!("keys {algorithm} {n}")) {
                 continue;
             }
             let r = child(&format!("keys,{n},{algorithm}"));
             println!(
-                "| {} | {} | {} | {} | {} B | {} B | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} B | {} B | {} | {} | {} | {} | {} µs ({} holds) | {} | {} | {} |",
                 r["keys"],
                 r["algorithm"].as_str().unwrap_or("?"),
                 mib(&r["rss_before"]),
@@ -279,6 +279,8 @@ fn main() {
                 r["fill_ns_per_decision"],
                 r["keys_after_evict"],
                 r["evict_ms"],
+                r["evict_longest_hold_us"],
+                r["evict_holds"],
                 mib(&r["rss_after_evict"]),
                 mib(&r["rss_after_trim"]),
                 mib(&r["heap_after_evict"]),
@@ -466,8 +468,9 @@ fn keys(n: usize, algorithm: &str) {
     };
     clock.set(now + idle_after + 1);
     let started = Instant::now();
-    let removed = store.evict_idle_now();
+    let sweep = store.sweep();
     let evict = started.elapsed();
+    let removed = sweep.removed;
     let (rss_after_evict, heap_after_evict) = (rss(), heap());
     let trimmed = malloc_trim();
     let rss_after_trim = rss();
@@ -487,6 +490,8 @@ fn keys(n: usize, algorithm: &str) {
         "removed": removed,
         "keys_after_evict": store.keys(),
         "evict_ms": round2(evict.as_secs_f64() * 1e3),
+        "evict_longest_hold_us": round2(sweep.longest_hold.as_secs_f64() * 1e6),
+        "evict_holds": sweep.holds,
         "rss_after_evict": rss_after_evict,
         "heap_after_evict": heap_after_evict.bytes - heap_before.bytes,
         "rss_after_trim": if trimmed { json!(rss_after_trim) } else { Value::Null },

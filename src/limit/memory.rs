@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::gcra::Tat;
 use super::window::SendLog;
@@ -115,6 +116,24 @@ pub(super) fn key_status(
         next_free_in: next_free.saturating_sub(now),
         locked_for,
         queued,
+    }
+}
+
+/// What one sweep of idle keys did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Keys removed.
+    pub removed: usize,
+    /// Times a shard lock was taken.
+    pub holds: usize,
+    /// The longest a shard lock was held: a decision on that shard could wait this long.
+    pub longest_hold: Duration,
+}
+
+impl SweepReport {
+    fn held(&mut self, hold: Duration) {
+        self.holds += 1;
+        self.longest_hold = self.longest_hold.max(hold);
     }
 }
 
@@ -545,19 +564,26 @@ impl MemoryStore {
     }
 
     pub fn evict_idle_now(&self) -> usize {
+        self.sweep().removed
+    }
+
+    /// [`MemoryStore::evict_idle_now`], telling how long it kept decisions waiting.
+    pub fn sweep(&self) -> SweepReport {
         let now = self.clock.now();
-        let mut removed = 0;
+        let mut report = SweepReport::default();
         for shard in self.shards.iter() {
             let mut map = relock(shard);
+            let held = Instant::now();
             let before = map.len();
             map.retain(|_, e| e.queued > 0 || e.locked_until > now || e.idle_at > now);
-            removed += before - map.len();
+            report.removed += before - map.len();
             if map.capacity() > 64 && map.capacity() > map.len() * 4 {
                 map.shrink_to_fit();
             }
+            report.held(held.elapsed());
         }
         relock(&self.locks).retain(|_, &mut until| until > now);
-        removed
+        report
     }
 
     pub fn keys(&self) -> usize {
