@@ -8,6 +8,9 @@
 //! cargo bench --bench memory -- "queue h2"   # one protocol (a filter matches run names)
 //! ```
 //!
+//! The bench runs on the allocator the `cliqgate` binary uses: mimalloc (the default `mimalloc`
+//! feature); `cargo bench --bench memory --no-default-features` measures glibc's malloc instead.
+//!
 //! Every measurement runs in a fresh child process (this binary, re-executed with
 //! `CLIQGATE_MEMORY_ROLE` set), so one measurement's allocator state never pollutes the next.
 //!
@@ -15,10 +18,12 @@
 //!   limit 50 (window algorithm, 50 per 61s: `per: 1m` plus the default 1s margin): 50 sends per
 //!   key through `acquire_now`, all inside one window, so every key holds a full log. RSS and
 //!   live heap are read before and after: the difference over N is the cost per key. Then the
-//!   clock moves past the window, `evict_idle_now()` runs (as the proxy's sweeper does), and RSS
-//!   is read again; then once more after glibc's `malloc_trim(0)`, which tells whether the
-//!   memory kept after eviction is only cached by the allocator (free inside the process) or
-//!   still in use. A GCRA row (burst 50) is there for comparison.
+//!   clock moves past the window, the store is swept (`MemoryStore::sweep`, as the proxy's
+//!   sweeper does: it also reports the longest shard lock hold), and RSS is read again; again
+//!   10 s later, after the next sweep (an allocator may return memory after a delay); then once
+//!   more after glibc's `malloc_trim(0)`, which tells whether the memory kept after eviction is
+//!   only cached by the allocator (free inside the process) or still in use (with mimalloc,
+//!   glibc's heap holds next to nothing). A GCRA row (burst 50) is there for comparison.
 //! - `queue`: the real proxy (`cliqgate::app::start`, memory store) runs in this process on
 //!   127.0.0.1:0 in front of a tiny upstream answering 200. One route allows 1 call per minute per
 //!   user, queue mode, `max_wait: 1h`, queue limits raised to 1,000,000. A client in another
@@ -37,7 +42,7 @@
 //!
 //! Under `cargo test --all-targets` (no `--bench`) each part runs once at a tiny size.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -60,6 +65,14 @@ use tokio::io::AsyncWriteExt;
 
 // ---- a counting allocator: live heap bytes and allocations, by size class ----
 
+/// The allocator the `cliqgate` binary uses (src/main.rs): mimalloc by default, the system's
+/// (glibc) with `--no-default-features`. RSS depends on it, so the bench measures the same one.
+#[cfg(feature = "mimalloc")]
+use mimalloc::MiMalloc as Inner;
+#[cfg(not(feature = "mimalloc"))]
+use std::alloc::System as Inner;
+
+/// Counts around [`Inner`].
 struct Counting;
 
 /// Size classes: `i` holds allocations of at most `2^i` bytes (and more than `2^(i-1)`).
@@ -83,10 +96,10 @@ fn count(size: usize, sign: i64) {
     CLASS_BYTES[c].fetch_add(bytes, Ordering::Relaxed);
 }
 
-// SAFETY: every call is forwarded to `System` unchanged; only counters are updated around it.
+// SAFETY: every call is forwarded to `Inner` unchanged; only counters are updated around it.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
+        let p = Inner.alloc(layout);
         if !p.is_null() {
             count(layout.size(), 1);
         }
@@ -94,7 +107,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
+        let p = Inner.alloc_zeroed(layout);
         if !p.is_null() {
             count(layout.size(), 1);
         }
@@ -102,12 +115,12 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
+        Inner.dealloc(ptr, layout);
         count(layout.size(), -1);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = System.realloc(ptr, layout, new_size);
+        let p = Inner.realloc(ptr, layout, new_size);
         if !p.is_null() {
             count(layout.size(), -1);
             count(new_size, 1);
@@ -217,7 +230,11 @@ fn main() {
     if let Ok(role) = std::env::var(ROLE) {
         let parts: Vec<&str> = role.split(',').collect();
         match parts.as_slice() {
-            ["keys", n, algorithm] => keys(n.parse().expect("n"), algorithm),
+            ["keys", n, algorithm, idle_s] => keys(
+                n.parse().expect("n"),
+                algorithm,
+                Duration::from_secs(idle_s.parse().expect("seconds")),
+            ),
             ["queue", proto, n] => queue(proto, n.parse().expect("n")),
             ["client", proto, addr, n, users, offset] => client(
                 proto,
@@ -260,15 +277,18 @@ fn main() {
         println!(
             "\nActive (route, user) keys at limit 50, memory store (one fresh process each):\n"
         );
-        println!("| keys | algorithm | RSS before | RSS full | RSS/key | heap/key | allocs/key | fill ns/decision | keys after evict | evict ms | RSS after evict | RSS after malloc_trim | heap after evict |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| keys | algorithm | RSS before | RSS full | RSS/key | heap/key | allocs/key | fill ns/decision | keys after evict | evict ms | longest shard lock hold | RSS after evict | RSS 10 s later (next sweep) | RSS after light traffic | RSS after malloc_trim | heap after evict |");
+        println!(
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for (n, algorithm) in runs {
             if !wants(&format!("keys {algorithm} {n}")) {
                 continue;
             }
-            let r = child(&format!("keys,{n},{algorithm}"));
+            let idle_s = if bench { 10 } else { 0 };
+            let r = child(&format!("keys,{n},{algorithm},{idle_s}"));
             println!(
-                "| {} | {} | {} | {} | {} B | {} B | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} B | {} B | {} | {} | {} | {} | {} µs ({} holds) | {} | {} | {} | {} | {} |",
                 r["keys"],
                 r["algorithm"].as_str().unwrap_or("?"),
                 mib(&r["rss_before"]),
@@ -279,7 +299,11 @@ fn main() {
                 r["fill_ns_per_decision"],
                 r["keys_after_evict"],
                 r["evict_ms"],
+                r["evict_longest_hold_us"],
+                r["evict_holds"],
                 mib(&r["rss_after_evict"]),
+                mib(&r["rss_after_idle"]),
+                mib(&r["rss_after_traffic"]),
                 mib(&r["rss_after_trim"]),
                 mib(&r["heap_after_evict"]),
             );
@@ -366,7 +390,12 @@ fn print_machine() {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("machine: {cores} cores, {cpu}");
+    let allocator = if cfg!(feature = "mimalloc") {
+        "mimalloc (as the binary)"
+    } else {
+        "system (glibc)"
+    };
+    println!("machine: {cores} cores, {cpu}; allocator: {allocator}");
 }
 
 fn mib(v: &Value) -> String {
@@ -414,7 +443,7 @@ fn key(i: u64) -> Key {
     }
 }
 
-fn keys(n: usize, algorithm: &str) {
+fn keys(n: usize, algorithm: &str, idle: Duration) {
     const LIMIT: u32 = 50;
     let limit = NonZeroU32::new(LIMIT).expect("50");
     let window = Duration::from_secs(61);
@@ -458,11 +487,34 @@ fn keys(n: usize, algorithm: &str) {
         "window" => 61_000_000_000,
         _ => u64::from(LIMIT) * 61_000_000_000,
     };
-    clock.set(now + idle_after + 1);
+    // (+1 ms: a window log records times rounded up to its unit, 64 ns here, so a key stays a
+    // unit or two past its exact idle time.)
+    clock.set(now + idle_after + 1_000_000);
     let started = Instant::now();
-    let removed = store.evict_idle_now();
+    let sweep = store.sweep();
     let evict = started.elapsed();
+    let removed = sweep.removed;
     let (rss_after_evict, heap_after_evict) = (rss(), heap());
+    let keys_after_evict = store.keys();
+    // The proxy's sweeper runs again one interval later (src/app.rs EVICT_INTERVAL, 10 s): an
+    // allocator that returns memory after a delay (mimalloc: 1 s) has done so by then.
+    std::thread::sleep(idle);
+    store.sweep();
+    let rss_after_idle = rss();
+    // A quiet proxy still serves someone: 2,000 other keys, 10 calls each, twice, a sweep apart.
+    // (An allocator that returns memory lazily does it on such activity.)
+    for round in 0..2u64 {
+        for i in 0..20_000u64 {
+            now += 1_000;
+            clock.set(now + idle_after);
+            store.acquire_now(&policy, key(n as u64 + i % 2_000), None);
+        }
+        if round == 0 {
+            std::thread::sleep(idle / 5);
+        }
+        store.sweep();
+    }
+    let rss_after_traffic = rss();
     let trimmed = malloc_trim();
     let rss_after_trim = rss();
 
@@ -479,9 +531,14 @@ fn keys(n: usize, algorithm: &str) {
         "fill_ns_per_decision": (fill.as_nanos() as f64 / sends as f64).round(),
         "keys_full": keys_full,
         "removed": removed,
-        "keys_after_evict": store.keys(),
+        "keys_after_evict": keys_after_evict,
         "evict_ms": round2(evict.as_secs_f64() * 1e3),
+        "evict_longest_hold_us": round2(sweep.longest_hold.as_secs_f64() * 1e6),
+        "evict_holds": sweep.holds,
         "rss_after_evict": rss_after_evict,
+        "rss_after_idle": rss_after_idle,
+        "rss_after_traffic": rss_after_traffic,
+        "idle_s": idle.as_secs(),
         "heap_after_evict": heap_after_evict.bytes - heap_before.bytes,
         "rss_after_trim": if trimmed { json!(rss_after_trim) } else { Value::Null },
         "growth": growth(&heap_before, &heap_full, per),

@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 use cliqgate::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc returns memory freed by idle keys to the OS; glibc's malloc keeps most of it
+/// (benches/RESULTS-micro.md). The library never picks an allocator.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// sysexits.h EX_USAGE: the config (the program's input) is wrong.
 const EXIT_BAD_CONFIG: u8 = 64;
 /// sysexits.h EX_UNAVAILABLE: a listener could not be bound, the CA file unreadable, ...

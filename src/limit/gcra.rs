@@ -21,7 +21,7 @@ pub fn gcra_period(limit: u32, burst: u32, window: Nanos) -> Nanos {
 pub(super) struct Tat(pub(super) Nanos);
 
 impl Tat {
-    fn tolerance(burst: u32, period: Nanos) -> Nanos {
+    pub(super) fn tolerance(burst: u32, period: Nanos) -> Nanos {
         u64::from(burst.saturating_sub(1)).saturating_mul(period)
     }
 

@@ -1,11 +1,14 @@
 //! The embedded store: per-key state in sharded hash maps, one short critical section per decision.
 //!
 //! No lock is ever held across an await: callers sleep outside, on the reservation they got.
-//! Idle keys are evicted by [`MemoryStore::evict_idle`], so memory follows active users.
+//! Idle keys are evicted by [`MemoryStore::evict_idle`], so memory follows active users. The
+//! sweep takes each shard lock for a bounded step at a time and frees memory after unlocking, so
+//! a decision never waits long behind it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::gcra::Tat;
 use super::window::SendLog;
@@ -30,6 +33,7 @@ pub enum Recent {
 pub struct KeySnapshot {
     pub key: Key,
     /// Window keys: the send log, oldest first; reservations still ahead are included as sends.
+    /// Times are as recorded: rounded up to the log's unit (see `window`), never earlier.
     pub sends: Vec<Nanos>,
     /// GCRA keys: the theoretical arrival time (reservations included).
     pub tat: Option<Nanos>,
@@ -81,7 +85,7 @@ pub(super) fn key_status(
             let applies = floor > 0 && log.count_since(floor) < policy.limit as usize;
             (calls as u64, view, next_free, applies)
         }
-        (History::Gcra(tat), Kind::Gcra { burst, period }) => {
+        (History::Gcra(GcraState { tat, .. }), Kind::Gcra { burst, period }) => {
             let cells = tat.0.saturating_sub(now).div_ceil(period.max(1));
             let view = tat.view(burst, period, now);
             let next_free = tat.next_free(burst, period, now);
@@ -118,69 +122,188 @@ pub(super) fn key_status(
     }
 }
 
+/// What one sweep of idle keys did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Keys removed.
+    pub removed: usize,
+    /// Times a shard lock was taken.
+    pub holds: usize,
+    /// The longest a shard lock was held: a decision on that shard could wait this long.
+    pub longest_hold: Duration,
+}
+
+impl SweepReport {
+    fn held(&mut self, hold: Duration) {
+        self.holds += 1;
+        self.longest_hold = self.longest_hold.max(hold);
+    }
+}
+
 /// Enough shards that two cores rarely contend, few enough that a sweep is cheap.
 const SHARDS: usize = 64;
+
+/// Keys a sweep looks at per shard lock hold. At 1M keys a whole shard (15.6k keys, a 2.3 MB
+/// table) took 4-7 ms under one hold; a step of this many takes tens of microseconds.
+const SWEEP_STEP: usize = 1024;
+
+/// A shard table four times larger than its keys is rebuilt smaller, under its lock, only while
+/// at most this many keys remain (a rebuild rehashes each: ~100 µs for this many); an emptied
+/// table is dropped whole, after unlocking. A larger, mostly idle table waits for a later sweep.
+const SHRINK_MAX_KEYS: usize = 2048;
 
 #[derive(Debug, Clone)]
 pub(super) enum History {
     Window(SendLog),
-    Gcra(Tat),
+    Gcra(GcraState),
 }
 
+/// A GCRA key: its TAT, and the callers holding a reservation on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct GcraState {
+    pub(super) tat: Tat,
+    /// After this the TAT constrains nothing (the TAT, unless restored or restarted later).
+    pub(super) idle_at: Nanos,
+    queued: u32,
+}
+
+impl GcraState {
+    pub(super) fn new(tat: Nanos, idle_at: Nanos) -> Self {
+        GcraState {
+            tat: Tat(tat),
+            idle_at,
+            queued: 0,
+        }
+    }
+}
+
+impl History {
+    fn new(kind: Kind) -> Self {
+        match kind {
+            Kind::Window => History::Window(SendLog::default()),
+            Kind::Gcra { .. } => History::Gcra(GcraState::default()),
+        }
+    }
+
+    /// Callers holding a reservation on this key.
+    fn queued(&self) -> u32 {
+        match self {
+            History::Window(log) => log.queued(),
+            History::Gcra(g) => g.queued,
+        }
+    }
+
+    fn release(&mut self) {
+        match self {
+            History::Window(log) => log.release(),
+            History::Gcra(g) => g.queued = g.queued.saturating_sub(1),
+        }
+    }
+
+    fn set_queued(&mut self, queued: u32) {
+        match self {
+            History::Window(log) => log.set_queued(queued),
+            History::Gcra(g) => g.queued = queued,
+        }
+    }
+
+    /// Not idle before `at`.
+    fn hold_until(&mut self, at: Nanos) {
+        match self {
+            History::Window(log) => log.hold_until(at),
+            History::Gcra(g) => g.idle_at = g.idle_at.max(at),
+        }
+    }
+
+    /// After this the history constrains nothing.
+    pub(super) fn idle_at(&self) -> Nanos {
+        match self {
+            History::Window(log) => log.idle_at(),
+            History::Gcra(g) => g.idle_at,
+        }
+    }
+
+    /// A history of `kind` that lets no call go before `until` (as if the whole quota had just
+    /// been used), carrying `queued` callers over; a fresh one if `until` is not after `now`.
+    fn restarted(kind: Kind, until: Nanos, now: Nanos, queued: u32) -> Self {
+        let until = if until > now { until } else { 0 };
+        match kind {
+            Kind::Window => {
+                let mut log = SendLog::default();
+                log.set_queued(queued);
+                log.hold_until(until);
+                History::Window(log)
+            }
+            Kind::Gcra { burst, period } => {
+                let tat = match until {
+                    0 => 0,
+                    _ => until.saturating_add(Tat::tolerance(burst, period)),
+                };
+                History::Gcra(GcraState {
+                    tat: Tat(tat),
+                    idle_at: tat,
+                    queued,
+                })
+            }
+        }
+    }
+}
+
+/// One key's state: 48 bytes, so a (key, entry) slot of the shard table takes 72.
 #[derive(Debug, Clone)]
 struct Entry {
     history: History,
-    /// After this the history constrains nothing (sweepable if also unlocked and unqueued).
-    idle_at: Nanos,
+    /// 0 if not locked. Also in [`MemoryStore::locks`], which counts locks without walking keys;
+    /// here so a decision reads it without a second lock.
     locked_until: Nanos,
-    /// Callers holding a reservation on this key.
-    queued: u32,
 }
 
 impl Entry {
     fn new(kind: Kind) -> Self {
-        let history = match kind {
-            Kind::Window => History::Window(SendLog::default()),
-            Kind::Gcra { .. } => History::Gcra(Tat::default()),
-        };
         Entry {
-            history,
-            idle_at: 0,
+            history: History::new(kind),
             locked_until: 0,
-            queued: 0,
         }
+    }
+
+    fn queued(&self) -> u32 {
+        self.history.queued()
+    }
+
+    fn idle_at(&self) -> Nanos {
+        self.history.idle_at()
+    }
+
+    /// Whether the key still holds anything: history that constrains a call after `now`, a
+    /// running lock, or a reservation.
+    fn holds(&self, now: Nanos) -> bool {
+        self.queued() > 0 || self.locked_until > now || self.idle_at() > now
     }
 
     fn next_free(&mut self, policy: &Policy, now: Nanos) -> Nanos {
         match (&self.history, policy.kind) {
             (History::Window(log), Kind::Window) => log.next_free(policy.limit, policy.window, now),
-            (History::Gcra(tat), Kind::Gcra { burst, period }) => tat.next_free(burst, period, now),
+            (History::Gcra(g), Kind::Gcra { burst, period }) => g.tat.next_free(burst, period, now),
             // The route changed algorithm (config reload): start over with the new one,
             // conservatively treating the key as if it had just used its whole window.
             _ => {
-                let restart = self.idle_at.max(now);
-                *self = Entry {
-                    locked_until: self.locked_until,
-                    queued: self.queued,
-                    ..Entry::new(policy.kind)
-                };
-                self.idle_at = restart;
-                restart
+                let until = self.idle_at();
+                self.history = History::restarted(policy.kind, until, now, self.queued());
+                until.max(now)
             }
         }
     }
 
-    /// Records a send at `at`; returns the undo token for a reservation.
-    fn record(&mut self, policy: &Policy, at: Nanos) -> Nanos {
+    /// Records a send at `at` (now, or a reserved slot when `reserve`); returns the undo token
+    /// for a reservation.
+    fn record(&mut self, policy: &Policy, at: Nanos, reserve: bool) -> Nanos {
         match (&mut self.history, policy.kind) {
-            (History::Window(log), _) => {
-                log.record(at, policy.limit as usize + self.queued as usize);
-                self.idle_at = log.idle_at(policy.window);
-                at
-            }
-            (History::Gcra(tat), Kind::Gcra { period, .. }) => {
-                let undo = tat.record(at, period);
-                self.idle_at = undo;
+            (History::Window(log), _) if reserve => log.reserve(at, policy.limit, policy.window),
+            (History::Window(log), _) => log.record(at, policy.limit, policy.window),
+            (History::Gcra(g), Kind::Gcra { period, .. }) => {
+                g.queued += u32::from(reserve);
+                let undo = g.tat.record(at, period);
+                g.idle_at = undo;
                 undo
             }
             (History::Gcra(_), Kind::Window) => at, // unreachable: next_free restarted the entry
@@ -191,7 +314,7 @@ impl Entry {
     fn sends_since(&self, policy: &Policy, at: Nanos) -> usize {
         match &self.history {
             History::Window(log) => log.count_since(at),
-            History::Gcra(tat) if tat.0 > at => policy.limit as usize,
+            History::Gcra(g) if g.tat.0 > at => policy.limit as usize,
             History::Gcra(_) => 0,
         }
     }
@@ -199,7 +322,7 @@ impl Entry {
     fn view(&self, policy: &Policy, now: Nanos) -> QuotaView {
         match (&self.history, policy.kind) {
             (History::Window(log), _) => log.view(policy.limit, policy.window, now),
-            (History::Gcra(tat), Kind::Gcra { burst, period }) => tat.view(burst, period, now),
+            (History::Gcra(g), Kind::Gcra { burst, period }) => g.tat.view(burst, period, now),
             (History::Gcra(_), Kind::Window) => QuotaView::default(),
         }
     }
@@ -238,7 +361,7 @@ impl MemoryStore {
 
     fn release_queue_slot(&self, entry: Option<&mut Entry>) {
         if let Some(entry) = entry {
-            entry.queued = entry.queued.saturating_sub(1);
+            entry.history.release();
         }
         // Saturating: never underflow even if a caller misuses the API.
         let _ = self
@@ -264,11 +387,7 @@ impl MemoryStore {
                 if e.locked_until <= now {
                     return false;
                 }
-                *e = Entry {
-                    locked_until: e.locked_until,
-                    queued: e.queued,
-                    ..Entry::new(Kind::Window)
-                };
+                e.history = History::restarted(Kind::Window, 0, now, e.queued());
                 true
             });
         }
@@ -287,7 +406,7 @@ impl MemoryStore {
                             .map(|t| i128::from(now) - i128::from(t))
                             .collect(),
                     ),
-                    History::Gcra(tat) => Recent::Tat(i128::from(tat.0) - i128::from(now)),
+                    History::Gcra(g) => Recent::Tat(i128::from(g.tat.0) - i128::from(now)),
                 };
                 out.push((*key, recent));
             }
@@ -308,19 +427,19 @@ impl MemoryStore {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             for (key, entry) in relock(shard).iter() {
-                if entry.idle_at <= now && entry.locked_until <= now && entry.queued == 0 {
+                if !entry.holds(now) {
                     continue;
                 }
                 let (sends, tat) = match &entry.history {
                     History::Window(log) => (log.iter().collect(), None),
-                    History::Gcra(tat) => (Vec::new(), Some(tat.0)),
+                    History::Gcra(g) => (Vec::new(), Some(g.tat.0)),
                 };
                 out.push(KeySnapshot {
                     key: *key,
                     sends,
                     tat,
                     locked_until: entry.locked_until,
-                    idle_at: entry.idle_at,
+                    idle_at: entry.idle_at(),
                 });
             }
         }
@@ -332,17 +451,10 @@ impl MemoryStore {
     /// of both send logs, the later TAT, the later lock.
     pub fn restore(&self, keys: Vec<KeySnapshot>) {
         for saved in keys {
-            let mut sends = saved.sends;
-            sends.sort_unstable();
+            // Times are rounded up on the way in (later: the safe side).
             let history = match saved.tat {
-                Some(tat) => History::Gcra(Tat(tat)),
-                None => {
-                    let mut log = SendLog::default();
-                    for t in sends {
-                        log.record(t, usize::MAX);
-                    }
-                    History::Window(log)
-                }
+                Some(tat) => History::Gcra(GcraState::new(tat, saved.idle_at)),
+                None => History::Window(SendLog::from_times(saved.sends, saved.idle_at)),
             };
             let locked = saved.locked_until > 0;
             {
@@ -353,35 +465,29 @@ impl MemoryStore {
                             saved.key,
                             Entry {
                                 history,
-                                idle_at: saved.idle_at,
                                 locked_until: saved.locked_until,
-                                queued: 0,
                             },
                         );
                     }
                     Some(entry) => {
+                        let idle_at = entry.idle_at().max(saved.idle_at);
                         match (&mut entry.history, history) {
                             (History::Window(mine), History::Window(theirs)) => {
-                                let mut all: Vec<Nanos> =
-                                    mine.iter().chain(theirs.iter()).collect();
-                                all.sort_unstable();
-                                let mut log = SendLog::default();
-                                for t in all {
-                                    log.record(t, usize::MAX);
-                                }
-                                *mine = log;
+                                mine.merge(&theirs, idle_at);
                             }
                             (History::Gcra(mine), History::Gcra(theirs)) => {
-                                mine.0 = mine.0.max(theirs.0);
+                                mine.tat.0 = mine.tat.0.max(theirs.tat.0);
                             }
                             // Different algorithms: keep the one that constrains longer.
                             (mine, theirs) => {
-                                if saved.idle_at > entry.idle_at {
+                                if saved.idle_at > mine.idle_at() {
+                                    let queued = mine.queued();
                                     *mine = theirs;
+                                    mine.set_queued(queued);
                                 }
                             }
                         }
-                        entry.idle_at = entry.idle_at.max(saved.idle_at);
+                        entry.history.hold_until(idle_at);
                         entry.locked_until = entry.locked_until.max(saved.locked_until);
                     }
                 }
@@ -402,7 +508,7 @@ impl MemoryStore {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             for (key, entry) in relock(shard).iter() {
-                if entry.idle_at <= now && entry.locked_until <= now && entry.queued == 0 {
+                if !entry.holds(now) {
                     continue;
                 }
                 let Some(policy) = policy(key.route) else {
@@ -412,8 +518,8 @@ impl MemoryStore {
                     *key,
                     &entry.history,
                     entry.locked_until,
-                    entry.idle_at,
-                    entry.queued,
+                    entry.idle_at(),
+                    entry.queued(),
                     &policy,
                     now,
                     floor,
@@ -422,6 +528,18 @@ impl MemoryStore {
         }
         out
     }
+}
+
+/// Makes a shard table four times larger than its keys smaller (see [`SHRINK_MAX_KEYS`]);
+/// returns the old table, for the caller to drop after unlocking.
+fn shrink(map: &mut HashMap<Key, Entry>) -> Option<HashMap<Key, Entry>> {
+    let (len, capacity) = (map.len(), map.capacity());
+    if capacity <= 64 || capacity <= len * 4 || len > SHRINK_MAX_KEYS {
+        return None;
+    }
+    let mut smaller = HashMap::with_capacity_and_hasher(len, map.hasher().clone());
+    smaller.extend(map.drain());
+    Some(std::mem::replace(map, smaller))
 }
 
 /// A poisoned shard only means another thread panicked mid-decision; the map itself is intact.
@@ -450,7 +568,7 @@ impl MemoryStore {
             slot
         };
         if slot <= now {
-            entry.record(policy, now);
+            entry.record(policy, now, false);
             return Acquire::Now {
                 at: now,
                 view: entry.view(policy, now),
@@ -474,7 +592,7 @@ impl MemoryStore {
                 (n < self.max_queued_total).then_some(n + 1)
             })
             .is_ok();
-        if !room_in_total || entry.queued as usize >= rule.max_per_user {
+        if !room_in_total || entry.queued() as usize >= rule.max_per_user {
             if room_in_total {
                 total.fetch_sub(1, Ordering::AcqRel);
             }
@@ -483,8 +601,7 @@ impl MemoryStore {
                 retry_at: slot,
             });
         }
-        entry.queued += 1;
-        let undo = entry.record(policy, slot);
+        let undo = entry.record(policy, slot, true);
         let view = entry.view(policy, now);
         Acquire::Reserved {
             reservation: Reservation {
@@ -502,13 +619,11 @@ impl MemoryStore {
         let entry = shard.get_mut(&reservation.key);
         if let Some(entry) = entry {
             match (&mut entry.history, policy.kind) {
-                (History::Window(log), Kind::Window) => {
-                    log.cancel(reservation.slot);
-                    entry.idle_at = log.idle_at(policy.window);
-                }
-                (History::Gcra(tat), Kind::Gcra { period, .. }) => {
-                    tat.cancel(reservation.undo, period);
-                    entry.idle_at = tat.0;
+                // `undo` is the slot as recorded (rounded up), which finds it again.
+                (History::Window(log), Kind::Window) => log.cancel(reservation.undo, policy.window),
+                (History::Gcra(g), Kind::Gcra { period, .. }) => {
+                    g.tat.cancel(reservation.undo, period);
+                    g.idle_at = g.tat.0;
                 }
                 _ => {}
             }
@@ -545,19 +660,60 @@ impl MemoryStore {
     }
 
     pub fn evict_idle_now(&self) -> usize {
+        self.sweep().removed
+    }
+
+    /// [`MemoryStore::evict_idle_now`], telling how long it kept decisions waiting.
+    pub fn sweep(&self) -> SweepReport {
+        self.sweep_in_steps(SWEEP_STEP)
+    }
+
+    /// Removes the keys that hold nothing any more, looking at `step` keys of one shard per lock
+    /// hold. Shards take turns, so a decision waiting on one gets the lock between two steps.
+    /// Removed entries (their logs) and dropped tables are freed after unlocking.
+    ///
+    /// A step finds where the last one stopped by counting the keys it kept, in table order: a
+    /// key inserted or removed meanwhile may shift that, so a key may be looked at twice or left
+    /// for the next sweep. Either is harmless: a key is removed only if, under the lock, it holds
+    /// nothing.
+    fn sweep_in_steps(&self, step: usize) -> SweepReport {
         let now = self.clock.now();
-        let mut removed = 0;
-        for shard in self.shards.iter() {
-            let mut map = relock(shard);
-            let before = map.len();
-            map.retain(|_, e| e.queued > 0 || e.locked_until > now || e.idle_at > now);
-            removed += before - map.len();
-            if map.capacity() > 64 && map.capacity() > map.len() * 4 {
-                map.shrink_to_fit();
+        let mut report = SweepReport::default();
+        // Per shard: keys looked at and kept so far; `None` once the shard is done.
+        let mut kept: Vec<Option<usize>> = vec![Some(0); self.shards.len()];
+        let mut doomed: Vec<Entry> = Vec::with_capacity(step);
+        while kept.iter().any(Option::is_some) {
+            for (shard, kept) in self.shards.iter().zip(kept.iter_mut()) {
+                let Some(skip) = *kept else {
+                    continue;
+                };
+                let mut map = relock(shard);
+                let held = Instant::now();
+                let (mut seen, mut looked) = (0, 0);
+                map.retain(|_, entry| {
+                    seen += 1;
+                    if seen <= skip || looked == step {
+                        return true;
+                    }
+                    looked += 1;
+                    if entry.holds(now) {
+                        return true;
+                    }
+                    doomed.push(std::mem::replace(entry, Entry::new(Kind::Window)));
+                    false
+                });
+                let finished = looked < step;
+                let old_table = if finished { shrink(&mut map) } else { None };
+                report.held(held.elapsed());
+                drop(map);
+                report.removed += doomed.len();
+                *kept = (!finished).then_some(skip + looked - doomed.len());
+                doomed.clear();
+                drop(old_table);
             }
         }
         relock(&self.locks).retain(|_, &mut until| until > now);
-        removed
+        report
     }
 
     pub fn keys(&self) -> usize {
@@ -655,6 +811,128 @@ mod tests {
             route: RouteId(0),
             user: UserKey([n; 16]),
         }
+    }
+
+    #[test]
+    fn an_entry_takes_48_bytes_and_its_table_slot_72() {
+        assert_eq!(std::mem::size_of::<Entry>(), 48);
+        assert_eq!(std::mem::size_of::<(Key, Entry)>(), 72);
+    }
+
+    #[test]
+    fn a_route_switching_algorithm_holds_every_call_until_its_history_is_idle() {
+        let (clock, store, window) = setup();
+        let gcra = Policy::new(
+            NonZeroU32::new(2).expect("2"),
+            Duration::from_nanos(100),
+            Duration::from_nanos(1_000),
+            Algorithm::Gcra {
+                burst: NonZeroU32::new(2).expect("2"),
+            },
+        );
+        let refused_until = |policy: &Policy, until: Nanos| {
+            for _ in 0..3 {
+                let answer = store.acquire_now(policy, key(1), None);
+                assert!(
+                    matches!(answer, Acquire::Refused(r) if r.retry_at == until),
+                    "{answer:?}"
+                );
+            }
+        };
+        store.acquire_now(&window, key(1), None);
+        store.acquire_now(&window, key(1), None);
+        clock.set(10);
+        refused_until(&gcra, 100);
+        // GCRA starts as if its burst had just been spent: one cell at 100, the next a period on.
+        clock.set(100);
+        let answer = store.acquire_now(&gcra, key(1), None);
+        assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
+        let answer = store.acquire_now(&gcra, key(1), None);
+        assert!(
+            matches!(answer, Acquire::Refused(r) if r.retry_at == 200),
+            "{answer:?}"
+        );
+        // Back to the window: the GCRA history holds until its TAT.
+        let tat = 100 + 2 * 100;
+        clock.set(150);
+        refused_until(&window, tat);
+        clock.set(tat);
+        assert!(matches!(
+            store.acquire_now(&window, key(1), None),
+            Acquire::Now { .. }
+        ));
+    }
+
+    #[test]
+    fn sweeping_in_steps_removes_exactly_the_keys_that_hold_nothing() {
+        let queue = Some(QueueRule {
+            max_wait: 10_000,
+            max_per_user: 10,
+        });
+        for step in [1, 2, 3, 1_024] {
+            let (clock, store, policy) = setup();
+            // Four keys per shard, one of each kind: idle at 100; sending again at 150 (idle at
+            // 250); locked until 1000; holding a reservation (slot 100, idle at 200).
+            for user in 0..=255u8 {
+                clock.set(if user % 4 == 1 { 150 } else { 0 });
+                let sends = if user % 4 == 3 { 3 } else { 1 };
+                for _ in 0..sends {
+                    store.acquire_now(&policy, key(user), queue);
+                }
+                if user % 4 == 2 {
+                    store.lock_now(key(user), 1_000);
+                }
+            }
+            clock.set(200);
+            let report = store.sweep_in_steps(step);
+            assert_eq!(report.removed, 64, "step {step}");
+            for user in 0..=255u8 {
+                let held = store.shard(&key(user)).contains_key(&key(user));
+                assert_eq!(held, user % 4 != 0, "step {step}, user {user}");
+            }
+            assert!(
+                report.holds >= 64 * 4 / step.min(5),
+                "step {step}: {report:?}"
+            );
+            assert_eq!(
+                store.sweep_in_steps(step).removed,
+                0,
+                "nothing left to remove"
+            );
+        }
+    }
+
+    #[test]
+    fn an_emptied_shard_table_is_given_back() {
+        let (clock, store, policy) = setup();
+        let in_shard_0 = |i: u16| Key {
+            route: RouteId(0),
+            user: UserKey([
+                0,
+                i as u8,
+                (i >> 8) as u8,
+                1,
+                2,
+                3,
+                4,
+                5,
+                6,
+                7,
+                8,
+                9,
+                10,
+                11,
+                12,
+                13,
+            ]),
+        };
+        for i in 0..3_000 {
+            store.acquire_now(&policy, in_shard_0(i), None);
+        }
+        assert!(relock(&store.shards[0]).capacity() >= 3_000);
+        clock.set(100);
+        assert_eq!(store.sweep_in_steps(100).removed, 3_000);
+        assert_eq!(relock(&store.shards[0]).capacity(), 0);
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod window;
 
 pub use clock::{nanos, Clock, ManualClock, Nanos, TokioClock};
 pub use gcra::gcra_period;
-pub use memory::{KeySnapshot, KeyStatus, MemoryStore, Recent};
+pub use memory::{KeySnapshot, KeyStatus, MemoryStore, Recent, SweepReport};
 pub use redis::{RedisOptions, RedisStore};
 
 pub use store::Store;

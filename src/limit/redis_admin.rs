@@ -12,8 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use redis::Value;
 
-use super::super::gcra::Tat;
-use super::super::memory::{key_status, History, KeyStatus};
+use super::super::memory::{key_status, GcraState, History, KeyStatus};
 use super::super::window::SendLog;
 use super::*;
 use crate::limit::UserKey;
@@ -193,19 +192,18 @@ impl RedisStore {
                         .saturating_sub(tau)
                         .saturating_sub(now)
                         .div_ceil(period.max(1));
-                    (History::Gcra(Tat(tat)), tat, queued)
+                    (History::Gcra(GcraState::new(tat, tat)), tat, queued)
                 }
                 // A TAT left from before the route became a window route.
                 (_, Some(tat)) if sends.is_empty() => {
                     let tat = at(tat);
-                    (History::Gcra(Tat(tat)), tat, 0)
+                    (History::Gcra(GcraState::new(tat, tat)), tat, 0)
                 }
                 _ => {
-                    let mut log = SendLog::default();
-                    for &s in &sends {
-                        log.record(at(s), usize::MAX);
-                    }
-                    let idle_at = log.idle_at(policy.window);
+                    let times: Vec<Nanos> = sends.iter().map(|&s| at(s)).collect();
+                    let newest = times.iter().max().copied();
+                    let idle_at = newest.map_or(0, |t| t.saturating_add(policy.window));
+                    let log = SendLog::from_times(times, idle_at);
                     (History::Window(log), idle_at, queued_sends as u64)
                 }
             };
