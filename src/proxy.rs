@@ -6,7 +6,7 @@
 //! [`crate::upstream`] see both the caller's and Zoho's side of a call.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,6 +164,8 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<ProxyBody>> {
+        // Only the address is needed (the trust check of header identity), not the port.
+        let peer = peer.ip();
         async move {
             let mut log = AccessLog::new(&req);
             let response = match self.pipeline(req, peer, &mut log).await {
@@ -180,7 +182,7 @@ impl Proxy {
     fn pipeline<'a>(
         &'a self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: IpAddr,
         log: &'a mut AccessLog,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
         async move {
@@ -189,7 +191,6 @@ impl Proxy {
 
             // Route: which of Zoho's per-endpoint quotas this call spends.
             let Some(route_id) = self.table.find(req.method(), req.uri().path()) else {
-                log.route = UNMATCHED_ROUTE;
                 log.decision = Some(Decision::Unmatched);
                 self.unmatched.count(Decision::Unmatched);
                 return match self.config.unmatched {
@@ -213,7 +214,7 @@ impl Proxy {
                     return Err(self.refusal(route, log, refusal))
                 }
             };
-            log.user = Some(user);
+            log.set_user(user);
             let key = Key {
                 route: route.id,
                 user,
@@ -389,11 +390,11 @@ impl Proxy {
     async fn identify(
         &self,
         req: &Request<Incoming>,
-        peer: SocketAddr,
+        peer: IpAddr,
     ) -> Result<UserKey, IdentifyFailure> {
         if let IdentityConfig::Header { trusted, .. } = &self.config.identity {
             // Anyone can set a header: believe it only from the networks the operator trusts.
-            let ip = peer.ip().to_canonical();
+            let ip = peer.to_canonical();
             if !trusted.iter().any(|net| net.contains(&ip)) {
                 return Err(IdentifyFailure::Refused(ProxyError::UntrustedSource));
             }
@@ -504,7 +505,7 @@ impl Proxy {
                 return Err(guard.refused(route, log, e));
             }
             let waited = queued_at.elapsed();
-            log.queue_wait = Some(waited);
+            log.set_queue_wait(waited);
             route.metrics.queue_wait.observe(waited.as_secs_f64());
             match guard.redeem().await {
                 Ok(Ok(())) => {}
@@ -540,7 +541,7 @@ impl Proxy {
                 Err(e) => return Err(e),
             };
             let upstream_time = started.elapsed();
-            log.upstream = Some(upstream_time);
+            log.set_upstream(upstream_time);
             metrics
                 .upstream_duration
                 .observe(upstream_time.as_secs_f64());
@@ -817,18 +818,13 @@ fn box_incoming(body: Incoming) -> ProxyBody {
 /// One access-log line per call, written once whatever the outcome. Never the query (it may
 /// carry `zapikey`) and never a credential: the user appears as a short hash.
 ///
-/// With the access log filtered out (`log.level` above `info`), nothing is copied or formatted
-/// for it (`text` is `None`; decided once per call). Every call in flight holds one of these.
+/// Every call in flight (queued ones included) holds one of these, so it is small: what only a
+/// written line needs is in `text`, which is `None` when the access log is filtered out
+/// (`log.level` above `info`; decided once per call), and then nothing is copied or formatted.
 struct AccessLog {
     text: Option<Box<LogText>>,
-    started: Instant,
-    route: &'static str,
-    user: Option<UserKey>,
     decision: Option<Decision>,
     status: u16,
-    queue_wait: Option<Duration>,
-    /// Time to the upstream's response head.
-    upstream: Option<Duration>,
     /// A shadow route: `decision` is what enforcing would have done; the call was forwarded.
     shadow: bool,
     done: bool,
@@ -836,9 +832,14 @@ struct AccessLog {
 
 /// What only a written access-log line needs.
 struct LogText {
+    started: Instant,
     method: Method,
     path: String,
     route_name: Option<String>,
+    user: Option<UserKey>,
+    queue_wait: Option<Duration>,
+    /// Time to the upstream's response head.
+    upstream: Option<Duration>,
 }
 
 impl AccessLog {
@@ -847,18 +848,17 @@ impl AccessLog {
         AccessLog {
             text: enabled.then(|| {
                 Box::new(LogText {
+                    started: Instant::now(),
                     method: req.method().clone(),
                     path: req.uri().path().to_string(),
                     route_name: None,
+                    user: None,
+                    queue_wait: None,
+                    upstream: None,
                 })
             }),
-            started: Instant::now(),
-            route: UNMATCHED_ROUTE,
-            user: None,
             decision: None,
             status: 0,
-            queue_wait: None,
-            upstream: None,
             shadow: false,
             done: false,
         }
@@ -870,19 +870,37 @@ impl AccessLog {
         }
     }
 
+    fn set_user(&mut self, user: UserKey) {
+        if let Some(text) = &mut self.text {
+            text.user = Some(user);
+        }
+    }
+
+    fn set_queue_wait(&mut self, waited: Duration) {
+        if let Some(text) = &mut self.text {
+            text.queue_wait = Some(waited);
+        }
+    }
+
+    fn set_upstream(&mut self, took: Duration) {
+        if let Some(text) = &mut self.text {
+            text.upstream = Some(took);
+        }
+    }
+
     fn finish(&mut self) {
         self.done = true;
         let Some(text) = &self.text else {
             return;
         };
-        let route = text.route_name.as_deref().unwrap_or(self.route);
-        let user = self.user.map(|u| u.short()).unwrap_or_default();
+        let route = text.route_name.as_deref().unwrap_or(UNMATCHED_ROUTE);
+        let user = text.user.map(|u| u.short()).unwrap_or_default();
         let decision = self.decision.map_or("error", Decision::as_str);
-        let queue_wait_ms = self.queue_wait.map_or(0.0, |d| d.as_secs_f64() * 1e3);
-        let upstream_ms = self.upstream.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let queue_wait_ms = text.queue_wait.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let upstream_ms = text.upstream.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         tracing::info!(target: "cliqgate::access", method = %text.method, path = %text.path, route,
             user, decision, shadow = self.shadow, status = self.status, queue_wait_ms, upstream_ms,
-            total_ms = self.started.elapsed().as_secs_f64() * 1e3, "call");
+            total_ms = text.started.elapsed().as_secs_f64() * 1e3, "call");
     }
 }
 

@@ -34,7 +34,7 @@ DELAY_MS=${DELAY_MS:-1}              # moderate load: pause per request per conn
 WARMUP=${WARMUP:-2s}                 # unmeasured run before each measurement
 USERS=${USERS:-10000}                # distinct Authorization tokens, cycled
 LOAD_PATH=${LOAD_PATH:-/api/v3/chats/C1/message}
-NGINX_WORKERS=${NGINX_WORKERS:-2}    # nginx proxy (b) worker_processes: cliqgate runs 2 tokio workers
+NGINX_WORKERS=${NGINX_WORKERS:-2}    # nginx proxy (b) worker_processes, and cliqgate --workers: the same count
 UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-2}  # upstream nginx (a) worker_processes
 ALGORITHM=${ALGORITHM:-window}       # cliqgate limiter algorithm (window | gcra)
 QUIET_MAX=${QUIET_MAX:-15}           # before each measurement, wait until the machine is below this
@@ -166,7 +166,7 @@ TARGETS=(direct nginx cliqgate)
 PIDS+=($!) && PID[direct]=$!
 "$NGINX" -p "$RUN" -c "$RUN/proxy.conf" 2>"$OUT/proxy.stderr" &
 PIDS+=($!) && PID[nginx]=$!
-"$CLIQGATE_BIN" --config "$RUN/cliqgate.yaml" 2>"$OUT/cliqgate.stderr" &
+"$CLIQGATE_BIN" --workers "$NGINX_WORKERS" --config "$RUN/cliqgate.yaml" 2>"$OUT/cliqgate.stderr" &
 PIDS+=($!) && PID[cliqgate]=$!
 if [ "$BASELINE" = 1 ]; then
     "$BASELINE_BIN" "127.0.0.1:$HB_PORT" "127.0.0.1:$UP_PORT" 2>"$OUT/hyper-mt.stderr" &
