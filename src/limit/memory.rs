@@ -162,7 +162,10 @@ pub(super) enum History {
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct GcraState {
     pub(super) tat: Tat,
-    /// After this the TAT constrains nothing (the TAT, unless restored or restarted later).
+    /// After this the key constrains nothing, whichever algorithm its route uses next: a window
+    /// after the TAT (a TAT does not tell when its sends were, and any of them may lie up to a
+    /// window before it, which a route switched to `window` by a reload must still count), unless
+    /// restored or held later.
     pub(super) idle_at: Nanos,
     queued: u32,
 }
@@ -225,7 +228,7 @@ impl History {
 
     /// A history of `kind` that lets no call go before `until` (as if the whole quota had just
     /// been used), carrying `queued` callers over; a fresh one if `until` is not after `now`.
-    fn restarted(kind: Kind, until: Nanos, now: Nanos, queued: u32) -> Self {
+    fn restarted(kind: Kind, window: Nanos, until: Nanos, now: Nanos, queued: u32) -> Self {
         let until = if until > now { until } else { 0 };
         match kind {
             Kind::Window => {
@@ -241,7 +244,11 @@ impl History {
                 };
                 History::Gcra(GcraState {
                     tat: Tat(tat),
-                    idle_at: tat,
+                    idle_at: if tat == 0 {
+                        0
+                    } else {
+                        tat.saturating_add(window)
+                    },
                     queued,
                 })
             }
@@ -285,10 +292,12 @@ impl Entry {
             (History::Window(log), Kind::Window) => log.next_free(policy.limit, policy.window, now),
             (History::Gcra(g), Kind::Gcra { burst, period }) => g.tat.next_free(burst, period, now),
             // The route changed algorithm (config reload): start over with the new one,
-            // conservatively treating the key as if it had just used its whole window.
+            // conservatively treating the key as if it had just used its whole window (a GCRA
+            // key's `idle_at` is a window after its TAT: see `GcraState::idle_at`).
             _ => {
                 let until = self.idle_at();
-                self.history = History::restarted(policy.kind, until, now, self.queued());
+                self.history =
+                    History::restarted(policy.kind, policy.window, until, now, self.queued());
                 until.max(now)
             }
         }
@@ -303,7 +312,7 @@ impl Entry {
             (History::Gcra(g), Kind::Gcra { period, .. }) => {
                 g.queued += u32::from(reserve);
                 let undo = g.tat.record(at, period);
-                g.idle_at = undo;
+                g.idle_at = undo.saturating_add(policy.window);
                 undo
             }
             (History::Gcra(_), Kind::Window) => at, // unreachable: next_free restarted the entry
@@ -387,7 +396,7 @@ impl MemoryStore {
                 if e.locked_until <= now {
                     return false;
                 }
-                e.history = History::restarted(Kind::Window, 0, now, e.queued());
+                e.history = History::restarted(Kind::Window, 0, 0, now, e.queued());
                 true
             });
         }
@@ -623,7 +632,7 @@ impl MemoryStore {
                 (History::Window(log), Kind::Window) => log.cancel(reservation.undo, policy.window),
                 (History::Gcra(g), Kind::Gcra { period, .. }) => {
                     g.tat.cancel(reservation.undo, period);
-                    g.idle_at = g.tat.0;
+                    g.idle_at = g.tat.0.saturating_add(policy.window);
                 }
                 _ => {}
             }
@@ -852,15 +861,44 @@ mod tests {
             matches!(answer, Acquire::Refused(r) if r.retry_at == 200),
             "{answer:?}"
         );
-        // Back to the window: the GCRA history holds until its TAT.
-        let tat = 100 + 2 * 100;
-        clock.set(150);
-        refused_until(&window, tat);
-        clock.set(tat);
-        assert!(matches!(
-            store.acquire_now(&window, key(1), None),
-            Acquire::Now { .. }
-        ));
+        // Back to the window: the GCRA history holds until a window after its TAT, so no window
+        // holds both the GCRA sends (at 100 and 200) and the window's own.
+        clock.set(200);
+        let answer = store.acquire_now(&gcra, key(1), None);
+        assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
+        let tat = 200 + 2 * 100;
+        clock.set(250);
+        refused_until(&window, tat + 100);
+        clock.set(tat + 100);
+        let answer = store.acquire_now(&window, key(1), None);
+        assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
+    }
+
+    #[test]
+    fn a_gcra_key_is_kept_a_window_past_its_tat_for_a_switch_to_window() {
+        let (clock, store, window) = setup();
+        let gcra = Policy::new(
+            NonZeroU32::new(2).expect("2"),
+            Duration::from_nanos(100),
+            Duration::from_nanos(1_000),
+            Algorithm::Gcra {
+                burst: NonZeroU32::new(2).expect("2"),
+            },
+        );
+        for _ in 0..2 {
+            let answer = store.acquire_now(&gcra, key(1), None);
+            assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
+        }
+        // TAT 200 (two cells of 100): the key is kept, and a window log starts, a window after it.
+        clock.set(250);
+        assert_eq!(store.evict_idle_now(), 0, "swept while its sends still count");
+        let answer = store.acquire_now(&window, key(1), None);
+        assert!(
+            matches!(answer, Acquire::Refused(r) if r.retry_at == 300),
+            "{answer:?}"
+        );
+        clock.set(300);
+        assert_eq!(store.evict_idle_now(), 1);
     }
 
     #[test]
