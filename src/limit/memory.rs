@@ -891,7 +891,11 @@ mod tests {
         }
         // TAT 200 (two cells of 100): the key is kept, and a window log starts, a window after it.
         clock.set(250);
-        assert_eq!(store.evict_idle_now(), 0, "swept while its sends still count");
+        assert_eq!(
+            store.evict_idle_now(),
+            0,
+            "swept while its sends still count"
+        );
         let answer = store.acquire_now(&window, key(1), None);
         assert!(
             matches!(answer, Acquire::Refused(r) if r.retry_at == 300),
