@@ -630,3 +630,48 @@ fn concurrent_callers_never_break_the_bound() {
         }
     });
 }
+
+/// A reload may switch a route between `window` and `gcra` while its users are busy. Whatever the
+/// direction, the sends on either side of the switch together never put more than `limit` in a
+/// window, and the route keeps sending after it.
+#[test]
+fn switching_algorithm_never_breaks_the_bound() {
+    each_store(async |name, clock, store| {
+        let (limit, window) = (4, 1_000);
+        let window_log = policy(limit, window, Algorithm::Window);
+        let gcra = policy(
+            limit,
+            window,
+            Algorithm::Gcra {
+                burst: NonZeroU32::new(limit).expect("4"),
+            },
+        );
+        for (first, then, user) in [(&gcra, &window_log, 1), (&window_log, &gcra, 2)] {
+            let mut sends = Vec::new();
+            // A greedy caller: at each instant, as many calls as the store lets go.
+            let mut t = 0;
+            while t <= 12_000 {
+                clock.set(t);
+                let policy = if t < 10 { first } else { then };
+                while matches!(
+                    acquire(store, policy, key(user), None).await,
+                    Acquire::Now { .. }
+                ) {
+                    sends.push(t);
+                    assert!(sends.len() < 1_000, "{name}: no call is ever refused");
+                }
+                t += 10;
+            }
+            assert!(
+                max_in_window(&sends, window) <= limit as usize,
+                "{name}: {:?} then {:?}: {sends:?}",
+                first.kind,
+                then.kind
+            );
+            assert!(
+                sends.iter().any(|&s| s >= 10),
+                "{name}: nothing was sent after the switch"
+            );
+        }
+    });
+}

@@ -1,5 +1,6 @@
 -- GCRA decision for one (route, user): one theoretical arrival time (TAT) per key.
--- KEYS: 1 TAT, 2 lock, 3 epoch
+-- KEYS: 1 TAT, 2 lock, 3 epoch, 4 the same key's send log (kept while the route used `window`,
+--       before a reload)
 -- ARGV: 1 now override, 2 burst, 3 period, 4 max_wait (-1: reject mode), 5 max queued per key,
 --       6 window, 7 units per ms, 8 epoch guard on ('1'/'0')
 -- Returns {status, wait, remaining, reset_in, new_tat}
@@ -16,6 +17,13 @@ local lock = locked_until(KEYS[2])
 if lock > now then return {'locked', lock - now, 0, lock - now, 0} end
 
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+-- A route switched from the window log by a reload: as if the whole quota went a window after
+-- the newest send it holds (the log lives until then).
+local newest = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')[2]
+if newest then
+  local assumed = tonumber(newest) + window + tau
+  if assumed > tat then tat = assumed end
+end
 local e = epoch(KEYS[3], now, ARGV[8])
 if e > 0 and tat < e then
   -- No send recorded since the data began: as if the whole quota went at the epoch.
@@ -34,7 +42,8 @@ end
 local base = tat
 if slot > base then base = slot end
 local new_tat = base + period
-redis.call('SET', KEYS[1], new_tat, 'PX', ttl_ms(new_tat - now, units_per_ms))
+-- Kept a window past the TAT: a route switched to `window` by a reload still counts these sends.
+redis.call('SET', KEYS[1], new_tat, 'PX', ttl_ms(new_tat - now + window, units_per_ms))
 
 local remaining = 0
 local earliest = new_tat - tau

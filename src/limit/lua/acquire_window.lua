@@ -1,5 +1,6 @@
 -- Sliding-log decision for one (route, user): may this call go, and when?
--- KEYS: 1 send log (sorted set: score = send or reserved time, member = unique id), 2 lock, 3 epoch
+-- KEYS: 1 send log (sorted set: score = send or reserved time, member = unique id), 2 lock, 3 epoch,
+--       4 the same key's GCRA TAT (set while the route used `gcra`, before a reload)
 -- ARGV: 1 now override, 2 limit, 3 window, 4 max_wait (-1: reject mode), 5 max queued per key,
 --       6 member, 7 units per ms, 8 epoch guard on ('1'/'0')
 -- Returns {status, wait, remaining, reset_in}; status: ok | locked | limited | too_far | queue_full
@@ -25,6 +26,11 @@ if n > 0 then
     if kth + window > slot then slot = kth + window end
   end
 end
+-- A route switched from GCRA by a reload: GCRA's sends all lie before its TAT and may fall in
+-- one window with the next ones; none goes before a window after that TAT (the TAT key lives
+-- that long).
+local g = tonumber(redis.call('GET', KEYS[4]) or '0')
+if g > 0 and g + window > slot then slot = g + window end
 local e = epoch(KEYS[3], now, ARGV[8])
 if n < limit and e > 0 and e + window > slot then slot = e + window end
 
