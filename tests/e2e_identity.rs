@@ -254,10 +254,13 @@ async fn keyed_by_token_the_same_burst_trips_zohos_per_user_quota() {
 
     alternating_burst(&running, &["alice-1", "alice-2"], 3 * LIMIT as usize).await;
 
-    assert_eq!(
-        stub.count_for(CHAT, "alice"),
-        2 * LIMIT as usize,
-        "token mode forwards a full quota per token"
+    // Each token has a full quota at cliqgate; how many of the second quota reach Zoho before its
+    // throttle answer locks the tokens depends on timing (the calls are concurrent), but more
+    // than alice's one quota always does.
+    let reached = stub.count_for(CHAT, "alice");
+    assert!(
+        reached > LIMIT as usize && reached <= 2 * LIMIT as usize,
+        "token mode forwards up to a full quota per token: {reached}"
     );
     assert!(
         stub.violations() > 0,
