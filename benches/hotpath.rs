@@ -23,6 +23,8 @@
 //!
 //! Under `cargo test --all-targets` (no `--bench`), divan runs every benchmark once as a test.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -39,12 +41,6 @@ static ALLOC: AllocProfiler = AllocProfiler::system();
 
 fn main() {
     divan::main();
-}
-
-/// `cargo bench` passes `--bench`; `cargo test` runs this binary without it (divan's test mode).
-fn bench_mode() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test")
 }
 
 fn shipped() -> Config {
@@ -168,7 +164,11 @@ fn identity(bencher: Bencher, case: &str) {
 /// users cycling, each at 80% of `chats.post_message`'s quota on a fake clock.
 #[divan::bench(args = [10_000], sample_count = 1000, sample_size = 1000)]
 fn call_pure(bencher: Bencher, users: usize) {
-    let users = if bench_mode() { users } else { users.min(100) };
+    let users = if common::bench_mode() {
+        users
+    } else {
+        users.min(100)
+    };
     let config = shipped();
     let table = RouteTable::new(&config.routes);
     let post = &config.routes[0];

@@ -25,6 +25,8 @@
 //! Under `cargo test --all-targets` (no `--bench`), divan runs every benchmark once as a test,
 //! with small key counts, and the Redis part is skipped: it needs no redis-server.
 
+mod common;
+
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -46,25 +48,19 @@ use divan::Bencher;
 
 fn main() {
     let _server = StopServerOnExit;
-    if bench_mode() {
-        print_machine();
+    if common::bench_mode() {
+        println!("machine: {}", common::machine());
         if wants_redis() {
             redis(); // started before the table, so its line does not land inside it
         }
     }
     divan::main();
-    if bench_mode() && wants_redis() {
+    if common::bench_mode() && wants_redis() {
         if let Some(env) = redis() {
             latency_table(env);
             server_time(env);
         }
     }
-}
-
-/// `cargo bench` passes `--bench`; `cargo test` runs this binary without it (divan's test mode).
-fn bench_mode() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test")
 }
 
 /// False when a name filter is given (`cargo bench --bench limiter -- memory`) that says nothing
@@ -79,19 +75,6 @@ fn wants_redis() -> bool {
         || filters
             .iter()
             .any(|f| f.contains("redis") || f.contains("latency"))
-}
-
-fn print_machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("machine: {cores} cores, {cpu}");
 }
 
 // ---- keys and policies ----
@@ -223,7 +206,7 @@ impl MemoryHot {
 
 /// Fewer keys under `cargo test`, where everything is unoptimised and runs once.
 fn scaled(n: usize) -> usize {
-    if bench_mode() {
+    if common::bench_mode() {
         n
     } else {
         n.min(1_000)
@@ -308,7 +291,7 @@ fn redis_hot(algorithm: Algorithm) -> Policy {
 fn redis() -> Option<&'static RedisEnv> {
     static ENV: OnceLock<Option<RedisEnv>> = OnceLock::new();
     ENV.get_or_init(|| {
-        if !bench_mode() {
+        if !common::bench_mode() {
             return None;
         }
         let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
@@ -463,7 +446,7 @@ fn with_redis<'a, 'b>(bencher: Bencher<'a, 'b>) -> Option<(&'static RedisEnv, Be
     match redis() {
         Some(env) => Some((env, bencher)),
         None => {
-            if !bench_mode() {
+            if !common::bench_mode() {
                 bencher.bench_local(|| ());
             }
             None

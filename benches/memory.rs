@@ -42,6 +42,8 @@
 //!
 //! Under `cargo test --all-targets` (no `--bench`) each part runs once at a tiny size.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -247,7 +249,7 @@ fn main() {
         }
         return;
     }
-    let bench = bench_mode();
+    let bench = common::bench_mode();
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -255,7 +257,12 @@ fn main() {
     let wants =
         |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f.as_str()));
     if bench {
-        print_machine();
+        let allocator = if cfg!(feature = "mimalloc") {
+            "mimalloc (as the binary)"
+        } else {
+            "system (glibc)"
+        };
+        println!("machine: {}; allocator: {allocator}", common::machine());
     }
     let wants_any = |part: &str| {
         filters.is_empty()
@@ -372,30 +379,6 @@ fn main() {
             }
         }
     }
-}
-
-/// `cargo bench` passes `--bench`; `cargo test` runs this binary without it.
-fn bench_mode() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test")
-}
-
-fn print_machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let allocator = if cfg!(feature = "mimalloc") {
-        "mimalloc (as the binary)"
-    } else {
-        "system (glibc)"
-    };
-    println!("machine: {cores} cores, {cpu}; allocator: {allocator}");
 }
 
 fn mib(v: &Value) -> String {

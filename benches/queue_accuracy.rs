@@ -26,6 +26,8 @@
 //! Under `cargo test --all-targets` (no `--bench`) a tiny scenario runs once (2 users, 3 calls,
 //! 20 ms window), with no assertion on timing.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,9 +46,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 fn main() {
-    let bench = bench_mode();
+    let bench = common::bench_mode();
     if bench {
-        print_machine();
+        println!("machine: {}", common::machine());
     }
     let scenarios: Vec<(&str, usize, usize, Duration)> = if bench {
         vec![
@@ -78,25 +80,6 @@ fn main() {
             ms(late[0]),
         );
     }
-}
-
-/// `cargo bench` passes `--bench`; `cargo test` runs this binary without it.
-fn bench_mode() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test")
-}
-
-fn print_machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("machine: {cores} cores, {cpu}");
 }
 
 /// Signed nanoseconds as milliseconds.
