@@ -815,6 +815,18 @@ mod tests {
         (clock, store, policy)
     }
 
+    /// `setup()`'s quota (2 per 100) under GCRA with a burst of 2.
+    fn gcra_policy() -> Policy {
+        Policy::new(
+            NonZeroU32::new(2).expect("2"),
+            Duration::from_nanos(100),
+            Duration::from_nanos(1_000),
+            Algorithm::Gcra {
+                burst: NonZeroU32::new(2).expect("2"),
+            },
+        )
+    }
+
     fn key(n: u8) -> Key {
         Key {
             route: RouteId(0),
@@ -831,14 +843,7 @@ mod tests {
     #[test]
     fn a_route_switching_algorithm_holds_every_call_until_its_history_is_idle() {
         let (clock, store, window) = setup();
-        let gcra = Policy::new(
-            NonZeroU32::new(2).expect("2"),
-            Duration::from_nanos(100),
-            Duration::from_nanos(1_000),
-            Algorithm::Gcra {
-                burst: NonZeroU32::new(2).expect("2"),
-            },
-        );
+        let gcra = gcra_policy();
         let refused_until = |policy: &Policy, until: Nanos| {
             for _ in 0..3 {
                 let answer = store.acquire_now(policy, key(1), None);
@@ -877,14 +882,7 @@ mod tests {
     #[test]
     fn a_gcra_key_is_kept_a_window_past_its_tat_for_a_switch_to_window() {
         let (clock, store, window) = setup();
-        let gcra = Policy::new(
-            NonZeroU32::new(2).expect("2"),
-            Duration::from_nanos(100),
-            Duration::from_nanos(1_000),
-            Algorithm::Gcra {
-                burst: NonZeroU32::new(2).expect("2"),
-            },
-        );
+        let gcra = gcra_policy();
         for _ in 0..2 {
             let answer = store.acquire_now(&gcra, key(1), None);
             assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
