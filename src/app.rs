@@ -187,15 +187,8 @@ pub async fn start_with_workers(
     let proxy = Arc::new(shared.proxy(config, upstream));
     let current = Arc::new(ArcSwap::new(proxy.clone()));
 
-    let listeners = bind_workers(listen, workers)?;
+    let (proxy_addr, listeners) = bind_workers(listen, workers)?;
     let admin_listener = bind("admin listener", admin_listen).await?;
-    let proxy_addr = listeners[0]
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "proxy listener",
-            addr: listen,
-            source,
-        })?;
     let admin_addr = local_addr(&admin_listener, admin_listen)?;
     let (stop, stopped) = watch::channel(false);
 
@@ -387,11 +380,12 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// The proxy listener, once per worker: the first on the configured address (port 0 picks one),
 /// the others on the address the first got, all with `SO_REUSEPORT` so the kernel spreads new
-/// connections over the workers. Created on the calling runtime, handed over as std listeners.
+/// connections over the workers. Created on the calling runtime, handed over as std listeners,
+/// with the address they share.
 fn bind_workers(
     addr: SocketAddr,
     workers: NonZeroUsize,
-) -> Result<Vec<std::net::TcpListener>, StartError> {
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), StartError> {
     let what = "proxy listener";
     // SO_REUSEPORT would also let a second cliqgate (same user) join this port and silently
     // take half its calls, each counting only its own: a plain bind first fails if anything
@@ -432,7 +426,7 @@ fn bind_workers(
         }
         listeners.push(listener);
     }
-    Ok(listeners)
+    Ok((bound, listeners))
 }
 
 fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
