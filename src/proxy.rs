@@ -222,15 +222,21 @@ impl Proxy {
 
             // Validate: a call Zoho would refuse as malformed is answered here, before the
             // limiter, so it spends no quota (after the user: a call without credential keeps
-            // its 401). Boxed, like every step only some routes take.
-            let req = match route.validate {
-                None => req.map(box_incoming),
-                Some(rules) => match Box::pin(self.validate(rules, route, req, log)).await? {
-                    Checked::Valid(req) => req,
-                    Checked::Invalid(req, invalid) => {
-                        return Box::pin(self.invalid(req, route, key, invalid, log)).await
-                    }
-                },
+            // its 401). Query rules decide at once; reading a body is boxed, like every step
+            // only some routes take.
+            let checked = match route.validate {
+                None => Checked::Valid(req.map(box_incoming)),
+                Some(rules) if !rules.reads_body() => {
+                    let verdict = rules.check(req.uri().query(), None);
+                    Checked::new(req.map(box_incoming), verdict)
+                }
+                Some(rules) => Box::pin(self.validate_body(rules, route, req, log)).await?,
+            };
+            let req = match checked {
+                Checked::Valid(req) => req,
+                Checked::Invalid(req, invalid) => {
+                    return Box::pin(self.invalid(req, route, key, invalid, log)).await
+                }
             };
 
             // Shadow routes: decide and count as if enforced, but forward at once.
@@ -300,20 +306,16 @@ impl Proxy {
         Ok(response)
     }
 
-    /// Checks a call against its route's rule set. Only a rule set that reads the body has it read
-    /// first (bounded by `http.max_body_bytes`, trailers kept) and then forwards the very same
-    /// bytes; every other body stays streamed.
-    async fn validate(
+    /// Checks a call against a rule set that reads the body: the body is read first (bounded by
+    /// `http.max_body_bytes`, trailers kept) and then the very same bytes are forwarded. Bodies
+    /// on every other route stay streamed.
+    async fn validate_body(
         &self,
         rules: &RuleSet,
         route: &RouteRuntime,
         req: Request<Incoming>,
         log: &mut AccessLog,
     ) -> Result<Checked, ProxyError> {
-        if !rules.reads_body() {
-            let verdict = rules.check(req.uri().query(), None);
-            return Ok(Checked::new(req.map(box_incoming), verdict));
-        }
         let (parts, body) = req.into_parts();
         let (bytes, trailers) = match read_whole(body, self.config.http.max_body_bytes).await {
             Ok(read) => read,
