@@ -2,7 +2,7 @@
 //!
 //! Threads: the proxy listener is served by `workers` threads, each with its own single-threaded
 //! tokio runtime, its own `SO_REUSEPORT` listener on the same address (the kernel spreads new
-//! connections over them) and its own upstream connection pool, so a call never leaves the thread
+//! connections over them) and its own idle upstream connections, so a call never leaves the thread
 //! that accepted it (nginx's worker model; measured in benches/load/RESULTS.md: a third less CPU
 //! per call than one work-stealing runtime, whose cross-thread wake-ups dominate a proxy's cost).
 //! The limiter store, metrics and config are shared by all of them. The admin listener, the
@@ -69,8 +69,6 @@ struct Shared {
     metrics: Arc<Metrics>,
     names: Arc<RouteNames>,
     drain: Arc<Drain>,
-    /// Proxy worker threads, each with its own upstream pool.
-    workers: NonZeroUsize,
 }
 
 impl Shared {
@@ -180,9 +178,8 @@ pub async fn start_with_workers(
         metrics,
         names,
         drain: Arc::new(Drain::default()),
-        workers,
     };
-    let upstream = Upstream::new(&config, workers)?;
+    let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let proxy = Arc::new(shared.proxy(config, upstream));
     let current = Arc::new(ArcSwap::new(proxy.clone()));
@@ -222,9 +219,9 @@ pub async fn start_with_workers(
         std::thread::Builder::new()
             .name(format!("cliqgate-worker-{index}"))
             .spawn(move || {
-                crate::upstream::enter_worker(index);
                 runtime.block_on(serve(listener, builder, service, stopped, drain));
-                // Upstream connections of this worker close with its runtime.
+                // This worker's idle upstream connections close before its runtime.
+                crate::upstream::close_idle();
                 drop(runtime);
                 let _ = done.send(());
             })
@@ -300,7 +297,7 @@ impl Running {
         let upstream = if same_upstream {
             old.upstream().clone()
         } else {
-            Upstream::new(&config, self.shared.workers)?
+            Upstream::new(&config)?
         };
         let routes = config.routes.len();
         self.current

@@ -578,7 +578,6 @@ impl Proxy {
     /// the body bounded while it streams.
     fn upstream_request(&self, req: Request<ProxyBody>) -> Result<Request<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        parts.uri = self.upstream.uri_for(parts.uri.path_and_query())?;
         remove_hop_by_hop(&mut parts.headers);
         let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
         Ok(Request::from_parts(parts, body))

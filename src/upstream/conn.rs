@@ -1,0 +1,885 @@
+//! Connections to the upstream: dialing (TCP, then TLS for `https`), the idle keep-alive
+//! connections each thread keeps, one call's exchange on a connection, and the response body
+//! that streams from it.
+//!
+//! A call runs on its own task from start to end: it writes the request, reads the answer and,
+//! when the body has been read to its end, puts the connection back for the next call of that
+//! thread. There is no connection task, no channel between tasks and no lock, which is what a
+//! general client (hyper-util's) pays for on every call. One request at a time per connection; a
+//! connection whose state is in any doubt (an error, a body not read to its end, an answer
+//! without a length) is closed, never reused.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, request, Method, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::wire::{self, BodyFraming, Chunk, ChunkedDecoder, RequestFraming, WireError};
+use crate::body::{BoxError, ProxyBody};
+
+/// Idle connections are closed before Zoho's front ends would close them under us.
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle connections one thread keeps (per thread, all upstreams together); more are closed.
+const MAX_IDLE_PER_THREAD: usize = 256;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 8 * 1024;
+/// Request bytes gathered before a write; a larger body frame is written as it is.
+const WRITE_GATHER: usize = 16 * 1024;
+/// Buffers above this are not kept with an idle connection.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// Where calls go: scheme, host and port, and TLS for `https`.
+pub(super) struct Origin {
+    /// Tells idle connections apart: the upstream's generation and its scheme://authority.
+    key: Arc<str>,
+    host: String,
+    port: u16,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl Origin {
+    pub(super) fn new(
+        generation: u64,
+        scheme: &http::uri::Scheme,
+        authority: &http::uri::Authority,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<Origin, String> {
+        let https = scheme == &http::uri::Scheme::HTTPS;
+        if !https && scheme != &http::uri::Scheme::HTTP {
+            return Err(format!("unsupported scheme {scheme}"));
+        }
+        // An IPv6 literal comes in brackets.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+            Some((TlsConnector::from(tls.clone()), name))
+        } else {
+            None
+        };
+        Ok(Origin {
+            key: format!("{generation} {scheme}://{authority}").into(),
+            host,
+            port,
+            tls,
+        })
+    }
+}
+
+/// Why one exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ExchangeError {
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    /// The caller's request body failed (went over `max_body_bytes`, or broke off).
+    #[error("request body: {0}")]
+    Body(BoxError),
+    #[error("the upstream closed the connection before answering")]
+    Closed,
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One keep-alive connection and its buffers (kept with it, so a call allocates none).
+pub(super) struct Conn {
+    stream: Stream,
+    key: Arc<str>,
+    /// Bytes read and not yet consumed.
+    buf: BytesMut,
+    /// The request being written.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    /// Opens a connection: the connect timeout bounds the TCP connect; the TLS handshake counts
+    /// against the call's response timeout, like the rest of the exchange.
+    async fn open(origin: &Origin, connect_timeout: Duration) -> Result<Conn, ExchangeError> {
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+        let tcp = tokio::time::timeout(connect_timeout, dial(&origin.host, origin.port))
+            .await
+            .map_err(|_| ExchangeError::Connect(timed_out()))?
+            .map_err(ExchangeError::Connect)?;
+        tcp.set_nodelay(true).map_err(ExchangeError::Connect)?;
+        let stream = match &origin.tls {
+            None => Stream::Plain(tcp),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(ExchangeError::Connect)?;
+                Stream::Tls(Box::new(tls))
+            }
+        };
+        Ok(Conn {
+            stream,
+            key: origin.key.clone(),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(1024),
+        })
+    }
+
+    /// Still open and quiet: an idle connection that the upstream closed, or that has bytes
+    /// nobody asked for, reads as ready. Does not consume anything and never blocks.
+    fn is_quiet(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(Waker::noop());
+        self.stream
+            .tcp()
+            .poll_peek(&mut cx, &mut probe)
+            .is_pending()
+    }
+
+    async fn write_out(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
+
+async fn dial(host: &str, port: u16) -> io::Result<TcpStream> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return TcpStream::connect((ip, port)).await;
+    }
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address for host")))
+}
+
+thread_local! {
+    /// This thread's idle connections, most recently used last. Per thread, so a connection is
+    /// only ever used by the runtime that registered its socket, and taking one needs no lock.
+    static IDLE: RefCell<Vec<Idle>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// The most recently used idle connection to `origin` that is still good, if any.
+fn checkout(origin: &Origin) -> Option<Conn> {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        while let Some(at) = idle.iter().rposition(|i| i.conn.key == origin.key) {
+            let entry = idle.swap_remove(at);
+            if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.is_quiet() {
+                return Some(entry.conn);
+            }
+        }
+        None
+    })
+}
+
+/// Keeps a connection whose last exchange ended cleanly for the next call on this thread.
+fn checkin(mut conn: Conn) {
+    if !conn.buf.is_empty() {
+        return;
+    }
+    if conn.buf.capacity() > KEEP_BUFFER {
+        conn.buf = BytesMut::with_capacity(READ_CHUNK);
+    }
+    if conn.out.capacity() > KEEP_BUFFER {
+        conn.out = Vec::with_capacity(1024);
+    }
+    let now = Instant::now();
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        if idle.len() >= MAX_IDLE_PER_THREAD {
+            idle.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
+            if idle.len() >= MAX_IDLE_PER_THREAD {
+                idle.remove(0);
+            }
+        }
+        idle.push(Idle { conn, since: now });
+    });
+}
+
+/// Closes this thread's idle connections (a worker thread that is about to end).
+pub(super) fn close_idle() {
+    IDLE.with(|idle| idle.borrow_mut().clear());
+}
+
+/// Sends one request on a kept or new connection and reads the response head. `parts` holds no
+/// hop-by-hop field; its `Host` is already the upstream's.
+pub(super) async fn exchange(
+    origin: &Origin,
+    connect_timeout: Duration,
+    mut parts: request::Parts,
+    body: ProxyBody,
+) -> Result<Response<UpstreamBody>, ExchangeError> {
+    let mut conn = match checkout(origin) {
+        Some(conn) => conn,
+        None => Conn::open(origin, connect_timeout).await?,
+    };
+    // The framing is cliqgate's to choose for its own hop; `Expect` was answered on the
+    // caller's hop already (hyper sends 100 Continue when the body is first read).
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::EXPECT);
+    let framing = request_framing(&parts.method, &body);
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    wire::encode_request_head(
+        &mut conn.out,
+        &parts.method,
+        target,
+        &parts.headers,
+        framing,
+    );
+    send_body(&mut conn, body, framing).await?;
+    let head = loop {
+        if !conn.buf.is_empty() {
+            if let Some(head) = wire::parse_response_head(&mut conn.buf, &parts.method)? {
+                break head;
+            }
+        }
+        conn.buf.reserve(READ_CHUNK);
+        if conn.stream.read_buf(&mut conn.buf).await? == 0 {
+            return Err(ExchangeError::Closed);
+        }
+    };
+    let body = UpstreamBody::new(conn, head.framing, head.reusable);
+    Ok(head.response.map(|()| body))
+}
+
+/// A length when the body knows it (a caller's `Content-Length`, a body read whole), else
+/// chunked. No field at all for an empty body on a method without one.
+fn request_framing(method: &Method, body: &ProxyBody) -> RequestFraming {
+    match body.size_hint().exact() {
+        Some(0) if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) => {
+            RequestFraming::Empty
+        }
+        Some(n) => RequestFraming::Length(n),
+        None => RequestFraming::Chunked,
+    }
+}
+
+/// Writes the request head (already in `conn.out`) and the body. Frames that are ready at once
+/// go out with the head in one write; the rest streams as it arrives.
+async fn send_body(
+    conn: &mut Conn,
+    mut body: ProxyBody,
+    framing: RequestFraming,
+) -> Result<(), ExchangeError> {
+    let mut left = match framing {
+        RequestFraming::Length(n) => n,
+        RequestFraming::Chunked | RequestFraming::Empty => 0,
+    };
+    let chunked = framing == RequestFraming::Chunked;
+    let mut trailers = None;
+    loop {
+        let frame = if conn.out.is_empty() {
+            body.frame().await
+        } else {
+            match poll_now(&mut body).await {
+                Some(frame) => frame,
+                None => {
+                    // Nothing more right now: send what there is, then wait.
+                    conn.write_out().await?;
+                    continue;
+                }
+            }
+        };
+        let frame = match frame {
+            None => break,
+            Some(Err(e)) => return Err(ExchangeError::Body(e)),
+            Some(Ok(frame)) => frame,
+        };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                trailers = frame.into_trailers().ok();
+                continue;
+            }
+        };
+        if chunked {
+            wire::encode_chunk(&mut conn.out, &data);
+        } else {
+            let n = data.len() as u64;
+            if n > left {
+                return Err(ExchangeError::Body(
+                    "request body longer than its length".into(),
+                ));
+            }
+            left -= n;
+            if data.len() >= WRITE_GATHER {
+                conn.write_out().await?;
+                conn.stream.write_all(&data).await?;
+                continue;
+            }
+            conn.out.extend_from_slice(&data);
+        }
+        if conn.out.len() >= WRITE_GATHER {
+            conn.write_out().await?;
+        }
+    }
+    if chunked {
+        wire::encode_last_chunk(&mut conn.out, trailers.as_ref());
+    } else if left > 0 {
+        return Err(ExchangeError::Body(
+            "request body shorter than its length".into(),
+        ));
+    }
+    conn.write_out().await?;
+    conn.stream.flush().await?;
+    Ok(())
+}
+
+/// The body's next frame if it is there now; `None` if it is not (yet).
+async fn poll_now(body: &mut ProxyBody) -> Option<Option<Result<Frame<Bytes>, BoxError>>> {
+    std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+        Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// A response body from the upstream. A small body that came with the head is handed over at
+/// once and its connection goes back for the next call before the caller has even been
+/// answered; a larger one streams from the connection, which is kept only if the body is read
+/// to its end.
+pub struct UpstreamBody {
+    kind: Kind,
+}
+
+enum Kind {
+    Done,
+    Whole(Bytes),
+    Streaming(Box<Streaming>),
+}
+
+struct Streaming {
+    conn: Conn,
+    framing: Framing,
+    reusable: bool,
+}
+
+enum Framing {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+}
+
+impl UpstreamBody {
+    fn new(mut conn: Conn, framing: BodyFraming, reusable: bool) -> UpstreamBody {
+        let framing = match framing {
+            BodyFraming::None => {
+                if reusable {
+                    checkin(conn);
+                }
+                return UpstreamBody { kind: Kind::Done };
+            }
+            BodyFraming::Length(n) if conn.buf.len() as u64 >= n => {
+                let whole = conn.buf.split_to(n as usize).freeze();
+                if reusable {
+                    checkin(conn);
+                }
+                return UpstreamBody {
+                    kind: Kind::Whole(whole),
+                };
+            }
+            BodyFraming::Length(n) => Framing::Length(n),
+            BodyFraming::Chunked => Framing::Chunked(ChunkedDecoder::default()),
+            BodyFraming::UntilClose => Framing::UntilClose,
+        };
+        UpstreamBody {
+            kind: Kind::Streaming(Box::new(Streaming {
+                conn,
+                framing,
+                reusable,
+            })),
+        }
+    }
+
+    /// The body ended cleanly: its connection may serve the next call.
+    fn finish(&mut self) {
+        if let Kind::Streaming(streaming) = std::mem::replace(&mut self.kind, Kind::Done) {
+            if streaming.reusable {
+                checkin(streaming.conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, error: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.kind = Kind::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let streaming = match &mut this.kind {
+                Kind::Done => return Poll::Ready(None),
+                Kind::Whole(_) => {
+                    let Kind::Whole(whole) = std::mem::replace(&mut this.kind, Kind::Done) else {
+                        return Poll::Ready(None);
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(whole))));
+                }
+                Kind::Streaming(streaming) => streaming,
+            };
+            let buf = &mut streaming.conn.buf;
+            match &mut streaming.framing {
+                Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if !buf.is_empty() {
+                        let take = (*left).min(buf.len() as u64);
+                        *left -= take;
+                        let data = buf.split_to(take as usize).freeze();
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(decoder) => match decoder.decode(buf) {
+                    Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Chunk::End) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Chunk::NeedMore) => {}
+                    Err(e) => return this.fail(e.into()),
+                },
+                Framing::UntilClose => {
+                    if !buf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(buf.split().freeze()))));
+                    }
+                }
+            }
+            buf.reserve(READ_CHUNK);
+            let stream = Pin::new(&mut streaming.conn.stream);
+            match tokio_util::io::poll_read_buf(stream, cx, buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return this.fail(e.into()),
+                Poll::Ready(Ok(0)) => {
+                    if matches!(streaming.framing, Framing::UntilClose) {
+                        this.kind = Kind::Done;
+                        return Poll::Ready(None);
+                    }
+                    return this.fail("the upstream closed the connection mid-body".into());
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Done => true,
+            Kind::Whole(_) => false,
+            Kind::Streaming(streaming) => matches!(streaming.framing, Framing::Length(0)),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Done => SizeHint::with_exact(0),
+            Kind::Whole(whole) => SizeHint::with_exact(whole.len() as u64),
+            Kind::Streaming(streaming) => match streaming.framing {
+                Framing::Length(left) => SizeHint::with_exact(left),
+                Framing::Chunked(_) | Framing::UntilClose => SizeHint::default(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::{empty, full};
+    use http::Request;
+    use tokio::net::TcpListener;
+
+    /// A raw upstream on 127.0.0.1:0: each accepted connection is served by `serve`, which
+    /// reads requests and writes whatever bytes the test wants.
+    async fn raw_upstream<F, Fut>(serve: F) -> (Origin, Arc<std::sync::atomic::AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(serve(stream));
+            }
+        });
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        let authority: http::uri::Authority = addr.to_string().parse().unwrap();
+        let origin = Origin::new(u64::MAX, &http::uri::Scheme::HTTP, &authority, &tls).unwrap();
+        (origin, accepted)
+    }
+
+    /// Reads one request head and its body (by content-length, or chunked to the last chunk);
+    /// returns the raw bytes, or `None` once the client closed.
+    async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            if stream.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            raw.push(byte[0]);
+            let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let head = &text[..end];
+                if let Some(line) = head.lines().find(|l| l.starts_with("content-length:")) {
+                    let n: usize = line["content-length:".len()..].trim().parse().unwrap();
+                    if raw.len() == end + 4 + n {
+                        return Some(raw);
+                    }
+                } else if head.contains("transfer-encoding: chunked") {
+                    if text[end + 4..].contains("0\r\n")
+                        && text.ends_with("\r\n\r\n")
+                        && text.len() > end + 4
+                    {
+                        return Some(raw);
+                    }
+                } else {
+                    return Some(raw);
+                }
+            }
+        }
+    }
+
+    fn get(path: &str) -> request::Parts {
+        let (parts, ()) = Request::get(path).body(()).unwrap().into_parts();
+        parts
+    }
+
+    fn post(path: &str) -> request::Parts {
+        let (parts, ()) = Request::post(path).body(()).unwrap().into_parts();
+        parts
+    }
+
+    async fn body_of(response: Response<UpstreamBody>) -> Result<Bytes, BoxError> {
+        Ok(response.into_body().collect().await?.to_bytes())
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+
+    #[tokio::test]
+    async fn a_connection_is_kept_and_reused_for_the_next_call() {
+        let (origin, accepted) = raw_upstream(|mut stream| async move {
+            while read_request(&mut stream).await.is_some() {
+                stream.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        for _ in 0..3 {
+            let response = exchange(&origin, Duration::from_secs(1), get("/a"), empty())
+                .await
+                .unwrap();
+            assert_eq!(body_of(response).await.unwrap(), "{\"ok\":true}");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_not_used() {
+        let (origin, accepted) = raw_upstream(|mut stream| async move {
+            // Answers one call, then closes without saying so in the answer.
+            if read_request(&mut stream).await.is_some() {
+                stream.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        for _ in 0..3 {
+            let response = exchange(&origin, Duration::from_secs(1), get("/a"), empty())
+                .await
+                .unwrap();
+            assert_eq!(body_of(response).await.unwrap(), "{\"ok\":true}");
+            // Long enough for the close to reach this side's event loop.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_bodies_without_length_are_not_reused() {
+        let (origin, accepted) = raw_upstream(|mut stream| async move {
+            let Some(request) = read_request(&mut stream).await else {
+                return;
+            };
+            let request = String::from_utf8(request).unwrap();
+            if request.starts_with("GET /close") {
+                let answer = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi";
+                stream.write_all(answer).await.unwrap();
+            } else {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+                    .await
+                    .unwrap();
+                stream.shutdown().await.unwrap();
+            }
+            // Keeps the connection open: only the answer may tell the client not to reuse it.
+            let _ = read_request(&mut stream).await;
+        })
+        .await;
+        let response = exchange(&origin, Duration::from_secs(1), get("/close"), empty())
+            .await
+            .unwrap();
+        assert_eq!(body_of(response).await.unwrap(), "hi");
+        let response = exchange(&origin, Duration::from_secs(1), get("/eof"), empty())
+            .await
+            .unwrap();
+        assert_eq!(response.body().size_hint().exact(), None);
+        assert_eq!(body_of(response).await.unwrap(), "until the end");
+        let response = exchange(&origin, Duration::from_secs(1), get("/close"), empty())
+            .await
+            .unwrap();
+        assert_eq!(body_of(response).await.unwrap(), "hi");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_stream_through_and_keep_the_connection() {
+        let (origin, accepted) = raw_upstream(|mut stream| async move {
+            while read_request(&mut stream).await.is_some() {
+                stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n",
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                stream.write_all(b"3\r\nefg\r\n0\r\n\r\n").await.unwrap();
+            }
+        })
+        .await;
+        for _ in 0..2 {
+            let response = exchange(&origin, Duration::from_secs(1), get("/"), empty())
+                .await
+                .unwrap();
+            assert_eq!(body_of(response).await.unwrap(), "abcdefg");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_one_read_streams_with_its_length() {
+        let big = vec![b'x'; 100_000];
+        let answer = {
+            let mut a =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", big.len()).into_bytes();
+            a.extend_from_slice(&big);
+            a
+        };
+        let (origin, accepted) = raw_upstream(move |mut stream| {
+            let answer = answer.clone();
+            async move {
+                while read_request(&mut stream).await.is_some() {
+                    stream.write_all(&answer).await.unwrap();
+                }
+            }
+        })
+        .await;
+        for _ in 0..2 {
+            let response = exchange(&origin, Duration::from_secs(1), get("/"), empty())
+                .await
+                .unwrap();
+            assert_eq!(response.body().size_hint().exact(), Some(100_000));
+            assert_eq!(body_of(response).await.unwrap(), big);
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn request_bodies_go_out_with_a_length_or_chunked() {
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let (origin, _) = raw_upstream(move |mut stream| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                while let Some(request) = read_request(&mut stream).await {
+                    seen_tx.send(String::from_utf8(request).unwrap()).unwrap();
+                    stream.write_all(OK).await.unwrap();
+                }
+            }
+        })
+        .await;
+        let mut parts = post("/m");
+        parts
+            .headers
+            .insert(header::HOST, "cliq.zoho.com".parse().unwrap());
+        parts
+            .headers
+            .insert(header::EXPECT, "100-continue".parse().unwrap());
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, "999".parse().unwrap());
+        let response = exchange(
+            &origin,
+            Duration::from_secs(1),
+            parts,
+            full("{\"text\":\"hi\"}".into()),
+        )
+        .await
+        .unwrap();
+        body_of(response).await.unwrap();
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            "POST /m HTTP/1.1\r\nhost: cliq.zoho.com\r\ncontent-length: 13\r\n\r\n{\"text\":\"hi\"}"
+        );
+
+        let frames = futures_frames(vec![
+            Frame::data(Bytes::from("ab")),
+            Frame::data(Bytes::from("cde")),
+        ]);
+        let response = exchange(&origin, Duration::from_secs(1), post("/c"), frames)
+            .await
+            .unwrap();
+        body_of(response).await.unwrap();
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            "POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+        );
+
+        let response = exchange(&origin, Duration::from_secs(1), get("/g?q=1"), empty())
+            .await
+            .unwrap();
+        body_of(response).await.unwrap();
+        assert_eq!(seen.recv().await.unwrap(), "GET /g?q=1 HTTP/1.1\r\n\r\n");
+    }
+
+    /// A body of unknown length made of these frames, each ready at once.
+    fn futures_frames(frames: Vec<Frame<Bytes>>) -> ProxyBody {
+        struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+        impl Body for Frames {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                Poll::Ready(self.0.pop_front().map(Ok))
+            }
+        }
+        Frames(frames.into()).boxed()
+    }
+
+    #[tokio::test]
+    async fn broken_answers_are_errors_and_the_connection_is_dropped() {
+        for (answer, expected) in [
+            (&b"garbage\r\n\r\n"[..], "malformed"),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+                "mid-body",
+            ),
+            (b"", "before answering"),
+        ] {
+            let (origin, _) = raw_upstream(move |mut stream| async move {
+                if read_request(&mut stream).await.is_some() {
+                    stream.write_all(answer).await.unwrap();
+                }
+            })
+            .await;
+            let error = match exchange(&origin, Duration::from_secs(1), get("/"), empty()).await {
+                Err(e) => e.to_string(),
+                Ok(response) => body_of(response).await.unwrap_err().to_string(),
+            };
+            assert!(error.contains(expected), "{error}");
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The one place that dials out: calls to the configured upstream, and nowhere else.
+//!
+//! Whatever the request line or `Host` says, a call goes to the configured scheme and authority
+//! with the caller's path and query (no open proxy). Requests are never retried: a POST that may
+//! have reached Zoho must not be sent twice.
+//!
+//! HTTP/1.1 to the upstream is cliqgate's own ([`wire`], [`conn`]): Zoho's API is plain
+//! request/response over keep-alive connections, and a call that writes its request and reads
+//! its answer on its own task, with connections kept per thread, costs a fraction of a general
+//! client's channels, connection tasks and pool locks (benches/load/RESULTS.md).
+
+mod conn;
+mod wire;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use crate::body::ProxyBody;
+use crate::config::Config;
+use crate::error::ProxyError;
+pub use conn::UpstreamBody;
+use conn::{ExchangeError, Origin};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error("upstream_ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("TLS set-up: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("upstream: {0}")]
+    Target(String),
+}
+
+/// Tells apart the connections of successive upstreams (a reload may change the CA file or the
+/// timeouts of the same address): a connection is only reused by the upstream that opened it.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    generation: u64,
+    origin: Origin,
+    tls: Arc<rustls::ClientConfig>,
+    host: HeaderValue,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// Closes the calling thread's idle upstream connections (a worker thread that is ending).
+pub(crate) fn close_idle() {
+    conn::close_idle();
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> Result<Self, UpstreamSetupError> {
+        let tls = Arc::new(tls_config(config)?);
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let target = &config.upstream;
+        let origin = Origin::new(generation, &target.scheme, &target.authority, &tls)
+            .map_err(UpstreamSetupError::Target)?;
+        let host = HeaderValue::from_str(target.authority.as_str())
+            .map_err(|e| UpstreamSetupError::Target(e.to_string()))?;
+        Ok(Upstream {
+            inner: Arc::new(Inner {
+                generation,
+                origin,
+                tls,
+                host,
+                response_timeout: config.timeouts.response,
+                connect_timeout: config.timeouts.connect,
+            }),
+        })
+    }
+
+    /// Sends a request cliqgate itself makes (an identity lookup) to its absolute URI, which the
+    /// operator configured. The caller bounds the time.
+    pub async fn fetch(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let inner = &self.inner;
+        let (mut parts, body) = req.into_parts();
+        let (Some(scheme), Some(authority)) = (parts.uri.scheme(), parts.uri.authority()) else {
+            tracing::warn!("identity lookup URL is not absolute");
+            return Err(ProxyError::UpstreamUnavailable);
+        };
+        let origin = Origin::new(inner.generation, scheme, authority, &inner.tls).map_err(|e| {
+            tracing::warn!(error = %e, "identity lookup URL");
+            ProxyError::UpstreamUnavailable
+        })?;
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, host);
+        }
+        conn::exchange(&origin, inner.connect_timeout, parts, body)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "identity lookup failed");
+                ProxyError::UpstreamUnavailable
+            })
+    }
+
+    /// Sends one call and waits (bounded) for the response head; the body streams afterwards.
+    /// Only the path and query of the request's URI are used. The returned future holds only
+    /// the timer and a box: it is part of every call's state.
+    pub fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + '_ {
+        let inner = &*self.inner;
+        let (mut parts, body) = req.into_parts();
+        parts.headers.insert(header::HOST, inner.host.clone());
+        let timeout = inner.response_timeout;
+        let exchange = Box::pin(conn::exchange(
+            &inner.origin,
+            inner.connect_timeout,
+            parts,
+            body,
+        ));
+        async move {
+            match tokio::time::timeout(timeout, exchange).await {
+                Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) => Err(upstream_error(e, timeout)),
+            }
+        }
+    }
+}
+
+/// Who is at fault for a failed exchange, as the caller will be told.
+fn upstream_error(e: ExchangeError, timeout: Duration) -> ProxyError {
+    match &e {
+        ExchangeError::Connect(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            return ProxyError::UpstreamTimeout(timeout)
+        }
+        ExchangeError::Body(body) => {
+            // A streamed request body went over `max_body_bytes`: the caller's fault.
+            if let Some(limit) = body_too_large(body.as_ref()) {
+                return ProxyError::BodyTooLarge { limit };
+            }
+        }
+        _ => {}
+    }
+    tracing::warn!(error = %error_chain(&e), "upstream call failed");
+    ProxyError::UpstreamUnavailable
+}
+
+/// The limit, if the call failed because the caller's streamed body outgrew it ([`crate::body::Limited`]).
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(too_large) = err.downcast_ref::<crate::body::BodyTooLarge>() {
+            return Some(too_large.0);
+        }
+        source = err.source();
+    }
+    None
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        source = err.source();
+    }
+    out
+}
+
+/// Bundled web roots, plus the operator's extra roots (e.g. a TLS-inspecting firewall's CA).
+fn tls_config(config: &Config) -> Result<rustls::ClientConfig, UpstreamSetupError> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = &config.upstream_ca_file {
+        let shown = path.display().to_string();
+        let certs =
+            CertificateDer::pem_file_iter(path).map_err(|e| UpstreamSetupError::CaFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut added = 0;
+        for cert in certs {
+            let cert = cert.map_err(|e| UpstreamSetupError::CaFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+            roots.add(cert).map_err(|e| UpstreamSetupError::CaFile {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(UpstreamSetupError::CaFile {
+                path: shown,
+                reason: "no PEM certificate in file".into(),
+            });
+        }
+    }
+    // The provider is chosen explicitly: rustls panics if two are compiled in and none is picked.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // HTTP/1.1 is what cliqgate speaks to the upstream.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}

@@ -1,0 +1,630 @@
+//! HTTP/1.1 on the wire to the upstream (RFC 9112): the request head as cliqgate writes it, the
+//! response head as it reads it, and the framing of the response body. Pure: bytes in, bytes out,
+//! no sockets, so every edge is a unit test.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+
+/// The largest response head (status line and fields) accepted from the upstream. Zoho's are
+/// well under 4 KiB; hyper's client allowed about 400 KiB, which no real answer needs.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Fields in one response head.
+const MAX_FIELDS: usize = 128;
+/// A chunk-size line (with extensions) or a trailer line.
+const MAX_LINE: usize = 4 * 1024;
+
+/// Why the upstream's bytes cannot be read as HTTP/1.1.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("response head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("malformed response head: {0}")]
+    Head(&'static str),
+    #[error("malformed chunked body: {0}")]
+    Chunked(&'static str),
+    #[error("the upstream switched protocols, which cliqgate does not forward")]
+    Upgrade,
+}
+
+/// How the body of a request goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// `Content-Length`, declared by the caller or known from the body.
+    Length(u64),
+    Chunked,
+    /// No body and no field: a GET and the like.
+    Empty,
+}
+
+/// Writes the request line and fields. `headers` holds no hop-by-hop field and no framing field
+/// (those are the proxy's own); `Host` is among them.
+pub fn encode_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::Empty => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one chunk of a chunked request body (never an empty one: that would end the body).
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let mut size = [0u8; 16];
+    let mut at = size.len();
+    let mut n = data.len();
+    loop {
+        at -= 1;
+        size[at] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&size[at..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Ends a chunked request body, with its trailers if any.
+pub fn encode_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body: a HEAD request, a 204 or a 304.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    pub response: Response<()>,
+    pub framing: BodyFraming,
+    /// Whether the connection may carry another call once this body has been read.
+    pub reusable: bool,
+}
+
+/// Parses a response head from the front of `buf`, consuming it (and any interim 1xx answers
+/// before it). `Ok(None)`: more bytes are needed.
+pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(WireError::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(WireError::Head("too many fields")),
+            Err(_) => return Err(WireError::Head("not an HTTP/1.1 response")),
+        };
+        if len > MAX_HEAD {
+            return Err(WireError::HeadTooLarge);
+        }
+        let code = parsed.code.unwrap_or_default();
+        let status =
+            StatusCode::from_u16(code).map_err(|_| WireError::Head("invalid status code"))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(WireError::Upgrade);
+        }
+        if status.is_informational() {
+            // 100 Continue, 103 Early Hints: interim answers; the final one follows.
+            buf.advance(len);
+            continue;
+        }
+        let version = match parsed.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        // Field positions in `buf`, so the values can share the head's bytes instead of copies.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_FIELDS];
+        let count = parsed.headers.len();
+        for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            // An empty value need not point into `buf`.
+            let value = if field.value.is_empty() {
+                0
+            } else {
+                field.value.as_ptr() as usize - base
+            };
+            *span = (
+                name as u32,
+                (name + field.name.len()) as u32,
+                value as u32,
+                (value + field.value.len()) as u32,
+            );
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
+                .map_err(|_| WireError::Head("invalid field name"))?;
+            let value = HeaderValue::from_maybe_shared(
+                head.slice(value_start as usize..value_end as usize),
+            )
+            .map_err(|_| WireError::Head("invalid field value"))?;
+            headers.append(name, value);
+        }
+        let (framing, delimited) = framing(method, status, &headers)?;
+        let reusable = delimited && keeps_alive(version, &headers);
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        // The caller's hop is HTTP/1.1 or HTTP/2 whatever the upstream spoke.
+        *response.version_mut() = Version::HTTP_11;
+        *response.headers_mut() = headers;
+        return Ok(Some(Head {
+            response,
+            framing,
+            reusable,
+        }));
+    }
+}
+
+/// The body's framing, and whether its end can be told without the connection closing.
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<(BodyFraming, bool), WireError> {
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((BodyFraming::None, true));
+    }
+    if let Some(last) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let chunked = last
+            .as_bytes()
+            .rsplit(|&b| b == b',')
+            .next()
+            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        // Both fields at once is how request smuggling starts: the body is read as chunked (RFC
+        // 9112 6.3) and the connection is not used again.
+        let both = headers.contains_key(header::CONTENT_LENGTH);
+        return Ok(if chunked {
+            (BodyFraming::Chunked, !both)
+        } else {
+            (BodyFraming::UntilClose, false)
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(WireError::Head("invalid content-length"));
+            }
+            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            if length.is_some_and(|l| l != n) {
+                return Err(WireError::Head("conflicting content-length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (BodyFraming::None, true),
+        Some(n) => (BodyFraming::Length(n), true),
+        None => (BodyFraming::UntilClose, false),
+    })
+}
+
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &[u8]| {
+        headers.get_all(header::CONNECTION).iter().any(|value| {
+            value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    if version == Version::HTTP_10 {
+        has(b"keep-alive")
+    } else {
+        !has(b"close")
+    }
+}
+
+/// What one step of reading a chunked body gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chunk {
+    Data(Bytes),
+    /// The buffer ends inside a size line, a chunk's end or the trailers.
+    NeedMore,
+    /// The last chunk and the trailers (which are dropped) have been read.
+    End,
+}
+
+/// Reads a chunked body (RFC 9112 section 7.1) from a buffer that fills as bytes arrive.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+impl ChunkedDecoder {
+    #[cfg(test)]
+    fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Chunk, WireError> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Chunk::NeedMore);
+                    };
+                    let digits = line
+                        .split(|&b| b == b';' || b == b' ' || b == b'\t')
+                        .next()
+                        .unwrap_or_default();
+                    if digits.is_empty() || digits.len() > 15 {
+                        return Err(WireError::Chunked("invalid chunk size"));
+                    }
+                    let mut size = 0u64;
+                    for &d in digits {
+                        let v = (d as char)
+                            .to_digit(16)
+                            .ok_or(WireError::Chunked("invalid chunk size"))?;
+                        size = size * 16 + u64::from(v);
+                    }
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Chunk::NeedMore);
+                    }
+                    let take = left.min(buf.len() as u64);
+                    let data = buf.split_to(take as usize).freeze();
+                    self.state = if take == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - take)
+                    };
+                    return Ok(Chunk::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Chunk::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::Chunked("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Chunk::NeedMore);
+                    };
+                    self.trailer_bytes += line.len() + 2;
+                    if self.trailer_bytes > MAX_HEAD {
+                        return Err(WireError::Chunked("trailers too large"));
+                    }
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                    }
+                }
+                ChunkState::Done => return Ok(Chunk::End),
+            }
+        }
+    }
+}
+
+/// Takes one CRLF-terminated line (without the CRLF) off the front of `buf`.
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, WireError> {
+    match buf.iter().take(MAX_LINE + 2).position(|&b| b == b'\n') {
+        Some(end) => {
+            let line = buf.split_to(end + 1);
+            let line = line.freeze();
+            let line = line.slice(..end);
+            Ok(Some(match line.last() {
+                Some(b'\r') => line.slice(..line.len() - 1),
+                _ => line,
+            }))
+        }
+        None if buf.len() > MAX_LINE => Err(WireError::Chunked("line too long")),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> Result<Option<Head>, WireError> {
+        parse_response_head(&mut BytesMut::from(bytes), &Method::POST)
+    }
+
+    #[test]
+    fn request_head_carries_the_fields_and_the_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("cliq.zoho.com"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Zoho-oauthtoken t"),
+        );
+        let mut out = Vec::new();
+        let target = "/api/v3/chats/C1/message?x=1";
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            target,
+            &headers,
+            RequestFraming::Length(20),
+        );
+        assert_eq!(
+            out,
+            b"POST /api/v3/chats/C1/message?x=1 HTTP/1.1\r\nhost: cliq.zoho.com\r\n\
+              authorization: Zoho-oauthtoken t\r\ncontent-length: 20\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(
+            &mut out,
+            &Method::GET,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::Empty,
+        );
+        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+        out.clear();
+        encode_request_head(
+            &mut out,
+            &Method::PUT,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::Chunked,
+        );
+        assert_eq!(out, b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+    }
+
+    #[test]
+    fn chunks_are_encoded_in_hex_and_ended_with_trailers() {
+        let mut out = Vec::new();
+        encode_chunk(&mut out, &[b'a'; 26]);
+        encode_chunk(&mut out, b"");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("7"));
+        encode_last_chunk(&mut out, Some(&trailers));
+        let mut expected = b"1a\r\n".to_vec();
+        expected.extend_from_slice(&[b'a'; 26]);
+        expected.extend_from_slice(b"\r\n0\r\nx-sum: 7\r\n\r\n");
+        assert_eq!(out, expected);
+        // What cliqgate writes, it reads back.
+        let mut buf = BytesMut::from(&out[..]);
+        let mut decoder = ChunkedDecoder::default();
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Chunk::Data(Bytes::from(vec![b'a'; 26])))
+        );
+        assert_eq!(decoder.decode(&mut buf), Ok(Chunk::End));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn response_head_is_parsed_with_its_framing() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"[..],
+        );
+        let head = parse_response_head(&mut buf, &Method::POST)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.response.status(), StatusCode::OK);
+        assert_eq!(head.framing, BodyFraming::Length(11));
+        assert!(head.reusable);
+        assert_eq!(head.response.headers()["content-type"], "application/json");
+        assert_eq!(&buf[..], b"{\"ok\":true}");
+    }
+
+    #[test]
+    fn a_partial_head_asks_for_more_and_an_endless_one_is_refused() {
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+        let mut endless = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while endless.len() <= MAX_HEAD {
+            endless.extend_from_slice(b"x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        assert!(matches!(
+            parse(&endless),
+            Err(WireError::HeadTooLarge | WireError::Head(_))
+        ));
+        let mut huge = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        huge.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(parse(&huge).unwrap_err(), WireError::HeadTooLarge);
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_upgrades_refused() {
+        let head = parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.response.status(), StatusCode::CREATED);
+        assert!(!head.response.headers().contains_key("link"));
+        assert_eq!(head.framing, BodyFraming::None);
+        assert_eq!(
+            parse(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n").unwrap_err(),
+            WireError::Upgrade
+        );
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_section_6_3() {
+        let framing_of = |raw: &[u8], method: Method| {
+            let head = parse_response_head(&mut BytesMut::from(raw), &method)
+                .unwrap()
+                .unwrap();
+            (head.framing, head.reusable)
+        };
+        let cl = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(framing_of(cl, Method::HEAD), (BodyFraming::None, true));
+        assert_eq!(framing_of(cl, Method::GET), (BodyFraming::Length(5), true));
+        assert_eq!(
+            framing_of(
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+                Method::GET
+            ),
+            (BodyFraming::None, true)
+        );
+        assert_eq!(
+            framing_of(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                Method::GET
+            ),
+            (BodyFraming::Chunked, true)
+        );
+        assert_eq!(
+            framing_of(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+                Method::GET
+            ),
+            (BodyFraming::Chunked, false)
+        );
+        assert_eq!(
+            framing_of(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::GET
+            ),
+            (BodyFraming::UntilClose, false)
+        );
+        assert_eq!(
+            framing_of(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET),
+            (BodyFraming::UntilClose, false)
+        );
+        assert_eq!(
+            framing_of(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n",
+                Method::GET
+            ),
+            (BodyFraming::Length(7), true)
+        );
+        assert_eq!(
+            framing_of(
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                Method::GET
+            ),
+            (BodyFraming::Length(1), false)
+        );
+        assert_eq!(
+            framing_of(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", Method::GET),
+            (BodyFraming::Length(1), false)
+        );
+        assert_eq!(
+            framing_of(
+                b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 1\r\n\r\n",
+                Method::GET
+            ),
+            (BodyFraming::Length(1), true)
+        );
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+        ] {
+            assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(parse(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn chunked_body_is_read_byte_by_byte_as_it_arrives() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
+        let mut decoder = ChunkedDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        for &byte in wire {
+            buf.extend_from_slice(&[byte]);
+            loop {
+                match decoder.decode(&mut buf).unwrap() {
+                    Chunk::Data(data) => body.extend_from_slice(&data),
+                    Chunk::NeedMore => break,
+                    Chunk::End => break,
+                }
+            }
+        }
+        assert!(decoder.is_done());
+        assert_eq!(body, b"hello world");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors_not_guesses() {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"5\r\nhelloXX",
+            b"1000000000000000\r\n",
+        ] {
+            let mut decoder = ChunkedDecoder::default();
+            let mut buf = BytesMut::from(bad);
+            let result = loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Chunk::Data(_)) => continue,
+                    other => break other,
+                }
+            };
+            assert!(result.is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let mut decoder = ChunkedDecoder::default();
+        let mut endless = BytesMut::from(&[b'1'; MAX_LINE + 10][..]);
+        assert!(decoder.decode(&mut endless).is_err());
+    }
+}
