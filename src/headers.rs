@@ -16,18 +16,47 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop fields, including every field named in `Connection` (RFC 9110 7.6.1),
 /// and `Upgrade`: cliqgate forwards plain request/response calls only.
+///
+/// Runs twice on every call, so it first looks (one pass over the names, no hashing) and removes
+/// only what is there: most requests carry none of these, most answers only `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    let mut present = [false; 8];
+    let mut upgrade = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        } else if name == header::UPGRADE {
+            upgrade = true;
+        }
     }
-    headers.remove(header::UPGRADE);
+    // Fields that `Connection` names are hop-by-hop too (its index is 0). Its values are taken
+    // out whole, then each named field removed; `keep-alive` and `close` name nothing else.
+    if present[0] {
+        if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
+            let (_, values) = connection.remove_entry_mult();
+            let values: Vec<_> = values.collect();
+            for token in values
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    headers.remove(name);
+                }
+            }
+        }
+        present[0] = false;
+    }
+    for (hop, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, there)| *there) {
+        headers.remove(hop);
+    }
+    if upgrade {
+        headers.remove(header::UPGRADE);
+    }
 }
 
 /// Bytes a request head's fields take, as the size limit counts them.
@@ -71,5 +100,34 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["authorization", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_field_is_removed_on_its_own() {
+        let hop = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ];
+        for name in hop {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+            remove_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name} left behind");
+            assert!(h.contains_key("x-end-to-end"));
+        }
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = HeaderMap::new();
+        h.append("accept", HeaderValue::from_static("a"));
+        h.append("accept", HeaderValue::from_static("b"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.get_all("accept").iter().count(), 2);
     }
 }

@@ -790,6 +790,10 @@ impl Drop for QueueGuard<'_> {
     }
 }
 
+// Names made once, not parsed from strings on every call.
+const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
+
 /// IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers): the route's quota and what is
 /// left of it for this user, as of the decision.
 fn add_ratelimit_headers(
@@ -806,9 +810,9 @@ fn add_ratelimit_headers(
     value.extend_from_slice(b";t=");
     value.extend_from_slice(digits.format(reset_secs).as_bytes());
     let headers = response.headers_mut();
-    headers.insert("ratelimit-policy", route.policy_header.clone());
+    headers.insert(RATELIMIT_POLICY, route.policy_header.clone());
     if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        headers.insert("ratelimit", value);
+        headers.insert(RATELIMIT, value);
     }
 }
 

@@ -39,7 +39,7 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Request bytes gathered before a write; a larger body frame is written as it is.
 const WRITE_GATHER: usize = 16 * 1024;
 /// Buffers above this are not kept with an idle connection.
-const KEEP_BUFFER: usize = 64 * 1024;
+const KEEP_BUFFER: usize = 16 * 1024;
 
 /// Where calls go: scheme, host and port, and TLS for `https`.
 pub(super) struct Origin {
@@ -157,6 +157,9 @@ impl AsyncWrite for Stream {
 pub(super) struct Conn {
     stream: Stream,
     key: Arc<str>,
+    /// The runtime whose event loop the socket is registered with: only that runtime's tasks
+    /// are woken when it becomes readable, so only they may use it.
+    runtime: tokio::runtime::Id,
     /// Bytes read and not yet consumed.
     buf: BytesMut,
     /// The request being written.
@@ -168,10 +171,12 @@ impl Conn {
     /// against the call's response timeout, like the rest of the exchange.
     async fn open(origin: &Origin, connect_timeout: Duration) -> Result<Conn, ExchangeError> {
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-        let tcp = tokio::time::timeout(connect_timeout, dial(&origin.host, origin.port))
+        let tcp = dial(&origin.host, origin.port, connect_timeout)
             .await
-            .map_err(|_| ExchangeError::Connect(timed_out()))?
-            .map_err(ExchangeError::Connect)?;
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::TimedOut => ExchangeError::Connect(timed_out()),
+                _ => ExchangeError::Connect(e),
+            })?;
         tcp.set_nodelay(true).map_err(ExchangeError::Connect)?;
         let stream = match &origin.tls {
             None => Stream::Plain(tcp),
@@ -186,14 +191,27 @@ impl Conn {
         Ok(Conn {
             stream,
             key: origin.key.clone(),
+            runtime: tokio::runtime::Handle::current().id(),
             buf: BytesMut::with_capacity(READ_CHUNK),
             out: Vec::with_capacity(1024),
         })
     }
 
     /// Still open and quiet: an idle connection that the upstream closed, or that has bytes
-    /// nobody asked for, reads as ready. Does not consume anything and never blocks.
-    fn is_quiet(&self) -> bool {
+    /// nobody asked for, reads as ready and is not used again. Consumes nothing, never blocks.
+    ///
+    /// Readiness is what the event loop last saw (as for hyper's pooled connections, whose
+    /// task is woken by the same loop): bytes that arrive after an answer are noticed on the
+    /// loop's next turn, not by a system call on every call.
+    fn is_quiet(&mut self) -> bool {
+        if let Stream::Tls(tls) = &mut self.stream {
+            // Plaintext that rustls decrypted but nobody has read.
+            let mut byte = [0u8; 1];
+            match std::io::Read::read(&mut tls.get_mut().1.reader(), &mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => return false,
+            }
+        }
         let mut byte = [0u8; 1];
         let mut probe = ReadBuf::new(&mut byte);
         let mut cx = Context::from_waker(Waker::noop());
@@ -212,15 +230,24 @@ impl Conn {
     }
 }
 
-async fn dial(host: &str, port: u16) -> io::Result<TcpStream> {
+/// Connects to the first address of `host` that answers, each address with its own connect
+/// timeout (an unreachable first address must not use up the time of the others).
+async fn dial(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return TcpStream::connect((ip, port)).await;
+        return tokio::time::timeout(timeout, TcpStream::connect((ip, port)))
+            .await
+            .map_err(|_| timed_out())?;
     }
+    let addrs = tokio::time::timeout(timeout, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| timed_out())??;
     let mut last = None;
-    for addr in tokio::net::lookup_host((host, port)).await? {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = Some(e),
+    for addr in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(timed_out()),
         }
     }
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address for host")))
@@ -239,16 +266,20 @@ struct Idle {
 
 /// The most recently used idle connection to `origin` that is still good, if any.
 fn checkout(origin: &Origin) -> Option<Conn> {
-    IDLE.with(|idle| {
+    let runtime = tokio::runtime::Handle::try_current().ok()?.id();
+    IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
-        while let Some(at) = idle.iter().rposition(|i| i.conn.key == origin.key) {
-            let entry = idle.swap_remove(at);
+        let mine = |i: &Idle| i.conn.key == origin.key && i.conn.runtime == runtime;
+        while let Some(at) = idle.iter().rposition(mine) {
+            let mut entry = idle.swap_remove(at);
             if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.is_quiet() {
                 return Some(entry.conn);
             }
         }
         None
     })
+    .ok()
+    .flatten()
 }
 
 /// Keeps a connection whose last exchange ended cleanly for the next call on this thread.
@@ -263,13 +294,19 @@ fn checkin(mut conn: Conn) {
         conn.out = Vec::with_capacity(1024);
     }
     let now = Instant::now();
-    IDLE.with(|idle| {
+    // A thread that is ending has no pool any more: the connection just closes.
+    let _ = IDLE.try_with(|idle| {
         let mut idle = idle.borrow_mut();
+        // The longest idle go first: past the idle timeout (closed by the other end, probably),
+        // or of an upstream a reload replaced. Both are found at the front, so this is cheap.
+        while idle
+            .first()
+            .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
         if idle.len() >= MAX_IDLE_PER_THREAD {
-            idle.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
-            if idle.len() >= MAX_IDLE_PER_THREAD {
-                idle.remove(0);
-            }
+            idle.remove(0);
         }
         idle.push(Idle { conn, since: now });
     });
@@ -277,7 +314,7 @@ fn checkin(mut conn: Conn) {
 
 /// Closes this thread's idle connections (a worker thread that is about to end).
 pub(super) fn close_idle() {
-    IDLE.with(|idle| idle.borrow_mut().clear());
+    let _ = IDLE.try_with(|idle| idle.borrow_mut().clear());
 }
 
 /// Sends one request on a kept or new connection and reads the response head. `parts` holds no
@@ -295,6 +332,7 @@ pub(super) async fn exchange(
     // The framing is cliqgate's to choose for its own hop; `Expect` was answered on the
     // caller's hop already (hyper sends 100 Continue when the body is first read).
     parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::TRANSFER_ENCODING);
     parts.headers.remove(header::EXPECT);
     let framing = request_framing(&parts.method, &body);
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -305,7 +343,15 @@ pub(super) async fn exchange(
         &parts.headers,
         framing,
     );
-    send_body(&mut conn, body, framing).await?;
+    // The upstream may answer before it has the whole body (RFC 9112 9.5): an error, a throttle,
+    // and then perhaps close. Its answer is what the caller gets, and the connection is not
+    // used again (the request was cut short).
+    let (sent_whole, mut write_error) = match send_body(&mut conn, body, framing).await {
+        Ok(Sent::Whole) => (true, None),
+        Ok(Sent::AnsweredEarly) => (false, None),
+        Err(ExchangeError::Io(e)) => (false, Some(e)),
+        Err(e) => return Err(e),
+    };
     let head = loop {
         if !conn.buf.is_empty() {
             if let Some(head) = wire::parse_response_head(&mut conn.buf, &parts.method)? {
@@ -313,12 +359,24 @@ pub(super) async fn exchange(
             }
         }
         conn.buf.reserve(READ_CHUNK);
-        if conn.stream.read_buf(&mut conn.buf).await? == 0 {
-            return Err(ExchangeError::Closed);
+        let read = conn.stream.read_buf(&mut conn.buf).await;
+        match (read, write_error) {
+            (Ok(0), None) => return Err(ExchangeError::Closed),
+            (Ok(0) | Err(_), Some(e)) => return Err(ExchangeError::Io(e)),
+            (Err(e), None) => return Err(e.into()),
+            (Ok(_), error) => write_error = error,
         }
     };
-    let body = UpstreamBody::new(conn, head.framing, head.reusable);
+    let reusable = head.reusable && sent_whole;
+    let body = UpstreamBody::new(conn, head.framing, reusable);
     Ok(head.response.map(|()| body))
+}
+
+/// How the sending of a request ended.
+enum Sent {
+    Whole,
+    /// The upstream began to answer while the body was still streaming; the rest was not sent.
+    AnsweredEarly,
 }
 
 /// A length when the body knows it (a caller's `Content-Length`, a body read whole), else
@@ -334,27 +392,38 @@ fn request_framing(method: &Method, body: &ProxyBody) -> RequestFraming {
 }
 
 /// Writes the request head (already in `conn.out`) and the body. Frames that are ready at once
-/// go out with the head in one write; the rest streams as it arrives.
+/// go out with the head in one write; the rest streams as it arrives, while the connection is
+/// watched for an early answer. Trailers of a chunked body are not forwarded: they would arrive
+/// after every check (identity, limits) was made on the head.
 async fn send_body(
     conn: &mut Conn,
     mut body: ProxyBody,
     framing: RequestFraming,
-) -> Result<(), ExchangeError> {
+) -> Result<Sent, ExchangeError> {
     let mut left = match framing {
         RequestFraming::Length(n) => n,
         RequestFraming::Chunked | RequestFraming::Empty => 0,
     };
     let chunked = framing == RequestFraming::Chunked;
-    let mut trailers = None;
     loop {
         let frame = if conn.out.is_empty() {
-            body.frame().await
+            let Conn { stream, buf, .. } = &mut *conn;
+            buf.reserve(READ_CHUNK);
+            tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                read = stream.read_buf(buf) => return match read? {
+                    0 => Err(ExchangeError::Closed),
+                    _ => Ok(Sent::AnsweredEarly),
+                },
+            }
         } else {
             match poll_now(&mut body).await {
                 Some(frame) => frame,
                 None => {
                     // Nothing more right now: send what there is, then wait.
                     conn.write_out().await?;
+                    conn.stream.flush().await?;
                     continue;
                 }
             }
@@ -364,12 +433,8 @@ async fn send_body(
             Some(Err(e)) => return Err(ExchangeError::Body(e)),
             Some(Ok(frame)) => frame,
         };
-        let data = match frame.into_data() {
-            Ok(data) => data,
-            Err(frame) => {
-                trailers = frame.into_trailers().ok();
-                continue;
-            }
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: see above
         };
         if chunked {
             wire::encode_chunk(&mut conn.out, &data);
@@ -393,7 +458,7 @@ async fn send_body(
         }
     }
     if chunked {
-        wire::encode_last_chunk(&mut conn.out, trailers.as_ref());
+        wire::encode_last_chunk(&mut conn.out);
     } else if left > 0 {
         return Err(ExchangeError::Body(
             "request body shorter than its length".into(),
@@ -401,7 +466,7 @@ async fn send_body(
     }
     conn.write_out().await?;
     conn.stream.flush().await?;
-    Ok(())
+    Ok(Sent::Whole)
 }
 
 /// The body's next frame if it is there now; `None` if it is not (yet).
@@ -857,6 +922,110 @@ mod tests {
             }
         }
         Frames(frames.into()).boxed()
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_is_passed_on_and_the_connection_not_reused() {
+        let (origin, accepted) = raw_upstream(|mut stream| async move {
+            // Answers as soon as the head is in, without waiting for the body, and closes.
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let answer = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 2\r\n\r\nno";
+            stream.write_all(answer).await.unwrap();
+            let _ = read_request(&mut stream).await;
+        })
+        .await;
+        // A body that sends one frame, then never ends.
+        struct Stalls(bool);
+        impl Body for Stalls {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                if std::mem::replace(&mut self.0, true) {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from("{\"te")))))
+                }
+            }
+        }
+        let body = Stalls(false).boxed();
+        let response = tokio::time::timeout(
+            Duration::from_secs(5),
+            exchange(&origin, Duration::from_secs(1), post("/m"), body),
+        )
+        .await
+        .expect("the early answer ends the exchange")
+        .unwrap();
+        assert_eq!(response.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(body_of(response).await.unwrap(), "no");
+        // The request was cut short: the next call needs a new connection.
+        let _ = exchange(&origin, Duration::from_secs(1), get("/"), empty()).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn bytes_after_an_answer_keep_the_connection_from_being_reused() {
+        let (origin, accepted) = raw_upstream(|mut stream| async move {
+            while read_request(&mut stream).await.is_some() {
+                stream.write_all(OK).await.unwrap();
+                // A second, unasked-for answer: it must never reach the next caller.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        for _ in 0..2 {
+            let response = exchange(&origin, Duration::from_secs(1), get("/"), empty())
+                .await
+                .unwrap();
+            assert_eq!(body_of(response).await.unwrap(), "{\"ok\":true}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_connection_is_only_reused_by_the_runtime_it_was_opened_on() {
+        let upstream_rt = tokio::runtime::Runtime::new().unwrap();
+        let (origin, accepted) = upstream_rt.block_on(raw_upstream(|mut stream| async move {
+            while read_request(&mut stream).await.is_some() {
+                stream.write_all(OK).await.unwrap();
+            }
+        }));
+        let call = |rt: &tokio::runtime::Runtime| {
+            rt.block_on(async {
+                let exchange = exchange(&origin, Duration::from_secs(1), get("/"), empty());
+                let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+                    .await
+                    .expect("no hang on another runtime's connection")
+                    .unwrap();
+                body_of(response).await.unwrap()
+            })
+        };
+        let current = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (current(), current());
+        assert_eq!(call(&a), "{\"ok\":true}");
+        assert_eq!(call(&b), "{\"ok\":true}");
+        assert_eq!(call(&a), "{\"ok\":true}");
+        // One connection each: a's is kept for a, b does not take it.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

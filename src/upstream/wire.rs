@@ -9,8 +9,8 @@ use http::{Method, Response, StatusCode, Version};
 /// The largest response head (status line and fields) accepted from the upstream. Zoho's are
 /// well under 4 KiB; hyper's client allowed about 400 KiB, which no real answer needs.
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Fields in one response head.
-const MAX_FIELDS: usize = 128;
+/// Fields in one response head (hyper's default limit too).
+const MAX_FIELDS: usize = 100;
 /// A chunk-size line (with extensions) or a trailer line.
 const MAX_LINE: usize = 4 * 1024;
 
@@ -90,16 +90,9 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Ends a chunked request body, with its trailers if any.
-pub fn encode_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
-    out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+/// Ends a chunked request body (without trailers: see `conn::send_body`).
+pub fn encode_last_chunk(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n\r\n");
 }
 
 /// How the response body is delimited (RFC 9112 section 6.3).
@@ -126,9 +119,15 @@ pub struct Head {
 /// before it). `Ok(None)`: more bytes are needed.
 pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(buf) {
+        // Left uninitialised: the parser writes what it finds (a full array costs more to set up
+        // than a small answer costs to parse).
+        let mut fields = [std::mem::MaybeUninit::<httparse::Header>::uninit(); MAX_FIELDS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(WireError::HeadTooLarge)
@@ -186,6 +185,11 @@ pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option
             headers.append(name, value);
         }
         let (framing, delimited) = framing(method, status, &headers)?;
+        if framing == BodyFraming::Chunked {
+            // Both fields: the length is wrong by definition and must not reach the caller
+            // (RFC 9112 6.3, item 3).
+            headers.remove(header::CONTENT_LENGTH);
+        }
         let reusable = delimited && keeps_alive(version, &headers);
         let mut response = Response::new(());
         *response.status_mut() = status;
@@ -309,15 +313,25 @@ impl ChunkedDecoder {
                     let Some(line) = take_line(buf)? else {
                         return Ok(Chunk::NeedMore);
                     };
-                    let digits = line
-                        .split(|&b| b == b';' || b == b' ' || b == b'\t')
-                        .next()
-                        .unwrap_or_default();
-                    if digits.is_empty() || digits.len() > 15 {
+                    let end = line
+                        .iter()
+                        .position(|&b| b == b';' || b == b' ' || b == b'\t')
+                        .unwrap_or(line.len());
+                    let (digits, rest) = line.split_at(end);
+                    // After the size: only whitespace, then extensions (ignored).
+                    let rest = rest.trim_ascii_start();
+                    if !rest.is_empty() && rest[0] != b';' {
+                        return Err(WireError::Chunked("invalid chunk size"));
+                    }
+                    let significant = {
+                        let zeros = digits.iter().take_while(|&&d| d == b'0').count();
+                        &digits[zeros..]
+                    };
+                    if digits.is_empty() || significant.len() > 15 {
                         return Err(WireError::Chunked("invalid chunk size"));
                     }
                     let mut size = 0u64;
-                    for &d in digits {
+                    for &d in significant {
                         let v = (d as char)
                             .to_digit(16)
                             .ok_or(WireError::Chunked("invalid chunk size"))?;
@@ -370,17 +384,15 @@ impl ChunkedDecoder {
     }
 }
 
-/// Takes one CRLF-terminated line (without the CRLF) off the front of `buf`.
+/// Takes one CRLF-terminated line (without the CRLF) off the front of `buf`. A bare LF is an
+/// error: lenient line endings are where request smuggling lives.
 fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, WireError> {
     match buf.iter().take(MAX_LINE + 2).position(|&b| b == b'\n') {
+        Some(0) => Err(WireError::Chunked("bare LF")),
+        Some(end) if buf[end - 1] != b'\r' => Err(WireError::Chunked("bare LF")),
         Some(end) => {
-            let line = buf.split_to(end + 1);
-            let line = line.freeze();
-            let line = line.slice(..end);
-            Ok(Some(match line.last() {
-                Some(b'\r') => line.slice(..line.len() - 1),
-                _ => line,
-            }))
+            let line = buf.split_to(end + 1).freeze();
+            Ok(Some(line.slice(..end - 1)))
         }
         None if buf.len() > MAX_LINE => Err(WireError::Chunked("line too long")),
         None => Ok(None),
@@ -438,16 +450,14 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_encoded_in_hex_and_ended_with_trailers() {
+    fn chunks_are_encoded_in_hex_and_read_back() {
         let mut out = Vec::new();
         encode_chunk(&mut out, &[b'a'; 26]);
         encode_chunk(&mut out, b"");
-        let mut trailers = HeaderMap::new();
-        trailers.insert("x-sum", HeaderValue::from_static("7"));
-        encode_last_chunk(&mut out, Some(&trailers));
+        encode_last_chunk(&mut out);
         let mut expected = b"1a\r\n".to_vec();
         expected.extend_from_slice(&[b'a'; 26]);
-        expected.extend_from_slice(b"\r\n0\r\nx-sum: 7\r\n\r\n");
+        expected.extend_from_slice(b"\r\n0\r\n\r\n");
         assert_eq!(out, expected);
         // What cliqgate writes, it reads back.
         let mut buf = BytesMut::from(&out[..]);
@@ -478,14 +488,24 @@ mod tests {
     #[test]
     fn a_partial_head_asks_for_more_and_an_endless_one_is_refused() {
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
-        let mut endless = b"HTTP/1.1 200 OK\r\n".to_vec();
-        while endless.len() <= MAX_HEAD {
-            endless.extend_from_slice(b"x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        // A complete head over the limit (a few long fields), and one with too many fields.
+        let mut long = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for _ in 0..5 {
+            long.extend_from_slice(b"x-filler: ");
+            long.extend_from_slice(&[b'a'; MAX_HEAD / 4]);
+            long.extend_from_slice(b"\r\n");
         }
-        assert!(matches!(
-            parse(&endless),
-            Err(WireError::HeadTooLarge | WireError::Head(_))
-        ));
+        long.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&long).unwrap_err(), WireError::HeadTooLarge);
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_FIELDS {
+            many.extend_from_slice(format!("x-f{i}: a\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(
+            parse(&many).unwrap_err(),
+            WireError::Head("too many fields")
+        );
         let mut huge = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
         huge.resize(MAX_HEAD + 10, b'a');
         assert_eq!(parse(&huge).unwrap_err(), WireError::HeadTooLarge);
@@ -612,6 +632,9 @@ mod tests {
             b"\r\n",
             b"5\r\nhelloXX",
             b"1000000000000000\r\n",
+            b"5 junk\r\nhello\r\n",
+            b"5\nhello\r\n",
+            b"0\r\nx-trailer: t\n\r\n",
         ] {
             let mut decoder = ChunkedDecoder::default();
             let mut buf = BytesMut::from(bad);
@@ -626,5 +649,24 @@ mod tests {
         let mut decoder = ChunkedDecoder::default();
         let mut endless = BytesMut::from(&[b'1'; MAX_LINE + 10][..]);
         assert!(decoder.decode(&mut endless).is_err());
+        // Leading zeros are not digits that count; whitespace before an extension is allowed.
+        let mut decoder = ChunkedDecoder::default();
+        let mut buf = BytesMut::from(&b"00000000000000000003 ;x=y\r\nabc\r\n0\r\n\r\n"[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Chunk::Data(Bytes::from("abc")))
+        );
+        assert_eq!(decoder.decode(&mut buf), Ok(Chunk::End));
+    }
+
+    #[test]
+    fn a_length_next_to_chunked_does_not_reach_the_caller() {
+        let head =
+            parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(head.framing, BodyFraming::Chunked);
+        assert!(!head.reusable);
+        assert!(!head.response.headers().contains_key("content-length"));
     }
 }

@@ -7,6 +7,10 @@
 //! By default it runs like cliqgate: one tokio multi-thread runtime (a worker per core). With
 //! PER_CORE=N it runs N single-threaded runtimes instead, each with its own SO_REUSEPORT listener
 //! and its own client pool (nginx's worker model).
+//!
+//! With RELAY=1 (and PER_CORE=N) it is no HTTP proxy at all: each caller connection gets its own
+//! upstream connection and bytes are copied both ways unparsed. That is the floor for any
+//! user-space proxy on this machine: the same reads and writes per call, nothing else.
 use http_body_util::{combinators::BoxBody, BodyExt};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
@@ -52,18 +56,13 @@ fn main() {
 }
 
 async fn serve(listen: String, upstream: String, reuseport: bool) {
+    if std::env::var("RELAY").is_ok_and(|v| v == "1") {
+        return relay(bind(&listen, reuseport).await, upstream).await;
+    }
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     let client: Client<HttpConnector, B> = Client::builder(TokioExecutor::new()).build(http);
-    let listener = if reuseport {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_reuseport(true).unwrap();
-        sock.set_reuseaddr(true).unwrap();
-        sock.bind(listen.parse().unwrap()).unwrap();
-        sock.listen(4096).unwrap()
-    } else {
-        tokio::net::TcpListener::bind(&listen).await.unwrap()
-    };
+    let listener = bind(&listen, reuseport).await;
     loop {
         let (stream, _) = listener.accept().await.unwrap();
         let _ = stream.set_nodelay(true);
@@ -96,5 +95,33 @@ async fn serve(listen: String, upstream: String, reuseport: bool) {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// One upstream connection per caller connection, bytes copied both ways.
+async fn relay(listener: tokio::net::TcpListener, upstream: String) {
+    loop {
+        let (mut caller, _) = listener.accept().await.unwrap();
+        let _ = caller.set_nodelay(true);
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                return;
+            };
+            let _ = up.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut caller, &mut up).await;
+        });
+    }
+}
+
+async fn bind(listen: &str, reuseport: bool) -> tokio::net::TcpListener {
+    if reuseport {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_reuseport(true).unwrap();
+        sock.set_reuseaddr(true).unwrap();
+        sock.bind(listen.parse().unwrap()).unwrap();
+        sock.listen(4096).unwrap()
+    } else {
+        tokio::net::TcpListener::bind(listen).await.unwrap()
     }
 }
