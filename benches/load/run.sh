@@ -12,7 +12,8 @@
 #   ROUNDS=1 DURATION=5s benches/load/run.sh  # a quick look
 #   PERF=1 benches/load/run.sh                # also a perf profile of cliqgate under high load
 #   BASELINE=1 benches/load/run.sh            # also a bare hyper proxy (benches/load/baseline),
-#                                             # as cliqgate runs it and one runtime per core
+#                                             # as cliqgate runs it and one runtime per core, and
+#                                             # a TCP relay (no HTTP at all: the floor)
 #
 # Installs wrk and nginx if missing (apt-get), builds cliqgate in release mode, picks free ports at
 # run time, and stops everything it started on exit. Raw wrk output, the generated configs and the
@@ -117,10 +118,10 @@ trap 'exit 143' TERM
 
 # ---- ports ---------------------------------------------------------------------------------
 # Free loopback ports, held open together while the kernel picks them so that they differ.
-read -r UP_PORT NGX_PORT CG_PORT CG_ADMIN_PORT HB_PORT HBC_PORT < <(python3 - <<'EOF'
+read -r UP_PORT NGX_PORT CG_PORT CG_ADMIN_PORT HB_PORT HBC_PORT RELAY_PORT < <(python3 - <<'EOF'
 import socket
 socks = []
-for _ in range(6):
+for _ in range(7):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -174,7 +175,11 @@ if [ "$BASELINE" = 1 ]; then
     PER_CORE=$NGINX_WORKERS "$BASELINE_BIN" "127.0.0.1:$HBC_PORT" "127.0.0.1:$UP_PORT" \
         2>"$OUT/hyper-percore.stderr" &
     PIDS+=($!) && PID[hyper-percore]=$! && PORT[hyper-percore]=$HBC_PORT
-    TARGETS+=(hyper-mt hyper-percore)
+    # Not an HTTP proxy: bytes copied between paired connections, the floor for any proxy here.
+    RELAY=1 PER_CORE=$NGINX_WORKERS "$BASELINE_BIN" "127.0.0.1:$RELAY_PORT" "127.0.0.1:$UP_PORT" \
+        2>"$OUT/tcp-relay.stderr" &
+    PIDS+=($!) && PID[tcp-relay]=$! && PORT[tcp-relay]=$RELAY_PORT
+    TARGETS+=(hyper-mt hyper-percore tcp-relay)
 fi
 printf '%s\n' "${TARGETS[@]}" >"$OUT/targets.txt"
 

@@ -14,6 +14,7 @@ NAMES = {
     "cliqgate": "(c) cliqgate, memory store, 10k users",
     "hyper-mt": "bare hyper proxy, tokio multi-thread (baseline)",
     "hyper-percore": "bare hyper proxy, one runtime per core (baseline)",
+    "tcp-relay": "TCP relay, no HTTP, one runtime per core (floor)",
 }
 # Foreign CPU (others' work on the machine) above this, in % of the machine, is flagged.
 FOREIGN_WARN = 10.0
