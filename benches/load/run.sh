@@ -11,6 +11,8 @@
 #   benches/load/run.sh                       # everything: about 4 minutes after the build
 #   ROUNDS=1 DURATION=5s benches/load/run.sh  # a quick look
 #   PERF=1 benches/load/run.sh                # also a perf profile of cliqgate under high load
+#   CALLGRIND=1 benches/load/run.sh           # also cliqgate's user-space instructions per call
+#                                             # under callgrind: repeatable on a noisy VM
 #   BASELINE=1 benches/load/run.sh            # also a bare hyper proxy (benches/load/baseline),
 #                                             # as cliqgate runs it and one runtime per core, and
 #                                             # a TCP relay (no HTTP at all: the floor)
@@ -43,6 +45,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}         #   CPU % (others' work), for at most this 
 RETRIES=${RETRIES:-2}                #   and measure again if others took more than QUIET_MAX % meanwhile
 PERF=${PERF:-0}                      # 1: perf record cliqgate during one extra high-load run
 BASELINE=${BASELINE:-0}              # 1: also measure the bare hyper proxy of benches/load/baseline
+CALLGRIND=${CALLGRIND:-0}            # 1: instructions per call of cliqgate (1 worker) under callgrind
 CLIQGATE_BIN=${CLIQGATE_BIN:-}       # a prebuilt binary: skips the build
 OUT=${OUT:-$ROOT/target/load/$(date +%Y%m%d-%H%M%S)}
 
@@ -55,6 +58,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ "$PERF" = 1 ] && ! command -v perf >/dev/null 2>&1; then need+=(linux-perf); fi
+if [ "$CALLGRIND" = 1 ] && ! command -v valgrind >/dev/null 2>&1; then need+=(valgrind); fi
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     sudo=()
@@ -337,6 +341,37 @@ if [ "$PERF" = 1 ]; then
             >"$OUT/perf-children.txt" || true
         log "perf: $OUT/perf-dso.txt, perf-self.txt, perf-children.txt (perf report -i $OUT/perf.data)"
     fi
+fi
+
+if [ "$CALLGRIND" = 1 ]; then
+    # Counted instructions do not depend on what else the machine does: the figure to compare
+    # two builds by. User space only (the kernel's share is not counted); one worker.
+    log "callgrind: instructions per call of cliqgate (1 worker)"
+    kill "${PID[cliqgate]}" 2>/dev/null || true
+    wait "${PID[cliqgate]}" 2>/dev/null || true
+    valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
+        "$CLIQGATE_BIN" --workers 1 --config "$RUN/cliqgate.yaml" 2>"$OUT/callgrind.stderr" &
+    vg=$!
+    PIDS+=("$vg")
+    for i in $(seq 120); do
+        [ "$(call "$CG_PORT")" = 200 ] && break
+        [ "$i" = 120 ] && { log "callgrind: cliqgate did not start"; exit 1; }
+        sleep 0.5
+    done
+    load() {
+        env LOAD_USERS="$USERS" LOAD_PATH="$LOAD_PATH" LOAD_DELAY_MS=0 \
+            wrk -t1 -c8 -d"$1" -s "$HERE/users.lua" "http://127.0.0.1:$CG_PORT$LOAD_PATH"
+    }
+    load 3s >/dev/null # warm-up: connections, keys, caches
+    callgrind_control -z "$vg" >/dev/null 2>&1
+    calls=$(load 5s | awk '/requests in/ {print $1}')
+    callgrind_control -d "$vg" >/dev/null 2>&1
+    sleep 1
+    dump=$(ls -t "$OUT"/callgrind.out* | head -1)
+    total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+    echo "callgrind: $calls calls, $((total / calls)) instructions per call (user space, 1 worker)" \
+        | tee -a "$OUT/machine.txt" >&2
+    callgrind_annotate --inclusive=yes "$dump" >"$OUT/callgrind-inclusive.txt" 2>/dev/null || true
 fi
 
 python3 "$HERE/summarize.py" "$OUT" | tee "$OUT/summary.md"
