@@ -723,6 +723,14 @@ mod tests {
         Ok(response.into_body().collect().await?.to_bytes())
     }
 
+    /// One GET through `exchange`: its whole answer.
+    async fn get_body(origin: &Origin, path: &str) -> Bytes {
+        let response = exchange(origin, Duration::from_secs(1), get(path), empty())
+            .await
+            .unwrap();
+        body_of(response).await.unwrap()
+    }
+
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
 
     #[tokio::test]
@@ -734,10 +742,7 @@ mod tests {
         })
         .await;
         for _ in 0..3 {
-            let response = exchange(&origin, Duration::from_secs(1), get("/a"), empty())
-                .await
-                .unwrap();
-            assert_eq!(body_of(response).await.unwrap(), "{\"ok\":true}");
+            assert_eq!(get_body(&origin, "/a").await, "{\"ok\":true}");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
@@ -752,10 +757,7 @@ mod tests {
         })
         .await;
         for _ in 0..3 {
-            let response = exchange(&origin, Duration::from_secs(1), get("/a"), empty())
-                .await
-                .unwrap();
-            assert_eq!(body_of(response).await.unwrap(), "{\"ok\":true}");
+            assert_eq!(get_body(&origin, "/a").await, "{\"ok\":true}");
             // Long enough for the close to reach this side's event loop.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -783,19 +785,13 @@ mod tests {
             let _ = read_request(&mut stream).await;
         })
         .await;
-        let response = exchange(&origin, Duration::from_secs(1), get("/close"), empty())
-            .await
-            .unwrap();
-        assert_eq!(body_of(response).await.unwrap(), "hi");
+        assert_eq!(get_body(&origin, "/close").await, "hi");
         let response = exchange(&origin, Duration::from_secs(1), get("/eof"), empty())
             .await
             .unwrap();
         assert_eq!(response.body().size_hint().exact(), None);
         assert_eq!(body_of(response).await.unwrap(), "until the end");
-        let response = exchange(&origin, Duration::from_secs(1), get("/close"), empty())
-            .await
-            .unwrap();
-        assert_eq!(body_of(response).await.unwrap(), "hi");
+        assert_eq!(get_body(&origin, "/close").await, "hi");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
@@ -815,10 +811,7 @@ mod tests {
         })
         .await;
         for _ in 0..2 {
-            let response = exchange(&origin, Duration::from_secs(1), get("/"), empty())
-                .await
-                .unwrap();
-            assert_eq!(body_of(response).await.unwrap(), "abcdefg");
+            assert_eq!(get_body(&origin, "/").await, "abcdefg");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
@@ -987,10 +980,7 @@ mod tests {
         })
         .await;
         for _ in 0..2 {
-            let response = exchange(&origin, Duration::from_secs(1), get("/"), empty())
-                .await
-                .unwrap();
-            assert_eq!(body_of(response).await.unwrap(), "{\"ok\":true}");
+            assert_eq!(get_body(&origin, "/").await, "{\"ok\":true}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
