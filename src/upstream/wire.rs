@@ -50,7 +50,16 @@ pub fn encode_request_head(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    // `Host` first (RFC 9110 7.2), then the rest in the caller's order.
+    if let Some(host) = headers.get(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     for (name, value) in headers {
+        if name == header::HOST {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -410,11 +419,11 @@ mod tests {
     #[test]
     fn request_head_carries_the_fields_and_the_framing() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::HOST, HeaderValue::from_static("cliq.zoho.com"));
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Zoho-oauthtoken t"),
         );
+        headers.insert(header::HOST, HeaderValue::from_static("cliq.zoho.com"));
         let mut out = Vec::new();
         let target = "/api/v3/chats/C1/message?x=1";
         encode_request_head(
