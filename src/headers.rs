@@ -29,21 +29,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             upgrade = true;
         }
     }
-    // Fields that `Connection` names are hop-by-hop too (its index is 0). Its values are taken
-    // out whole, then each named field removed; `keep-alive` and `close` name nothing else.
-    if present[0] {
+    // Fields that `Connection` names are hop-by-hop too (its index is 0). Only a `Connection`
+    // that names more than `keep-alive` or `close` (which name nothing else) costs a copy of
+    // its values; the answers of most servers say just `keep-alive`.
+    if present[0] && connection_names_fields(headers) {
         if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
             let (_, values) = connection.remove_entry_mult();
             let values: Vec<_> = values.collect();
-            for token in values
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
-                {
-                    continue;
-                }
+            for token in values.iter().flat_map(connection_tokens) {
                 if let Ok(name) = HeaderName::from_bytes(token) {
                     headers.remove(name);
                 }
@@ -57,6 +50,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if upgrade {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// The tokens of one `Connection` value that name a field: all but `keep-alive` and `close`.
+fn connection_tokens(value: &http::HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+}
+
+fn connection_names_fields(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|value| connection_tokens(value).next().is_some())
 }
 
 /// Bytes a request head's fields take, as the size limit counts them.

@@ -533,15 +533,10 @@ impl Proxy {
     ) -> impl Future<Output = Result<(Response<ProxyBody>, Option<Option<Duration>>), ProxyError>> + 'a
     {
         // The upstream request is built before the future, which then holds only the send.
-        let sending = self
-            .upstream_request(req)
-            .map(|req| self.upstream.send(req));
+        let sending = self.upstream.send(self.upstream_request(req));
         async move {
             let started = Instant::now();
-            let response = match sending {
-                Ok(sending) => sending.await,
-                Err(e) => return Err(e),
-            };
+            let response = sending.await;
             let upstream_time = started.elapsed();
             log.set_upstream(upstream_time);
             metrics
@@ -576,11 +571,11 @@ impl Proxy {
 
     /// The call as it goes to Zoho: the configured upstream's URI, hop-by-hop fields removed,
     /// the body bounded while it streams.
-    fn upstream_request(&self, req: Request<ProxyBody>) -> Result<Request<ProxyBody>, ProxyError> {
+    fn upstream_request(&self, req: Request<ProxyBody>) -> Request<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
-        Ok(Request::from_parts(parts, body))
+        Request::from_parts(parts, body)
     }
 
     /// Zoho locked this user out of this route: stop sending for the lock period (or Zoho's

@@ -170,13 +170,9 @@ impl Conn {
     /// Opens a connection: the connect timeout bounds the TCP connect; the TLS handshake counts
     /// against the call's response timeout, like the rest of the exchange.
     async fn open(origin: &Origin, connect_timeout: Duration) -> Result<Conn, ExchangeError> {
-        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
         let tcp = dial(&origin.host, origin.port, connect_timeout)
             .await
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::TimedOut => ExchangeError::Connect(timed_out()),
-                _ => ExchangeError::Connect(e),
-            })?;
+            .map_err(ExchangeError::Connect)?;
         tcp.set_nodelay(true).map_err(ExchangeError::Connect)?;
         let stream = match &origin.tls {
             None => Stream::Plain(tcp),
