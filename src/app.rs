@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -191,7 +191,7 @@ pub async fn start_with_workers(
 
     let mut worker_done = Vec::with_capacity(listeners.len());
     for (index, listener) in listeners.into_iter().enumerate() {
-        let builder = builder(&proxy.config);
+        let limits = server_limits(&proxy.config);
         // The drain is bounded by the shutdown timeout of the config current when it begins (a
         // reload may have changed it): queued calls are promised a send before that deadline.
         let drain = {
@@ -201,8 +201,7 @@ pub async fn start_with_workers(
         let current = current.clone();
         let service = move |req, peer| {
             // Each call runs on the config current when it arrived, to its end.
-            let proxy = current.load_full();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            current.load_full().handle(req, peer)
         };
         let stopped = stopped.clone();
         // Everything that can fail happens here, before the thread starts: a worker that could
@@ -219,7 +218,9 @@ pub async fn start_with_workers(
         std::thread::Builder::new()
             .name(format!("cliqgate-worker-{index}"))
             .spawn(move || {
-                runtime.block_on(serve(listener, builder, service, stopped, drain));
+                runtime.block_on(crate::server::serve(
+                    listener, service, stopped, limits, drain,
+                ));
                 // This worker's idle upstream connections close before its runtime.
                 crate::upstream::close_idle();
                 drop(runtime);
@@ -354,19 +355,12 @@ impl Running {
     }
 }
 
-fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let head_limit = (config.http.max_header_bytes + HEAD_BUFFER_SLACK).max(8192);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.timeouts.client_header)
-        .max_buf_size(head_limit);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(head_limit).unwrap_or(u32::MAX));
-    builder
+fn server_limits(config: &Config) -> crate::server::Limits {
+    crate::server::Limits {
+        head_limit: (config.http.max_header_bytes + HEAD_BUFFER_SLACK).max(8192),
+        max_header_bytes: config.http.max_header_bytes,
+        client_header: config.timeouts.client_header,
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -507,7 +501,7 @@ async fn sweep(limiter: Arc<Store>, mut stopped: watch::Receiver<bool>) {
 }
 
 /// Resolves once shutdown is asked for (or the handle is gone).
-async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
+pub(crate) async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
     loop {
         let stop = *stopped.borrow_and_update();
         if stop || stopped.changed().await.is_err() {

@@ -160,23 +160,29 @@ pub enum ReadError {
 /// Reads a whole request body of at most `limit` bytes, and its trailers: for a call that must be
 /// inspected before it is forwarded. [`Prefixed`] replays both unchanged.
 pub async fn read_whole<B>(
-    body: B,
+    mut body: B,
     limit: u64,
 ) -> Result<(Bytes, Option<http::HeaderMap>), ReadError>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
 {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => {
-            let trailers = collected.trailers().cloned();
-            Ok((collected.to_bytes(), trailers))
+    // Frame by frame rather than through `Limited` and `collect`: no bound on the error type
+    // is held across an await, which keeps the calling future `Send` for boxed bodies.
+    let mut bytes = bytes::BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ReadError::Broken)?;
+        match frame.into_data() {
+            Ok(data) => {
+                if (bytes.len() + data.len()) as u64 > limit {
+                    return Err(ReadError::TooLarge(limit));
+                }
+                bytes.extend_from_slice(&data);
+            }
+            Err(frame) => trailers = frame.into_trailers().ok().or(trailers),
         }
-        Err(e) => Err(match e.downcast_ref::<BodyTooLarge>() {
-            Some(too_large) => ReadError::TooLarge(too_large.0),
-            None => ReadError::Broken,
-        }),
     }
+    Ok((bytes.freeze(), trailers))
 }
 
 /// Reads frames of `body` until at least `want` bytes, the end, or a trailers frame.

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod resolve;
 pub mod route;
+pub mod server;
 pub mod state;
 pub mod throttle;
 pub mod upstream;

@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::{read_prefix, read_whole, Limited, Prefixed, ProxyBody, ReadError};
@@ -161,7 +160,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
     pub fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<ProxyBody>> {
         // Only the address is needed (the trust check of header identity), not the port.
@@ -181,7 +180,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
     fn pipeline<'a>(
         &'a self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         peer: IpAddr,
         log: &'a mut AccessLog,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
@@ -196,7 +195,7 @@ impl Proxy {
                 return match self.config.unmatched {
                     Unmatched::Reject => Err(ProxyError::Unmatched),
                     Unmatched::Forward => self
-                        .forward(req.map(box_incoming), None, &self.unmatched, log)
+                        .forward(req, None, &self.unmatched, log)
                         .await
                         .map(|(r, _)| r),
                 };
@@ -225,10 +224,10 @@ impl Proxy {
             // its 401). Query rules decide at once; reading a body is boxed, like every step
             // only some routes take.
             let checked = match route.validate {
-                None => Checked::Valid(req.map(box_incoming)),
+                None => Checked::Valid(req),
                 Some(rules) if !rules.reads_body() => {
                     let verdict = rules.check(req.uri().query(), None);
-                    Checked::new(req.map(box_incoming), verdict)
+                    Checked::new(req, verdict)
                 }
                 Some(rules) => Box::pin(self.validate_body(rules, route, req, log)).await?,
             };
@@ -313,7 +312,7 @@ impl Proxy {
         &self,
         rules: &RuleSet,
         route: &RouteRuntime,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         log: &mut AccessLog,
     ) -> Result<Checked, ProxyError> {
         let (parts, body) = req.into_parts();
@@ -329,7 +328,7 @@ impl Proxy {
             }
         };
         let verdict = rules.check(parts.uri.query(), Some(&bytes));
-        let body = Prefixed::<Incoming>::new(bytes, trailers, None).boxed();
+        let body = Prefixed::<ProxyBody>::new(bytes, trailers, None).boxed();
         Ok(Checked::new(Request::from_parts(parts, body), verdict))
     }
 
@@ -391,7 +390,7 @@ impl Proxy {
     /// The user key of a call: a credential hash, a trusted header, or a resolved user id.
     async fn identify(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<ProxyBody>,
         peer: IpAddr,
     ) -> Result<UserKey, IdentifyFailure> {
         if let IdentityConfig::Header { trusted, .. } = &self.config.identity {
@@ -434,7 +433,7 @@ impl Proxy {
 
     /// Rejects what cliqgate must not forward whatever the route: tunnels, non-path targets and
     /// heads or bodies over the configured limits.
-    fn check_request(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    fn check_request(&self, req: &Request<ProxyBody>) -> Result<(), ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest(
                 "CONNECT is not supported: cliqgate is not a forward proxy.",
@@ -809,10 +808,6 @@ fn add_ratelimit_headers(
     if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(RATELIMIT, value);
     }
-}
-
-fn box_incoming(body: Incoming) -> ProxyBody {
-    body.map_err(Into::into).boxed()
 }
 
 /// One access-log line per call, written once whatever the outcome. Never the query (it may

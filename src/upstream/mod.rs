@@ -10,7 +10,7 @@
 //! client's channels, connection tasks and pool locks (benches/load/RESULTS.md).
 
 mod conn;
-mod wire;
+pub(crate) mod wire;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,590 @@
+//! cliqgate's own HTTP/1.1 server for the proxy listener (RFC 9112), with h2c connections
+//! (recognised by their preface) handed to hyper's HTTP/2 server.
+//!
+//! Why not hyper's HTTP/1 server: a proxy call is small and the server's share of its cost was
+//! large (benches/load/RESULTS.md): per request hyper builds a body channel, a header-read
+//! timer and a dispatch task state, and keeps two buffers of at least 8 KiB per connection,
+//! which made an HTTP/1.1 call waiting in a queue cost 20 KB. Here a connection is one task
+//! that reads a head, runs the call and writes the answer: a head that arrives whole is parsed
+//! from a per-thread buffer and copied once (fields and target share the copy), a body that
+//! came with its head is handed over whole, anything else streams straight from the socket,
+//! and the slowloris timer is one per connection, re-armed only when it fires.
+//!
+//! What it keeps of hyper's behaviour: keep-alive and pipelining, HTTP/1.0, `Expect:
+//! 100-continue` (answered when the proxy first reads the body), chunked request bodies, a
+//! call cancelled when its caller hangs up while it runs (its queue slot is given back),
+//! graceful drain (idle connections close, busy ones after their answer). What it adds: heads
+//! that cannot be read get a Zoho-style JSON 400 or 431 instead of a bare status.
+
+mod reader;
+mod wire;
+
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::{empty, full, ProxyBody};
+use crate::error::ProxyError;
+use reader::{lock, Head, HeadFailure, Reader, SharedReader};
+use wire::{encode_response_head, ResponseFraming};
+
+/// How long an idle keep-alive connection is kept (nginx's `keepalive_timeout` default). Apps'
+/// connection pools keep theirs for about as long; closing much sooner races their next call.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(75);
+/// Body bytes gathered into one write with the head (a small answer leaves in one system call).
+const COALESCE: usize = 64 * 1024;
+/// After an answer that leaves request bytes unread, the connection reads (and drops) them for
+/// at most this long before it closes, so the caller sees the answer rather than a reset.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// What the server needs of the config (read once per worker; a reload keeps the listener).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Request line and fields, buffered, beyond which a head is refused with 431.
+    pub head_limit: usize,
+    /// The limit reported in that 431.
+    pub max_header_bytes: usize,
+    /// How long a caller may take to send a head (slowloris guard).
+    pub client_header: Duration,
+}
+
+/// One call: the request, the caller's address; the answer.
+pub trait Service: Clone + Send + Sync + 'static {
+    type Future: Future<Output = Response<ProxyBody>> + Send + 'static;
+    fn call(&self, req: Request<ProxyBody>, peer: SocketAddr) -> Self::Future;
+}
+
+impl<S, F> Service for S
+where
+    S: Fn(Request<ProxyBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    type Future = F;
+    fn call(&self, req: Request<ProxyBody>, peer: SocketAddr) -> F {
+        self(req, peer)
+    }
+}
+
+/// Serves one caller connection until it closes, fails, or the server stops.
+pub async fn serve_connection<S: Service>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: S,
+    stopped: watch::Receiver<bool>,
+    limits: Limits,
+) {
+    let stream = Arc::new(stream);
+    let reader = Arc::new(std::sync::Mutex::new(Reader::new(
+        stream.clone(),
+        limits.head_limit,
+    )));
+    let mut conn = Conn {
+        stream,
+        reader,
+        stopped,
+        patience: Patience::new(limits.client_header),
+        served: 0,
+    };
+    match conn.serve(&service, peer, &limits).await {
+        Ok(Ending::Close) => {}
+        Ok(Ending::Linger) => conn.linger().await,
+        Ok(Ending::H2) => {
+            let Conn {
+                stream,
+                reader,
+                stopped,
+                ..
+            } = conn;
+            drop(stream);
+            let Ok(reader) = Arc::try_unwrap(reader) else {
+                return;
+            };
+            let (stream, preface) = reader
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .into_parts();
+            let Ok(stream) = Arc::try_unwrap(stream) else {
+                return;
+            };
+            serve_h2(stream, preface, peer, service, stopped, &limits).await;
+        }
+        Err(e) => tracing::debug!(error = %e, "caller connection ended with an error"),
+    }
+}
+
+enum Ending {
+    /// Close now.
+    Close,
+    /// Close once the caller's unread bytes have been drained (bounded).
+    Linger,
+    /// An h2c connection: hand it to the HTTP/2 server.
+    H2,
+}
+
+struct Conn {
+    stream: Arc<TcpStream>,
+    reader: SharedReader,
+    stopped: watch::Receiver<bool>,
+    patience: Patience,
+    /// Requests answered on this connection.
+    served: u64,
+}
+
+impl Conn {
+    async fn serve<S: Service>(
+        &mut self,
+        service: &S,
+        peer: SocketAddr,
+        limits: &Limits,
+    ) -> io::Result<Ending> {
+        let mut stopping = *self.stopped.borrow();
+        loop {
+            let head = tokio::select! {
+                biased;
+                head = poll_fn(|cx| lock(&self.reader).poll_head(cx)) => head,
+                () = poll_fn(|cx| {
+                    let partial = lock(&self.reader).has_buffered();
+                    self.patience.poll_expired(cx, self.served, partial)
+                }) => {
+                    tracing::debug!("caller sent no whole request head in time; closing");
+                    return Ok(Ending::Close);
+                }
+                () = crate::app::until_stopped(&mut self.stopped), if !stopping => {
+                    stopping = true;
+                    if lock(&self.reader).has_buffered() {
+                        continue;
+                    }
+                    return Ok(Ending::Close);
+                }
+            };
+            let parsed = match head {
+                Ok(Head::Request(parsed)) => parsed,
+                Ok(Head::Closed) => return Ok(Ending::Close),
+                Ok(Head::H2) => return Ok(Ending::H2),
+                Err(failure) => {
+                    let error = match failure {
+                        HeadFailure::TooLarge => ProxyError::HeadersTooLarge {
+                            limit: limits.max_header_bytes,
+                        },
+                        HeadFailure::Bad(e) => ProxyError::BadRequest(e.message()),
+                    };
+                    let response = error.to_response();
+                    self.respond(response, &http::Method::GET, Version::HTTP_11, false)
+                        .await?;
+                    return Ok(Ending::Linger);
+                }
+            };
+            let wire::ParsedRequest {
+                parts,
+                framing,
+                body,
+                keep_alive,
+                ..
+            } = *parsed;
+            let body = match (body, framing) {
+                (Some(bytes), _) => full(bytes),
+                (None, wire::RequestFraming::Empty) => empty(),
+                (None, wire::RequestFraming::Length(n)) => {
+                    Reader::body(&self.reader, Some(n)).boxed()
+                }
+                (None, wire::RequestFraming::Chunked) => Reader::body(&self.reader, None).boxed(),
+            };
+            let (method, version) = (parts.method.clone(), parts.version);
+            let call = service.call(Request::from_parts(parts, body), peer);
+            let response = tokio::select! {
+                biased;
+                response = call => response,
+                () = poll_fn(|cx| lock(&self.reader).poll_hangup(cx)) => {
+                    // The caller left: the call is dropped (a queued one gives its slot back).
+                    return Ok(Ending::Close);
+                }
+            };
+            self.served += 1;
+            let complete = lock(&self.reader).body_complete();
+            stopping |= *self.stopped.borrow();
+            let keep_alive = keep_alive && complete && !stopping;
+            let keep_alive = self.respond(response, &method, version, keep_alive).await?;
+            if !keep_alive {
+                return Ok(if complete {
+                    Ending::Close
+                } else {
+                    Ending::Linger
+                });
+            }
+        }
+    }
+
+    /// Writes an answer; returns whether the connection stays open.
+    async fn respond(
+        &mut self,
+        response: Response<ProxyBody>,
+        method: &http::Method,
+        version: Version,
+        mut keep_alive: bool,
+    ) -> io::Result<bool> {
+        let (parts, mut body) = response.into_parts();
+        let framing =
+            ResponseFraming::choose(method, parts.status, version, body.size_hint().exact());
+        keep_alive &= framing != ResponseFraming::UntilClose;
+        let mut out = take_out_buffer();
+        encode_response_head(&mut out, &parts, framing, version, keep_alive);
+        let written = write_body(&self.stream, &mut out, &mut body, framing).await;
+        give_out_buffer(out);
+        written?;
+        Ok(keep_alive)
+    }
+
+    /// Reads and drops what the caller still sends (a body not read, a request after a
+    /// refused head) for a bounded time after the last answer, so closing does not reset the
+    /// connection before the caller has read that answer.
+    async fn linger(&self) {
+        let drain = async {
+            let _ = shutdown_write(&self.stream);
+            let mut dropped = 0usize;
+            let mut sink = [0u8; 4096];
+            loop {
+                if self.stream.readable().await.is_err() {
+                    return;
+                }
+                match self.stream.try_read(&mut sink) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        dropped += n;
+                        if dropped > LINGER_BYTES {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+}
+
+/// Half-closes the connection: the caller reads the end of the answer, then its own end.
+fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
+}
+
+/// Writes the head in `out` and the body after it: small bodies with the head in one write,
+/// large frames straight from their buffers. An error (the caller gone, the body broken, a
+/// body longer or shorter than its declared length) ends the connection.
+async fn write_body(
+    stream: &TcpStream,
+    out: &mut Vec<u8>,
+    body: &mut ProxyBody,
+    framing: ResponseFraming,
+) -> io::Result<()> {
+    let mut sent: u64 = 0;
+    if framing != ResponseFraming::NoBody {
+        loop {
+            // Gather what is ready now; write before waiting for more.
+            let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    write_all(stream, out).await?;
+                    out.clear();
+                    body.frame().await
+                }
+            };
+            let data = match frame {
+                None => break,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                // Trailers are not forwarded (README, Limits).
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue,
+                },
+            };
+            sent += data.len() as u64;
+            if let ResponseFraming::Length(n) = framing {
+                if sent > n {
+                    return Err(io::Error::other("response body longer than its length"));
+                }
+            }
+            let chunked = framing == ResponseFraming::Chunked;
+            if chunked {
+                encode_chunk_size(out, data.len());
+            }
+            if out.len() + data.len() <= COALESCE {
+                out.extend_from_slice(&data);
+            } else {
+                write_all(stream, out).await?;
+                out.clear();
+                write_all(stream, &data).await?;
+            }
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        match framing {
+            ResponseFraming::Length(n) if sent != n => {
+                return Err(io::Error::other("response body shorter than its length"));
+            }
+            ResponseFraming::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+            _ => {}
+        }
+    }
+    write_all(stream, out).await
+}
+
+fn encode_chunk_size(out: &mut Vec<u8>, len: usize) {
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = len;
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes all of `bytes`, trying first and waiting for the socket only when it is full.
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match stream.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// Each worker thread encodes its answers in one buffer, taken for the time of a write:
+    /// a connection holds no write buffer between answers.
+    static OUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+fn take_out_buffer() -> Vec<u8> {
+    OUT.try_with(|out| out.take()).unwrap_or_default()
+}
+
+fn give_out_buffer(mut out: Vec<u8>) {
+    if out.capacity() <= 2 * COALESCE {
+        out.clear();
+        let _ = OUT.try_with(|slot| slot.set(out));
+    }
+}
+
+/// The slowloris guard, one timer per connection: it is re-armed when it fires, not on every
+/// request, so a busy connection costs no timer work. When it fires: if a head was completed
+/// since it was armed, it re-arms; a head that was already partial at the previous firing
+/// (so has taken between one and two `client_header` periods) closes the connection; an idle
+/// connection closes once it has been idle for [`KEEP_ALIVE_IDLE`].
+struct Patience {
+    period: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    served_at_arm: u64,
+    partial_before: bool,
+    idle_periods: u32,
+}
+
+impl Patience {
+    fn new(period: Duration) -> Patience {
+        Patience {
+            period: period.max(Duration::from_millis(1)),
+            timer: None,
+            served_at_arm: 0,
+            partial_before: false,
+            idle_periods: 0,
+        }
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>, served: u64, partial: bool) -> Poll<()> {
+        let period = self.period;
+        let timer = self.timer.get_or_insert_with(|| {
+            // Boxed: created on a connection's first wait for a head, then kept.
+            Box::pin(tokio::time::sleep(period))
+        });
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if served != self.served_at_arm {
+                self.served_at_arm = served;
+                self.partial_before = false;
+                self.idle_periods = 0;
+            } else if partial {
+                if self.partial_before {
+                    return Poll::Ready(());
+                }
+                self.partial_before = true;
+            } else {
+                self.partial_before = false;
+                self.idle_periods += 1;
+                if period * self.idle_periods >= KEEP_ALIVE_IDLE {
+                    return Poll::Ready(());
+                }
+            }
+            timer.as_mut().reset(Instant::now() + period);
+        }
+    }
+}
+
+/// An h2c connection, with the bytes already read from it, served by hyper's HTTP/2 server
+/// until it closes; a graceful shutdown (GOAWAY) when the server stops.
+async fn serve_h2<S: Service>(
+    stream: TcpStream,
+    preface: Bytes,
+    peer: SocketAddr,
+    service: S,
+    mut stopped: watch::Receiver<bool>,
+    limits: &Limits,
+) {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.head_limit).unwrap_or(u32::MAX));
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let call = service.call(req.map(box_incoming), peer);
+        async move { Ok::<_, Infallible>(call.await) }
+    });
+    let io = TokioIo::new(Rewind {
+        preface,
+        inner: stream,
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = crate::app::until_stopped(&mut stopped) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "h2c connection ended with an error");
+    }
+}
+
+fn box_incoming(body: hyper::body::Incoming) -> ProxyBody {
+    body.map_err(|e| -> crate::body::BoxError { Box::new(e) })
+        .boxed()
+}
+
+/// A socket whose first bytes were already read: they are read again first.
+struct Rewind {
+    preface: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.preface.is_empty() {
+            let n = self.preface.len().min(buf.remaining());
+            let head = self.preface.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts caller connections until told to stop, then lets them drain for at most `drain()`
+/// (read when the drain begins): idle ones close at once, busy ones after their answer.
+pub async fn serve<S: Service>(
+    listener: tokio::net::TcpListener,
+    service: S,
+    mut stopped: watch::Receiver<bool>,
+    limits: Limits,
+    drain: impl Fn() -> Duration,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            // Forget connections as they end, so the set holds only open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                connections.spawn(serve_connection(
+                    stream,
+                    peer,
+                    service.clone(),
+                    stopped.clone(),
+                    limits,
+                ));
+            }
+            () = crate::app::until_stopped(&mut stopped) => break,
+        }
+    }
+    drop(listener);
+    let drain = drain();
+    let all_closed = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain, all_closed).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            "connections still open after the shutdown timeout; closing them"
+        );
+    }
+    // Whatever is still open now is closed, also when cliqgate runs inside another program.
+    connections.abort_all();
+}

@@ -1,0 +1,404 @@
+//! The read side of one caller connection: request heads, request bodies streamed to the
+//! proxy, and watching for the caller hanging up while its call waits.
+//!
+//! One [`Reader`] per connection, shared (behind a mutex that is never contended: everything
+//! runs on the connection's task) by the connection and the body of its current request. The
+//! body reads the socket only while it is unfinished; the connection only once it is finished,
+//! so the bytes of a pipelined request are never taken for a body.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use tokio::net::TcpStream;
+
+use super::wire::{self, HeadError, ParsedRequest, RequestFraming};
+use crate::body::BoxError;
+use crate::upstream::wire::{Chunk, ChunkedDecoder};
+
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    /// Where a worker thread reads the next head of any of its connections: a head that
+    /// arrives whole (nearly all of them) never needs a buffer of its connection's own, so an
+    /// idle or waiting connection holds none.
+    static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// What reading the next head gave.
+#[derive(Debug)]
+pub enum Head {
+    Request(Box<ParsedRequest>),
+    /// An HTTP/2 connection preface: the caller speaks h2c with prior knowledge.
+    H2,
+    /// The caller closed the connection (or reset it) between requests.
+    Closed,
+}
+
+/// What one read towards a head gave.
+enum Read {
+    Eof,
+    /// Bytes were added to the connection's buffer, without a whole head yet.
+    Buffered,
+    Parsed(Result<Head, HeadFailure>),
+}
+
+/// Why a head cannot be read: answered with 431 or 400, then the connection closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadFailure {
+    TooLarge,
+    Bad(HeadError),
+}
+
+/// The state of the current request's body.
+#[derive(Debug)]
+enum BodyState {
+    /// Read whole (or there was none): the connection may read the socket.
+    Complete,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    /// Broke off: the caller hung up or sent malformed chunks. The connection closes.
+    Failed,
+}
+
+pub struct Reader {
+    stream: Arc<TcpStream>,
+    /// Bytes read and not yet taken: the rest of a head, a body, the next pipelined request.
+    buf: BytesMut,
+    body: BodyState,
+    /// `Expect: 100-continue` to be answered on the body's first read.
+    send_continue: bool,
+    /// Counts requests, so a body handed to an earlier request cannot read a later one's bytes.
+    seq: u64,
+    /// The most bytes buffered before a head must be complete (431 beyond).
+    head_limit: usize,
+}
+
+pub type SharedReader = Arc<Mutex<Reader>>;
+
+/// Never poisoned in practice (nothing in here panics); if it were, the state is still usable.
+pub fn lock(reader: &SharedReader) -> MutexGuard<'_, Reader> {
+    reader
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Reader {
+    pub fn new(stream: Arc<TcpStream>, head_limit: usize) -> Reader {
+        Reader {
+            stream,
+            buf: BytesMut::new(),
+            body: BodyState::Complete,
+            send_continue: false,
+            seq: 0,
+            head_limit,
+        }
+    }
+
+    /// Bytes of an unfinished head (or a pipelined request) are buffered.
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// The bytes read but not yet used, handed over with the socket to the HTTP/2 server.
+    pub fn into_parts(self) -> (Arc<TcpStream>, Bytes) {
+        (self.stream, self.buf.freeze())
+    }
+
+    /// Reads until a whole head is buffered, and parses it.
+    pub fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, HeadFailure>> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = self.parse_buffered()? {
+                    return Poll::Ready(Ok(head));
+                }
+                if self.buf.len() > self.head_limit {
+                    return Poll::Ready(Err(HeadFailure::TooLarge));
+                }
+            }
+            match ready!(self.poll_read_head(cx)) {
+                // A caller that leaves (or resets) between requests, or within a head: closed.
+                Err(_) | Ok(Read::Eof) => return Poll::Ready(Ok(Head::Closed)),
+                Ok(Read::Parsed(head)) => return Poll::Ready(head),
+                Ok(Read::Buffered) => {}
+            }
+        }
+    }
+
+    /// Parses what `buf` holds: `Ok(None)` if more is needed.
+    fn parse_buffered(&mut self) -> Result<Option<Head>, HeadFailure> {
+        let parsed = match classify(&self.buf, self.seq)? {
+            Some(Head::Request(parsed)) => parsed,
+            other => return Ok(other),
+        };
+        self.buf.advance(parsed.consumed);
+        if self.buf.is_empty() {
+            // Nothing pipelined: give the memory back while the call runs.
+            self.buf = BytesMut::new();
+        }
+        Ok(Some(self.start(parsed)))
+    }
+
+    /// One read towards a head.
+    fn poll_read_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Read>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let read = if self.buf.is_empty() {
+                SCRATCH.with(|scratch| self.read_into_scratch(&mut scratch.borrow_mut()))
+            } else {
+                self.buf.reserve(READ_SIZE);
+                self.stream.try_read_buf(&mut self.buf).map(|n| {
+                    if n == 0 {
+                        Read::Eof
+                    } else {
+                        Read::Buffered
+                    }
+                })
+            };
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                read => return Poll::Ready(read),
+            }
+        }
+    }
+
+    /// Reads into the thread's scratch buffer, and parses a head that arrived whole straight
+    /// from there: only what is left over (a partial head, the next pipelined request, the
+    /// start of a body) is kept by the connection.
+    fn read_into_scratch(&mut self, scratch: &mut BytesMut) -> io::Result<Read> {
+        scratch.clear();
+        scratch.reserve(READ_SIZE);
+        if self.stream.try_read_buf(scratch)? == 0 {
+            return Ok(Read::Eof);
+        }
+        Ok(match classify(scratch, self.seq) {
+            Ok(Some(Head::Request(parsed))) => {
+                self.buf.extend_from_slice(&scratch[parsed.consumed..]);
+                Read::Parsed(Ok(self.start(parsed)))
+            }
+            Ok(Some(other)) => {
+                // The HTTP/2 preface: its bytes go with the socket to the HTTP/2 server.
+                self.buf.extend_from_slice(scratch);
+                Read::Parsed(Ok(other))
+            }
+            Ok(None) => {
+                self.buf.extend_from_slice(scratch);
+                Read::Buffered
+            }
+            Err(failure) => Read::Parsed(Err(failure)),
+        })
+    }
+
+    /// Begins a request: its body (if it did not come whole) now streams from this reader.
+    fn start(&mut self, parsed: Box<ParsedRequest>) -> Head {
+        self.seq += 1;
+        self.body = match (parsed.body.is_some(), parsed.framing) {
+            (true, _) | (false, RequestFraming::Empty) => BodyState::Complete,
+            (false, RequestFraming::Length(n)) => BodyState::Length(n),
+            (false, RequestFraming::Chunked) => BodyState::Chunked(ChunkedDecoder::default()),
+        };
+        self.send_continue = parsed.expect_continue && !matches!(self.body, BodyState::Complete);
+        Head::Request(parsed)
+    }
+
+    /// The body of the current request, streamed from the socket.
+    pub fn body(reader: &SharedReader, exact: Option<u64>) -> CallerBody {
+        let seq = lock(reader).seq;
+        CallerBody {
+            reader: reader.clone(),
+            seq,
+            exact,
+            ended: false,
+        }
+    }
+
+    /// Whether the current request's body has been read to its end (so the connection can
+    /// carry another request).
+    pub fn body_complete(&self) -> bool {
+        matches!(self.body, BodyState::Complete)
+    }
+
+    /// Resolves when the caller hangs up (or resets) while its call runs. Watches only once
+    /// the body has been read: until then the body's own reads notice it. Bytes of a pipelined
+    /// request are kept (up to the head limit, then the socket is left alone).
+    pub fn poll_hangup(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.body_complete() || self.buf.len() > self.head_limit {
+            return Poll::Pending;
+        }
+        loop {
+            if ready!(self.stream.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(());
+            }
+            self.buf.reserve(1024);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Poll::Ready(()),
+                Ok(_) if self.buf.len() > self.head_limit => return Poll::Pending,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(()),
+            }
+        }
+    }
+
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        if self.send_continue {
+            ready!(self.poll_send_continue(cx))?;
+        }
+        loop {
+            match &mut self.body {
+                BodyState::Complete => return Poll::Ready(None),
+                BodyState::Failed => return Poll::Ready(Some(Err(broken()))),
+                BodyState::Length(0) => {
+                    self.body = BodyState::Complete;
+                    return Poll::Ready(None);
+                }
+                BodyState::Length(left) => {
+                    if !self.buf.is_empty() {
+                        let take = (*left).min(self.buf.len() as u64);
+                        *left -= take;
+                        let data = self.buf.split_to(take as usize).freeze();
+                        if *left == 0 {
+                            self.body = BodyState::Complete;
+                        }
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(&mut self.buf) {
+                    Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(data))),
+                    Ok(Chunk::End) => {
+                        self.body = BodyState::Complete;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Chunk::NeedMore) => {}
+                    Err(e) => {
+                        self.body = BodyState::Failed;
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                },
+            }
+            if let Err(e) = ready!(self.poll_fill_for_body(cx)) {
+                self.body = BodyState::Failed;
+                return Poll::Ready(Some(Err(Box::new(e))));
+            }
+        }
+    }
+
+    fn poll_fill_for_body(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            self.buf.reserve(READ_SIZE);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes `100 Continue` (25 bytes on a connection with nothing else in flight: one write).
+    fn poll_send_continue(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            match self.stream.try_write(wire::CONTINUE) {
+                Ok(n) if n == wire::CONTINUE.len() => {
+                    self.send_continue = false;
+                    return Poll::Ready(Ok(()));
+                }
+                // A partial interim answer cannot be finished cleanly: give up on the body.
+                Ok(_) => {
+                    self.body = BodyState::Failed;
+                    return Poll::Ready(Err(broken()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = ready!(self.stream.poll_write_ready(cx)) {
+                        self.body = BodyState::Failed;
+                        return Poll::Ready(Err(Box::new(e)));
+                    }
+                }
+                Err(e) => {
+                    self.body = BodyState::Failed;
+                    return Poll::Ready(Err(Box::new(e)));
+                }
+            }
+        }
+    }
+}
+
+/// The head (or preface, or failure) at the front of `buf`, without consuming anything.
+fn classify(buf: &[u8], seq: u64) -> Result<Option<Head>, HeadFailure> {
+    if seq == 0 && buf.first() == Some(&b'P') {
+        let n = buf.len().min(wire::H2_PREFACE.len());
+        if buf[..n] == wire::H2_PREFACE[..n] {
+            return Ok((n == wire::H2_PREFACE.len()).then_some(Head::H2));
+        }
+    }
+    match wire::parse_request(buf) {
+        Ok(Some(parsed)) => Ok(Some(Head::Request(Box::new(parsed)))),
+        Ok(None) => Ok(None),
+        Err(HeadError::TooManyFields) => Err(HeadFailure::TooLarge),
+        Err(e) => Err(HeadFailure::Bad(e)),
+    }
+}
+
+fn broken() -> BoxError {
+    "the request body broke off".into()
+}
+
+/// A request body streamed from the caller's connection.
+pub struct CallerBody {
+    reader: SharedReader,
+    seq: u64,
+    exact: Option<u64>,
+    ended: bool,
+}
+
+impl Body for CallerBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let mut reader = lock(&self.reader);
+        if reader.seq != self.seq {
+            // The connection moved on, which it does only once this body was read whole.
+            drop(reader);
+            self.ended = true;
+            return Poll::Ready(None);
+        }
+        let polled = reader.poll_body(cx);
+        drop(reader);
+        match polled {
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(data))) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Poll::Ready(Some(Err(e))) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.exact {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
