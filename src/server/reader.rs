@@ -152,7 +152,7 @@ impl Reader {
                 SCRATCH.with(|scratch| self.read_into_scratch(&mut scratch.borrow_mut()))
             } else {
                 self.buf.reserve(READ_SIZE);
-                self.stream.try_read_buf(&mut self.buf).map(|n| {
+                read_drained(&self.stream, &mut self.buf).map(|n| {
                     if n == 0 {
                         Read::Eof
                     } else {
@@ -173,7 +173,7 @@ impl Reader {
     fn read_into_scratch(&mut self, scratch: &mut BytesMut) -> io::Result<Read> {
         scratch.clear();
         scratch.reserve(READ_SIZE);
-        if self.stream.try_read_buf(scratch)? == 0 {
+        if read_drained(&self.stream, scratch)? == 0 {
             return Ok(Read::Eof);
         }
         Ok(match classify(scratch, self.seq) {
@@ -235,7 +235,7 @@ impl Reader {
                 return Poll::Ready(());
             }
             self.buf.reserve(1024);
-            match self.stream.try_read_buf(&mut self.buf) {
+            match read_drained(&self.stream, &mut self.buf) {
                 Ok(0) => return Poll::Ready(()),
                 Ok(_) if self.buf.len() > self.head_limit => return Poll::Pending,
                 Ok(_) => {}
@@ -292,7 +292,7 @@ impl Reader {
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
             self.buf.reserve(READ_SIZE);
-            match self.stream.try_read_buf(&mut self.buf) {
+            match read_drained(&self.stream, &mut self.buf) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -327,6 +327,23 @@ impl Reader {
             }
         }
     }
+}
+
+/// Reads what the socket holds into `buf`. A read that did not fill the room it was given
+/// emptied the socket, so the socket is marked not readable at once: the next wait goes
+/// straight to the event loop instead of first trying a read that can only fail (nginx does
+/// the same). This cannot lose a wake-up: the worker runtimes are single-threaded, so no
+/// readiness event is taken from the kernel between this read and the marking, and bytes that
+/// arrive after the read raise a new event.
+fn read_drained(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let n = stream.try_read_buf(buf)?;
+    if n > 0 && n < room {
+        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+    Ok(n)
 }
 
 /// The head (or preface, or failure) at the front of `buf`, without consuming anything.
