@@ -15,14 +15,24 @@ pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
+/// No body. Boxing it allocates nothing (the body and its error mapping take no space), which
+/// matters for the many bodiless calls.
 pub fn empty() -> ProxyBody {
-    full(Bytes::new())
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// The request body exceeded `max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("request body over {0} bytes")]
 pub struct BodyTooLarge(pub u64);
+
+/// The caller's request body could not be read: malformed chunked framing, or the caller
+/// hung up before its end. Answered 400 if anyone is still there to read it.
+#[derive(Debug, thiserror::Error)]
+#[error("request body broke off: {0}")]
+pub struct CallerBodyError(pub String);
 
 /// Streams a body through, failing once more than `limit` bytes have passed. Used for request
 /// bodies of unknown length; a declared `Content-Length` over the limit is refused before this.

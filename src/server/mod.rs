@@ -25,7 +25,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -94,16 +94,21 @@ pub async fn serve_connection<S: Service>(
         stream.clone(),
         limits.head_limit,
     )));
+    let stop = {
+        let mut stopped = stopped.clone();
+        Box::pin(async move { crate::app::until_stopped(&mut stopped).await })
+    };
     let mut conn = Conn {
         stream,
         reader,
         stopped,
+        stop: Some(stop),
         patience: Patience::new(limits.client_header),
         served: 0,
     };
     match conn.serve(&service, peer, &limits).await {
         Ok(Ending::Close) => {}
-        Ok(Ending::Linger) => conn.linger().await,
+        Ok(Ending::Linger) => linger(&conn.stream).await,
         Ok(Ending::H2) => {
             let Conn {
                 stream,
@@ -122,7 +127,8 @@ pub async fn serve_connection<S: Service>(
             let Ok(stream) = Arc::try_unwrap(stream) else {
                 return;
             };
-            serve_h2(stream, preface, peer, service, stopped, &limits).await;
+            // Boxed: hyper's HTTP/2 state would otherwise size every HTTP/1.1 connection's future.
+            Box::pin(serve_h2(stream, preface, peer, service, stopped, &limits)).await;
         }
         Err(e) => tracing::debug!(error = %e, "caller connection ended with an error"),
     }
@@ -137,10 +143,16 @@ enum Ending {
     H2,
 }
 
+type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 struct Conn {
     stream: Arc<TcpStream>,
     reader: SharedReader,
+    /// Handed to the HTTP/2 server for an h2c connection.
     stopped: watch::Receiver<bool>,
+    /// Resolves when the server stops; `None` once it has. One registration for the whole
+    /// connection rather than one per request.
+    stop: Option<Stop>,
     patience: Patience,
     /// Requests answered on this connection.
     served: u64,
@@ -153,7 +165,6 @@ impl Conn {
         peer: SocketAddr,
         limits: &Limits,
     ) -> io::Result<Ending> {
-        let mut stopping = *self.stopped.borrow();
         loop {
             let head = tokio::select! {
                 biased;
@@ -165,8 +176,7 @@ impl Conn {
                     tracing::debug!("caller sent no whole request head in time; closing");
                     return Ok(Ending::Close);
                 }
-                () = crate::app::until_stopped(&mut self.stopped), if !stopping => {
-                    stopping = true;
+                () = poll_fn(|cx| poll_stop(&mut self.stop, cx)), if self.stop.is_some() => {
                     if lock(&self.reader).has_buffered() {
                         continue;
                     }
@@ -190,26 +200,14 @@ impl Conn {
                     return Ok(Ending::Linger);
                 }
             };
-            let wire::ParsedRequest {
-                parts,
-                framing,
-                body,
-                keep_alive,
-                ..
-            } = *parsed;
-            let body = match (body, framing) {
-                (Some(bytes), _) => full(bytes),
-                (None, wire::RequestFraming::Empty) => empty(),
-                (None, wire::RequestFraming::Length(n)) => {
-                    Reader::body(&self.reader, Some(n)).boxed()
-                }
-                (None, wire::RequestFraming::Chunked) => Reader::body(&self.reader, None).boxed(),
-            };
-            let (method, version) = (parts.method.clone(), parts.version);
-            let call = service.call(Request::from_parts(parts, body), peer);
+            let (method, version) = (parsed.parts.method.clone(), parsed.parts.version);
+            let keep_alive = parsed.keep_alive;
             let response = tokio::select! {
                 biased;
-                response = call => response,
+                // The request is built in a plain function and the call made right here: a
+                // local moved into the call would keep its room in this future for as long as
+                // the call waits, and this future is most of a queued call's memory.
+                response = service.call(request(parsed, &self.reader), peer) => response,
                 () = poll_fn(|cx| lock(&self.reader).poll_hangup(cx)) => {
                     // The caller left: the call is dropped (a queued one gives its slot back).
                     return Ok(Ending::Close);
@@ -217,7 +215,8 @@ impl Conn {
             };
             self.served += 1;
             let complete = lock(&self.reader).body_complete();
-            stopping |= *self.stopped.borrow();
+            let stopping =
+                poll_fn(|cx| Poll::Ready(poll_stop(&mut self.stop, cx).is_ready())).await;
             let keep_alive = keep_alive && complete && !stopping;
             let keep_alive = self.respond(response, &method, version, keep_alive).await?;
             if !keep_alive {
@@ -249,33 +248,64 @@ impl Conn {
         written?;
         Ok(keep_alive)
     }
+}
 
-    /// Reads and drops what the caller still sends (a body not read, a request after a
-    /// refused head) for a bounded time after the last answer, so closing does not reset the
-    /// connection before the caller has read that answer.
-    async fn linger(&self) {
-        let drain = async {
-            let _ = shutdown_write(&self.stream);
-            let mut dropped = 0usize;
-            let mut sink = [0u8; 4096];
-            loop {
-                if self.stream.readable().await.is_err() {
-                    return;
-                }
-                match self.stream.try_read(&mut sink) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        dropped += n;
-                        if dropped > LINGER_BYTES {
-                            return;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
-                }
+/// Reads and drops what the caller still sends (a body not read, a request after a refused
+/// head) for a bounded time after the last answer, so closing does not reset the connection
+/// before the caller has read that answer.
+async fn linger(stream: &TcpStream) {
+    let drain = async {
+        let _ = shutdown_write(stream);
+        let mut dropped = 0usize;
+        // On the heap: a buffer here would size every connection's future.
+        let mut sink = vec![0u8; 4096];
+        loop {
+            if stream.readable().await.is_err() {
+                return;
             }
-        };
-        let _ = tokio::time::timeout(LINGER, drain).await;
+            match stream.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(n) => {
+                    dropped += n;
+                    if dropped > LINGER_BYTES {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// The request handed to the proxy: its body whole if it came with the head, else streamed
+/// from the connection.
+fn request(parsed: Box<wire::ParsedRequest>, reader: &SharedReader) -> Request<ProxyBody> {
+    let wire::ParsedRequest {
+        parts,
+        framing,
+        body,
+        ..
+    } = *parsed;
+    let body = match (body, framing) {
+        (Some(bytes), _) => full(bytes),
+        (None, wire::RequestFraming::Empty) => empty(),
+        (None, wire::RequestFraming::Length(n)) => Reader::body(reader, Some(n)).boxed(),
+        (None, wire::RequestFraming::Chunked) => Reader::body(reader, None).boxed(),
+    };
+    Request::from_parts(parts, body)
+}
+
+/// Whether the server is stopping (and it stays so once seen).
+fn poll_stop(stop: &mut Option<Stop>, cx: &mut Context<'_>) -> Poll<()> {
+    match stop {
+        None => Poll::Ready(()),
+        Some(signal) => {
+            ready!(signal.as_mut().poll(cx));
+            *stop = None;
+            Poll::Ready(())
+        }
     }
 }
 
@@ -395,8 +425,9 @@ fn give_out_buffer(mut out: Vec<u8>) {
 /// The slowloris guard, one timer per connection: it is re-armed when it fires, not on every
 /// request, so a busy connection costs no timer work. When it fires: if a head was completed
 /// since it was armed, it re-arms; a head that was already partial at the previous firing
-/// (so has taken between one and two `client_header` periods) closes the connection; an idle
-/// connection closes once it has been idle for [`KEEP_ALIVE_IDLE`].
+/// (so has taken between one and two `client_header` periods) closes the connection, as does a
+/// new connection that has sent nothing for as long; a connection idle between requests closes
+/// once it has been idle for [`KEEP_ALIVE_IDLE`].
 struct Patience {
     period: Duration,
     timer: Option<Pin<Box<Sleep>>>,
@@ -430,7 +461,8 @@ impl Patience {
                 self.served_at_arm = served;
                 self.partial_before = false;
                 self.idle_periods = 0;
-            } else if partial {
+            } else if partial || served == 0 {
+                // A head under way, or a new connection that has sent nothing yet.
                 if self.partial_before {
                     return Poll::Ready(());
                 }
@@ -462,8 +494,9 @@ async fn serve_h2<S: Service>(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.head_limit).unwrap_or(u32::MAX));
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let call = service.call(req.map(box_incoming), peer);
-        async move { Ok::<_, Infallible>(call.await) }
+        // `map`, not an `async` block: a block would keep the call future twice (as what it
+        // captured and as what it awaits), and every HTTP/2 call in flight holds this.
+        futures_util::FutureExt::map(service.call(req.map(box_incoming), peer), answered)
     });
     let io = TokioIo::new(Rewind {
         preface,
@@ -481,6 +514,10 @@ async fn serve_h2<S: Service>(
     if let Err(e) = result {
         tracing::debug!(error = %e, "h2c connection ended with an error");
     }
+}
+
+fn answered(response: Response<ProxyBody>) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(response)
 }
 
 fn box_incoming(body: hyper::body::Incoming) -> ProxyBody {

@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
 use super::wire::{self, HeadError, ParsedRequest, RequestFraming};
-use crate::body::BoxError;
+use crate::body::{BoxError, CallerBodyError};
 use crate::upstream::wire::{Chunk, ChunkedDecoder};
 
 /// Bytes asked of the socket per read.
@@ -132,7 +132,7 @@ impl Reader {
 
     /// Parses what `buf` holds: `Ok(None)` if more is needed.
     fn parse_buffered(&mut self) -> Result<Option<Head>, HeadFailure> {
-        let parsed = match classify(&self.buf, self.seq)? {
+        let parsed = match classify(&self.buf, self.seq, self.head_limit)? {
             Some(Head::Request(parsed)) => parsed,
             other => return Ok(other),
         };
@@ -176,7 +176,7 @@ impl Reader {
         if read_drained(&self.stream, scratch)? == 0 {
             return Ok(Read::Eof);
         }
-        Ok(match classify(scratch, self.seq) {
+        Ok(match classify(scratch, self.seq, self.head_limit) {
             Ok(Some(Head::Request(parsed))) => {
                 self.buf.extend_from_slice(&scratch[parsed.consumed..]);
                 Read::Parsed(Ok(self.start(parsed)))
@@ -277,13 +277,13 @@ impl Reader {
                     Ok(Chunk::NeedMore) => {}
                     Err(e) => {
                         self.body = BodyState::Failed;
-                        return Poll::Ready(Some(Err(Box::new(e))));
+                        return Poll::Ready(Some(Err(caller_error(e))));
                     }
                 },
             }
             if let Err(e) = ready!(self.poll_fill_for_body(cx)) {
                 self.body = BodyState::Failed;
-                return Poll::Ready(Some(Err(Box::new(e))));
+                return Poll::Ready(Some(Err(caller_error(e))));
             }
         }
     }
@@ -317,12 +317,12 @@ impl Reader {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = ready!(self.stream.poll_write_ready(cx)) {
                         self.body = BodyState::Failed;
-                        return Poll::Ready(Err(Box::new(e)));
+                        return Poll::Ready(Err(caller_error(e)));
                     }
                 }
                 Err(e) => {
                     self.body = BodyState::Failed;
-                    return Poll::Ready(Err(Box::new(e)));
+                    return Poll::Ready(Err(caller_error(e)));
                 }
             }
         }
@@ -347,7 +347,8 @@ fn read_drained(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// The head (or preface, or failure) at the front of `buf`, without consuming anything.
-fn classify(buf: &[u8], seq: u64) -> Result<Option<Head>, HeadFailure> {
+/// A head longer than `head_limit` is refused even when it arrived whole in one read.
+fn classify(buf: &[u8], seq: u64, head_limit: usize) -> Result<Option<Head>, HeadFailure> {
     if seq == 0 && buf.first() == Some(&b'P') {
         let n = buf.len().min(wire::H2_PREFACE.len());
         if buf[..n] == wire::H2_PREFACE[..n] {
@@ -355,6 +356,7 @@ fn classify(buf: &[u8], seq: u64) -> Result<Option<Head>, HeadFailure> {
         }
     }
     match wire::parse_request(buf) {
+        Ok(Some(parsed)) if parsed.head_len > head_limit => Err(HeadFailure::TooLarge),
         Ok(Some(parsed)) => Ok(Some(Head::Request(Box::new(parsed)))),
         Ok(None) => Ok(None),
         Err(HeadError::TooManyFields) => Err(HeadFailure::TooLarge),
@@ -363,7 +365,11 @@ fn classify(buf: &[u8], seq: u64) -> Result<Option<Head>, HeadFailure> {
 }
 
 fn broken() -> BoxError {
-    "the request body broke off".into()
+    Box::new(CallerBodyError("the connection failed earlier".into()))
+}
+
+fn caller_error(e: impl std::fmt::Display) -> BoxError {
+    Box::new(CallerBodyError(e.to_string()))
 }
 
 /// A request body streamed from the caller's connection.

@@ -48,6 +48,8 @@ pub struct ParsedRequest {
     pub body: Option<Bytes>,
     /// Bytes taken off the front of the buffer: the head, plus the body when `body` is `Some`.
     pub consumed: usize,
+    /// Bytes of the head alone (request line, fields, blank line).
+    pub head_len: usize,
     /// Whether the caller allows another request on this connection afterwards.
     pub keep_alive: bool,
     /// `Expect: 100-continue` on HTTP/1.1: the caller waits for `100 Continue` before the body.
@@ -168,6 +170,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ParsedRequest>, HeadError> {
         framing,
         body: body_here.map(|n| all.slice(len..len + n)),
         consumed,
+        head_len: len,
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11,
     }))

@@ -142,9 +142,10 @@ fn upstream_error(e: ExchangeError, timeout: Duration) -> ProxyError {
             return ProxyError::UpstreamTimeout(timeout)
         }
         ExchangeError::Body(body) => {
-            // A streamed request body went over `max_body_bytes`: the caller's fault.
-            if let Some(limit) = body_too_large(body.as_ref()) {
-                return ProxyError::BodyTooLarge { limit };
+            // The caller's streamed body went over `max_body_bytes`, or broke off: its fault.
+            if let Some(error) = caller_fault(body.as_ref()) {
+                tracing::debug!(error = %error_chain(body.as_ref()), "request body refused");
+                return error;
             }
         }
         _ => {}
@@ -153,12 +154,18 @@ fn upstream_error(e: ExchangeError, timeout: Duration) -> ProxyError {
     ProxyError::UpstreamUnavailable
 }
 
-/// The limit, if the call failed because the caller's streamed body outgrew it ([`crate::body::Limited`]).
-fn body_too_large(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
+/// The caller's error, if the call failed on its streamed body: over the limit
+/// ([`crate::body::Limited`]) or malformed / cut off ([`crate::body::CallerBodyError`]).
+fn caller_fault(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(too_large) = err.downcast_ref::<crate::body::BodyTooLarge>() {
-            return Some(too_large.0);
+            return Some(ProxyError::BodyTooLarge { limit: too_large.0 });
+        }
+        if err.is::<crate::body::CallerBodyError>() {
+            return Some(ProxyError::BadRequest(
+                "The request body is malformed or ended early.",
+            ));
         }
         source = err.source();
     }
