@@ -448,11 +448,14 @@ impl Proxy {
                 limit: limits.max_header_bytes,
             });
         }
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        // The framing the server read (`Content-Length: 9, 9` is one length of 9) or, for a
+        // body without one, the field as sent.
+        let declared = http_body::Body::size_hint(req.body()).exact().or_else(|| {
+            req.headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        });
         if declared.is_some_and(|n| n > limits.max_body_bytes) {
             return Err(ProxyError::BodyTooLarge {
                 limit: limits.max_body_bytes,
@@ -461,8 +464,8 @@ impl Proxy {
         Ok(())
     }
 
-    /// Waits for a reserved slot. If the caller goes away meanwhile, the future is dropped (hyper
-    /// drops it with the connection) or the body read fails: either way the guard gives the slot
+    /// Waits for a reserved slot. If the caller goes away meanwhile, the future is dropped (the
+    /// server drops it with the connection) or the body read fails: either way the guard gives the slot
     /// back and the call is never sent.
     #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
     fn wait_for_slot<'a>(
@@ -477,7 +480,7 @@ impl Proxy {
             let queued_at = Instant::now();
             let wake = self.limiter.clock().instant(guard.slot());
             // Reading the body while waiting is how a caller that hangs up mid-request is noticed
-            // (hyper notices one that hangs up after its request is complete). At most
+            // (the server notices one that hangs up after its request is complete). At most
             // QUEUE_BODY_PEEK bytes are held; a larger body waits in the socket and streams later.
             let mut held = BytesMut::new();
             // Boxed: rare, and this state is held by every queued call.
@@ -902,7 +905,7 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         if !self.done {
-            // The caller went away before an answer (hyper dropped the call).
+            // The caller went away before an answer (the server dropped the call).
             self.status = 499;
             if self.decision.is_none() || self.decision == Some(Decision::Delayed) {
                 self.decision = Some(Decision::Cancelled);

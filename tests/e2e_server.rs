@@ -1028,3 +1028,63 @@ async fn h2_preface_split_across_writes_is_still_recognised() {
     drop(wire);
     running.shutdown().await;
 }
+
+// ---- a queued call whose body streams after its head ----
+
+/// Larger than what a waiting call reads of its body (64 KiB, `QUEUE_BODY_PEEK`): part of it is
+/// read while queued, the rest streams once the slot comes.
+const QUEUED_BODY: usize = 100 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_call_whose_body_follows_its_head_reaches_zoho_whole_with_its_true_length() {
+    let post = Duration::from_secs(60);
+    let stub = ZohoStub::start(vec![StubRoute::new(
+        Method::POST,
+        POST_MESSAGE,
+        1,
+        QUEUE_PER,
+        post,
+    )])
+    .await;
+    let yaml = format!(
+        "safety_margin: \"{}ms\"\nroutes:\n  - name: chats.post_message\n    method: POST\n    path: \"{POST_MESSAGE}\"\n    limit: 1\n    per: \"{}ms\"\n    lock: \"60s\"\n    on_limit: queue\n    max_wait: \"10s\"\n",
+        QUEUE_MARGIN.as_millis(),
+        QUEUE_PER.as_millis()
+    );
+    let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
+
+    let mut first = Wire::connect(running.proxy_addr).await;
+    first
+        .send(format!(
+            "{}{{}}",
+            post_head("HTTP/1.1", "Content-Length: 2\r\n")
+        ))
+        .await;
+    assert_eq!(first.answer("POST").await.status, 200);
+
+    // The head first, the body after a pause: the call is queued with its body still coming.
+    let body: Vec<u8> = (0..QUEUED_BODY).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut second = Wire::connect(running.proxy_addr).await;
+    second
+        .send(post_head(
+            "HTTP/1.1",
+            &format!("Content-Length: {QUEUED_BODY}\r\n"),
+        ))
+        .await;
+    tokio::time::sleep(PIECE_PAUSE).await;
+    second.send(&body).await;
+    let answer = second.answer("POST").await;
+    assert_eq!(answer.status, 200, "{:?}", lossy(&answer.body));
+
+    let arrivals = stub.arrivals();
+    assert_eq!(arrivals.len(), 2);
+    let last = &arrivals[1];
+    assert_eq!(last.body.len(), QUEUED_BODY);
+    assert!(last.body[..] == body[..], "the body reached Zoho changed");
+    assert_eq!(
+        last.headers["content-length"],
+        QUEUED_BODY.to_string().as_str()
+    );
+    assert_eq!(stub.violations(), 0);
+    running.shutdown().await;
+}

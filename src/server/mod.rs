@@ -40,6 +40,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{empty, full, ProxyBody};
 use crate::error::ProxyError;
+use crate::upstream::wire::encode_chunk_size;
 use reader::{lock, Head, HeadFailure, Reader, SharedReader};
 use wire::{encode_response_head, ResponseFraming};
 
@@ -107,6 +108,9 @@ pub async fn serve_connection<S: Service>(
         served: 0,
     };
     match conn.serve(&service, peer, &limits).await {
+        // Bytes the caller sent that were never read would make closing reset the connection,
+        // which can destroy the answer before the caller reads it: drain them first.
+        Ok(Ending::Close) if lock(&conn.reader).has_buffered() => linger(&conn.stream).await,
         Ok(Ending::Close) => {}
         Ok(Ending::Linger) => linger(&conn.stream).await,
         Ok(Ending::H2) => {
@@ -237,7 +241,11 @@ impl Conn {
         version: Version,
         mut keep_alive: bool,
     ) -> io::Result<bool> {
-        let (parts, mut body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
+        if !parts.headers.contains_key(http::header::DATE) {
+            // RFC 9110 6.6.1: an origin with a clock sends one (Zoho's answers carry theirs).
+            parts.headers.insert(http::header::DATE, date_now());
+        }
         let framing =
             ResponseFraming::choose(method, parts.status, version, body.size_hint().exact());
         keep_alive &= framing != ResponseFraming::UntilClose;
@@ -376,22 +384,6 @@ async fn write_body(
     write_all(stream, out).await
 }
 
-fn encode_chunk_size(out: &mut Vec<u8>, len: usize) {
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut n = len;
-    loop {
-        at -= 1;
-        digits[at] = b"0123456789abcdef"[n % 16];
-        n /= 16;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Writes all of `bytes`, trying first and waiting for the socket only when it is full.
 async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
@@ -403,6 +395,28 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The current `Date` value, formatted once a second per thread.
+fn date_now() -> http::HeaderValue {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, http::HeaderValue)> =
+            const { std::cell::RefCell::new((u64::MAX, http::HeaderValue::from_static(""))) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if let Ok(value) = http::HeaderValue::from_str(&text) {
+                *cached = (secs, value);
+            }
+        }
+        cached.1.clone()
+    })
 }
 
 thread_local! {

@@ -22,6 +22,9 @@ use crate::upstream::wire::{Chunk, ChunkedDecoder};
 
 /// Bytes asked of the socket per read.
 const READ_SIZE: usize = 16 * 1024;
+/// Bytes of pipelined requests the hang-up watch reads while a call runs; beyond that it stops
+/// watching (a caller pipelining behind queued calls must not make each hold a head's worth).
+const WATCH_HOLD: usize = 4 * 1024;
 
 thread_local! {
     /// Where a worker thread reads the next head of any of its connections: a head that
@@ -77,6 +80,9 @@ pub struct Reader {
     seq: u64,
     /// The most bytes buffered before a head must be complete (431 beyond).
     head_limit: usize,
+    /// Whether a short read may mark the socket drained (see [`read_drained`]): only on a
+    /// single-threaded runtime, as the proxy's worker threads are.
+    mark_drained: bool,
 }
 
 pub type SharedReader = Arc<Mutex<Reader>>;
@@ -97,6 +103,9 @@ impl Reader {
             send_continue: false,
             seq: 0,
             head_limit,
+            mark_drained: tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+                handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+            }),
         }
     }
 
@@ -152,7 +161,7 @@ impl Reader {
                 SCRATCH.with(|scratch| self.read_into_scratch(&mut scratch.borrow_mut()))
             } else {
                 self.buf.reserve(READ_SIZE);
-                read_drained(&self.stream, &mut self.buf).map(|n| {
+                read_drained(&self.stream, &mut self.buf, self.mark_drained).map(|n| {
                     if n == 0 {
                         Read::Eof
                     } else {
@@ -173,7 +182,7 @@ impl Reader {
     fn read_into_scratch(&mut self, scratch: &mut BytesMut) -> io::Result<Read> {
         scratch.clear();
         scratch.reserve(READ_SIZE);
-        if read_drained(&self.stream, scratch)? == 0 {
+        if read_drained(&self.stream, scratch, self.mark_drained)? == 0 {
             return Ok(Read::Eof);
         }
         Ok(match classify(scratch, self.seq, self.head_limit) {
@@ -227,7 +236,7 @@ impl Reader {
     /// the body has been read: until then the body's own reads notice it. Bytes of a pipelined
     /// request are kept (up to the head limit, then the socket is left alone).
     pub fn poll_hangup(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.body_complete() || self.buf.len() > self.head_limit {
+        if !self.body_complete() || self.buf.len() >= WATCH_HOLD {
             return Poll::Pending;
         }
         loop {
@@ -235,9 +244,9 @@ impl Reader {
                 return Poll::Ready(());
             }
             self.buf.reserve(1024);
-            match read_drained(&self.stream, &mut self.buf) {
+            match read_drained(&self.stream, &mut self.buf, self.mark_drained) {
                 Ok(0) => return Poll::Ready(()),
-                Ok(_) if self.buf.len() > self.head_limit => return Poll::Pending,
+                Ok(_) if self.buf.len() >= WATCH_HOLD => return Poll::Pending,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return Poll::Ready(()),
@@ -265,11 +274,15 @@ impl Reader {
                         if *left == 0 {
                             self.body = BodyState::Complete;
                         }
+                        self.release_if_empty();
                         return Poll::Ready(Some(Ok(data)));
                     }
                 }
                 BodyState::Chunked(decoder) => match decoder.decode(&mut self.buf) {
-                    Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(data))),
+                    Ok(Chunk::Data(data)) => {
+                        self.release_if_empty();
+                        return Poll::Ready(Some(Ok(data)));
+                    }
                     Ok(Chunk::End) => {
                         self.body = BodyState::Complete;
                         return Poll::Ready(None);
@@ -288,11 +301,23 @@ impl Reader {
         }
     }
 
+    /// Drops the buffer once everything in it was handed out: the bytes handed out share its
+    /// allocation, which a queued call would otherwise keep whole.
+    fn release_if_empty(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
     fn poll_fill_for_body(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let want = match self.body {
+            BodyState::Length(left) => (left as usize).clamp(1, READ_SIZE),
+            _ => READ_SIZE,
+        };
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
-            self.buf.reserve(READ_SIZE);
-            match read_drained(&self.stream, &mut self.buf) {
+            self.buf.reserve(want);
+            match read_drained(&self.stream, &mut self.buf, self.mark_drained) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -334,11 +359,11 @@ impl Reader {
 /// straight to the event loop instead of first trying a read that can only fail (nginx does
 /// the same). This cannot lose a wake-up: the worker runtimes are single-threaded, so no
 /// readiness event is taken from the kernel between this read and the marking, and bytes that
-/// arrive after the read raise a new event.
-fn read_drained(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+/// arrive after the read raise a new event. On any other runtime (`mark`: false) it is not done.
+fn read_drained(stream: &TcpStream, buf: &mut BytesMut, mark: bool) -> io::Result<usize> {
     let room = buf.capacity() - buf.len();
     let n = stream.try_read_buf(buf)?;
-    if n > 0 && n < room {
+    if mark && n > 0 && n < room {
         let _ = stream.try_io(tokio::io::Interest::READABLE, || {
             Err::<(), _>(io::ErrorKind::WouldBlock.into())
         });
@@ -376,6 +401,8 @@ fn caller_error(e: impl std::fmt::Display) -> BoxError {
 pub struct CallerBody {
     reader: SharedReader,
     seq: u64,
+    /// Bytes still to come, for a body of declared length: its size hint shrinks as it is read
+    /// (a body read in part, then forwarded, must declare only what is left).
     exact: Option<u64>,
     ended: bool,
 }
@@ -405,7 +432,12 @@ impl Body for CallerBody {
                 self.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Ok(data))) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Poll::Ready(Some(Ok(data))) => {
+                if let Some(left) = &mut self.exact {
+                    *left = left.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
             Poll::Ready(Some(Err(e))) => {
                 self.ended = true;
                 Poll::Ready(Some(Err(e)))

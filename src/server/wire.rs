@@ -6,6 +6,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, response, Method, StatusCode, Uri, Version};
 
+use crate::upstream::wire::{encode_content_length, encode_field};
+
 /// Fields in one request head (hyper's default limit too); more is a 431.
 const MAX_FIELDS: usize = 100;
 
@@ -251,17 +253,10 @@ pub fn encode_response_head(
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
-        ResponseFraming::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        ResponseFraming::Length(n) => encode_content_length(out, n),
         ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         ResponseFraming::NoBody | ResponseFraming::UntilClose => {}
     }

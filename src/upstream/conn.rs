@@ -326,7 +326,7 @@ pub(super) async fn exchange(
         None => Conn::open(origin, connect_timeout).await?,
     };
     // The framing is cliqgate's to choose for its own hop; `Expect` was answered on the
-    // caller's hop already (hyper sends 100 Continue when the body is first read).
+    // caller's hop already (the server sends 100 Continue when the body is first read).
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts.headers.remove(header::EXPECT);

@@ -52,25 +52,16 @@ pub fn encode_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // `Host` first (RFC 9110 7.2), then the rest in the caller's order.
     if let Some(host) = headers.get(header::HOST) {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(out, b"host", host.as_bytes());
     }
     for (name, value) in headers {
         if name == header::HOST {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
-        RequestFraming::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        RequestFraming::Length(n) => encode_content_length(out, n),
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         RequestFraming::Empty => {}
     }
@@ -82,9 +73,16 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
+    encode_chunk_size(out, data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The size line of a chunk (RFC 9112 7.1): hexadecimal, then CRLF.
+pub fn encode_chunk_size(out: &mut Vec<u8>, len: usize) {
     let mut size = [0u8; 16];
     let mut at = size.len();
-    let mut n = data.len();
+    let mut n = len;
     loop {
         at -= 1;
         size[at] = b"0123456789abcdef"[n % 16];
@@ -95,8 +93,23 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
     }
     out.extend_from_slice(&size[at..]);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(data);
+}
+
+/// One field line: `name: value` and CRLF.
+pub fn encode_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// The `Content-Length` field line.
+pub fn encode_content_length(out: &mut Vec<u8>, n: u64) {
+    encode_field(
+        out,
+        b"content-length",
+        itoa::Buffer::new().format(n).as_bytes(),
+    );
 }
 
 /// Ends a chunked request body (without trailers: see `conn::send_body`).
