@@ -24,9 +24,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{Config, ConfigErrors, StoreConfig};
 use crate::limit::{
@@ -443,7 +443,34 @@ async fn serve<S, F>(
         + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let mut connections = tokio::task::JoinSet::new();
+    let mut connections = JoinSet::new();
+    accept_until_stopped(listener, &mut stopped, &mut connections, |stream, peer| {
+        let service = service.clone();
+        let service = service_fn(move |req| service(req, peer));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+    })
+    .await;
+    close_within(drain(), connections, graceful.shutdown()).await;
+}
+
+/// Accepts connections until told to stop, each served by `serve` on a task of its own in
+/// `connections` (which forgets them as they end). The listener is closed on return.
+pub(crate) async fn accept_until_stopped<F>(
+    listener: TcpListener,
+    stopped: &mut watch::Receiver<bool>,
+    connections: &mut JoinSet<()>,
+    mut serve: impl FnMut(TcpStream, SocketAddr) -> F,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
     loop {
         tokio::select! {
             // Forget connections as they end, so the set holds only open ones.
@@ -459,31 +486,30 @@ async fn serve<S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = service.clone();
-                let service = service_fn(move |req| service(req, peer));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                connections.spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                connections.spawn(serve(stream, peer));
             }
-            () = until_stopped(&mut stopped) => break,
+            () = until_stopped(stopped) => return,
         }
     }
-    drop(listener);
-    let drain = drain();
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+}
+
+/// Gives the open connections `drain` to end (after `closing`, which asks them to), then
+/// closes whatever is still open, also when cliqgate runs inside another program.
+pub(crate) async fn close_within(
+    drain: Duration,
+    mut connections: JoinSet<()>,
+    closing: impl Future<Output = ()>,
+) {
+    let all_closed = async {
+        closing.await;
+        while connections.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(drain, all_closed).await.is_err() {
         tracing::warn!(
             ?drain,
             "connections still open after the shutdown timeout; closing them"
         );
     }
-    // Whatever is still open now is closed, also when cliqgate runs inside another program.
     connections.abort_all();
 }
 

@@ -40,7 +40,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{empty, full, ProxyBody};
 use crate::error::ProxyError;
-use crate::upstream::wire::encode_chunk_size;
+use crate::upstream::wire::{encode_chunk_size, encode_last_chunk};
 use reader::{lock, Head, HeadFailure, Reader, SharedReader};
 use wire::{encode_response_head, ResponseFraming};
 
@@ -235,6 +235,8 @@ impl Conn {
 
     /// Writes an answer; returns whether the connection stays open.
     async fn respond(
+        // `&mut`: a shared borrow held across the write would need `Conn: Sync`, which its stop
+        // future is not.
         &mut self,
         response: Response<ProxyBody>,
         method: &http::Method,
@@ -299,8 +301,9 @@ fn request(parsed: Box<wire::ParsedRequest>, reader: &SharedReader) -> Request<P
     let body = match (body, framing) {
         (Some(bytes), _) => full(bytes),
         (None, wire::RequestFraming::Empty) => empty(),
-        (None, wire::RequestFraming::Length(n)) => Reader::body(reader, Some(n)).boxed(),
-        (None, wire::RequestFraming::Chunked) => Reader::body(reader, None).boxed(),
+        (None, wire::RequestFraming::Length(_) | wire::RequestFraming::Chunked) => {
+            Reader::body(reader).boxed()
+        }
     };
     Request::from_parts(parts, body)
 }
@@ -377,7 +380,7 @@ async fn write_body(
             ResponseFraming::Length(n) if sent != n => {
                 return Err(io::Error::other("response body shorter than its length"));
             }
-            ResponseFraming::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+            ResponseFraming::Chunked => encode_last_chunk(out),
             _ => {}
         }
     }
@@ -601,41 +604,11 @@ pub async fn serve<S: Service>(
     drain: impl Fn() -> Duration,
 ) {
     let mut connections = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            // Forget connections as they end, so the set holds only open ones.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                connections.spawn(serve_connection(
-                    stream,
-                    peer,
-                    service.clone(),
-                    stopped.clone(),
-                    limits,
-                ));
-            }
-            () = crate::app::until_stopped(&mut stopped) => break,
-        }
-    }
-    drop(listener);
-    let drain = drain();
-    let all_closed = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(drain, all_closed).await.is_err() {
-        tracing::warn!(
-            ?drain,
-            "connections still open after the shutdown timeout; closing them"
-        );
-    }
-    // Whatever is still open now is closed, also when cliqgate runs inside another program.
-    connections.abort_all();
+    let each = stopped.clone();
+    crate::app::accept_until_stopped(listener, &mut stopped, &mut connections, |stream, peer| {
+        serve_connection(stream, peer, service.clone(), each.clone(), limits)
+    })
+    .await;
+    // Idle connections close as they see the stop; busy ones after their answer.
+    crate::app::close_within(drain(), connections, std::future::ready(())).await;
 }

@@ -216,11 +216,15 @@ impl Reader {
     }
 
     /// The body of the current request, streamed from the socket.
-    pub fn body(reader: &SharedReader, exact: Option<u64>) -> CallerBody {
-        let seq = lock(reader).seq;
+    pub fn body(reader: &SharedReader) -> CallerBody {
+        let this = lock(reader);
+        let exact = match this.body {
+            BodyState::Length(n) => Some(n),
+            _ => None,
+        };
         CallerBody {
             reader: reader.clone(),
-            seq,
+            seq: this.seq,
             exact,
             ended: false,
         }
@@ -234,7 +238,7 @@ impl Reader {
 
     /// Resolves when the caller hangs up (or resets) while its call runs. Watches only once
     /// the body has been read: until then the body's own reads notice it. Bytes of a pipelined
-    /// request are kept (up to the head limit, then the socket is left alone).
+    /// request are kept (up to `WATCH_HOLD`, then the socket is left alone).
     pub fn poll_hangup(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.body_complete() || self.buf.len() >= WATCH_HOLD {
             return Poll::Pending;
