@@ -822,62 +822,53 @@ async fn more_than_100_header_fields_is_431_and_never_forwarded() {
 
 // ---- 5. slowloris and idle connections ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partial_head_then_silence_is_closed_after_client_header_without_an_answer() {
-    let (stub, running) = stub_and_proxy(&format!(
+/// The stub and a proxy whose `timeouts.client_header` is [`CLIENT_HEADER`].
+async fn stub_and_impatient_proxy() -> (ZohoStub, Running) {
+    stub_and_proxy(&format!(
         "timeouts:\n  client_header: \"{}ms\"\n",
         CLIENT_HEADER.as_millis()
     ))
-    .await;
-    let mut wire = Wire::connect(running.proxy_addr).await;
-    let sent = Instant::now();
-    wire.send(format!("GET {ME} HTTP/1.1\r\nHost: cliq\r\nAuthor"))
-        .await;
-    // The guard closes a head that has taken between one and two `client_header` periods
-    // (src/server/mod.rs `Patience`); READ_TIMEOUT is ten of them.
+    .await
+}
+
+/// Waits for the server to close `wire` and asserts it did so without answering, not before
+/// `client_header` had passed since `since`, and without forwarding anything.
+async fn assert_closed_unanswered(wire: Wire, since: Instant, stub: &ZohoStub) {
+    // The guard closes after one to two `client_header` periods (src/server/mod.rs
+    // `Patience`); READ_TIMEOUT is ten of them.
     let rest = wire.until_closed().await;
-    let took = sent.elapsed();
-    assert!(
-        rest.is_empty(),
-        "answered a head that never ended: {:?}",
-        lossy(&rest)
-    );
+    let took = since.elapsed();
+    assert!(rest.is_empty(), "answered with {:?}", lossy(&rest));
     assert!(
         took >= CLIENT_HEADER,
         "closed after {took:?}, before client_header ({CLIENT_HEADER:?})"
     );
     assert!(stub.arrivals().is_empty(), "{:?}", stub.arrivals());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_head_then_silence_is_closed_after_client_header_without_an_answer() {
+    let (stub, running) = stub_and_impatient_proxy().await;
+    let mut wire = Wire::connect(running.proxy_addr).await;
+    let sent = Instant::now();
+    wire.send(format!("GET {ME} HTTP/1.1\r\nHost: cliq\r\nAuthor"))
+        .await;
+    assert_closed_unanswered(wire, sent, &stub).await;
     running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connection_that_sends_nothing_is_closed_after_client_header() {
-    let (stub, running) = stub_and_proxy(&format!(
-        "timeouts:\n  client_header: \"{}ms\"\n",
-        CLIENT_HEADER.as_millis()
-    ))
-    .await;
+    let (stub, running) = stub_and_impatient_proxy().await;
     let wire = Wire::connect(running.proxy_addr).await;
-    let opened = Instant::now();
     // Nothing is sent: a connection that never starts a head holds a socket for nothing.
-    let rest = wire.until_closed().await;
-    let took = opened.elapsed();
-    assert!(rest.is_empty(), "answered nothing with {:?}", lossy(&rest));
-    assert!(
-        took >= CLIENT_HEADER,
-        "closed after {took:?}, before client_header ({CLIENT_HEADER:?})"
-    );
-    assert!(stub.arrivals().is_empty(), "{:?}", stub.arrivals());
+    assert_closed_unanswered(wire, Instant::now(), &stub).await;
     running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connection_outlives_client_header() {
-    let (stub, running) = stub_and_proxy(&format!(
-        "timeouts:\n  client_header: \"{}ms\"\n",
-        CLIENT_HEADER.as_millis()
-    ))
-    .await;
+    let (stub, running) = stub_and_impatient_proxy().await;
     let mut wire = Wire::connect(running.proxy_addr).await;
     wire.send(get_me("", "")).await;
     assert_eq!(wire.answer("GET").await.status, 200);
