@@ -28,7 +28,7 @@ use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
 use crate::resolve::{ResolveError, Resolver};
 use crate::route::RouteTable;
 use crate::throttle::{self, StatusSignal};
-use crate::upstream::Upstream;
+use crate::upstream::{Sending, Upstream, UpstreamBody};
 use crate::validate::{Invalid, RuleSet};
 
 /// Body bytes a queued call may hold while it waits: enough for any Cliq message call, small
@@ -38,6 +38,8 @@ const QUEUE_BODY_PEEK: usize = 64 * 1024;
 /// One route as the pipeline needs it, built once per config.
 pub struct RouteRuntime {
     pub name: String,
+    /// Its place in [`Proxy::routes`].
+    index: usize,
     /// The route's id in the limiter: stable for its name across reloads.
     pub id: RouteId,
     pub mode: RouteMode,
@@ -79,7 +81,8 @@ impl Proxy {
         let routes = config
             .routes
             .iter()
-            .map(|route| {
+            .enumerate()
+            .map(|(index, route)| {
                 let policy = Policy::for_route(route, config.safety_margin);
                 let window_secs = (route.per + config.safety_margin).as_secs_f64().ceil() as u64;
                 let policy_header = HeaderValue::from_str(&format!(
@@ -91,6 +94,7 @@ impl Proxy {
                 .unwrap_or_else(|_| HeaderValue::from_static("\"route\""));
                 RouteRuntime {
                     name: route.name.clone(),
+                    index,
                     id: names.id(&route.name),
                     mode: route.mode,
                     policy,
@@ -179,7 +183,7 @@ impl Proxy {
 
     #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
     fn pipeline<'a>(
-        &'a self,
+        self: &'a Arc<Self>,
         req: Request<ProxyBody>,
         peer: IpAddr,
         log: &'a mut AccessLog,
@@ -194,10 +198,7 @@ impl Proxy {
                 self.unmatched.count(Decision::Unmatched);
                 return match self.config.unmatched {
                     Unmatched::Reject => Err(ProxyError::Unmatched),
-                    Unmatched::Forward => self
-                        .forward(req, None, &self.unmatched, log)
-                        .await
-                        .map(|(r, _)| r),
+                    Unmatched::Forward => self.forward(req, None, log).await,
                 };
             };
             let route = &self.routes[route_id.0 as usize];
@@ -261,11 +262,7 @@ impl Proxy {
             route.metrics.count(decision);
 
             // Forward, then learn: a throttle signal locks this (route, user) locally.
-            let (mut response, throttled) =
-                self.forward(req, Some(key), &route.metrics, log).await?;
-            if let Some(retry_after) = throttled {
-                self.learn_lock(route, key, retry_after).await;
-            }
+            let mut response = self.forward(req, Some((route, key)), log).await?;
             add_ratelimit_headers(&mut response, route, view);
             Ok(response)
         }
@@ -275,7 +272,7 @@ impl Proxy {
     /// `decision` label), and the call is forwarded at once whatever it is. A slot that would have
     /// been waited for is given back at once, so the limiter keeps modelling enforcement.
     async fn shadow(
-        &self,
+        self: &Arc<Self>,
         req: Request<ProxyBody>,
         route: &RouteRuntime,
         key: Key,
@@ -295,10 +292,7 @@ impl Proxy {
         };
         log.decision = Some(decision);
         route.metrics.count(decision);
-        let (mut response, throttled) = self.forward(req, Some(key), &route.metrics, log).await?;
-        if let Some(retry_after) = throttled {
-            self.learn_lock(route, key, retry_after).await;
-        }
+        let mut response = self.forward(req, Some((route, key)), log).await?;
         if let Some(view) = view {
             add_ratelimit_headers(&mut response, route, view);
         }
@@ -336,7 +330,7 @@ impl Proxy {
     /// `invalid`, never forwarded, no quota spent. A shadow route only logs and counts it and
     /// forwards it as if unchecked; its quota is left as enforcing would leave it.
     async fn invalid(
-        &self,
+        self: &Arc<Self>,
         req: Request<ProxyBody>,
         route: &RouteRuntime,
         key: Key,
@@ -350,11 +344,7 @@ impl Proxy {
             return Err(error);
         }
         log.shadow = true;
-        let (response, throttled) = self.forward(req, Some(key), &route.metrics, log).await?;
-        if let Some(retry_after) = throttled {
-            self.learn_lock(route, key, retry_after).await;
-        }
-        Ok(response)
+        self.forward(req, Some((route, key)), log).await
     }
 
     /// The upstream client (kept across reloads that do not change it).
@@ -524,21 +514,24 @@ impl Proxy {
         }
     }
 
-    /// Sends the call to Zoho and passes the answer back, streamed. Returns the response and,
-    /// if Zoho signalled a throttle, its Retry-After (if any).
+    /// Sends the call to Zoho and passes the answer back, streamed. A limited call (`limited`:
+    /// its route and key) learns from the answer: a throttle signal locks the user out of the
+    /// route here, also when the caller left before the answer came ([`InFlight`]).
     fn forward<'a>(
-        &'a self,
+        self: &'a Arc<Self>,
         req: Request<ProxyBody>,
-        key: Option<Key>,
-        metrics: &'a RouteMetrics,
+        limited: Option<(&'a RouteRuntime, Key)>,
         log: &'a mut AccessLog,
-    ) -> impl Future<Output = Result<(Response<ProxyBody>, Option<Option<Duration>>), ProxyError>> + 'a
-    {
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
         // The upstream request is built before the future, which then holds only the send.
-        let sending = self.upstream.send(self.upstream_request(req));
+        let mut in_flight = InFlight {
+            sending: Some(self.upstream.send(self.upstream_request(req))),
+            limited: limited.map(|(route, key)| (self, route.index, key)),
+        };
         async move {
+            let metrics = limited.map_or(&self.unmatched, |(route, _)| &route.metrics);
             let started = Instant::now();
-            let response = sending.await;
+            let response = in_flight.response().await;
             let upstream_time = started.elapsed();
             log.set_upstream(upstream_time);
             metrics
@@ -548,26 +541,72 @@ impl Proxy {
             metrics.response(response.status().as_u16());
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
-            let signal = throttle::classify_status(parts.status);
-            // Unlimited calls cannot be locked; success bodies are never read.
-            let (body, throttled) = match (signal, key) {
-                (StatusSignal::Throttled, Some(_)) => (body.map_err(Into::into).boxed(), true),
-                (StatusSignal::Inspect, Some(_)) => {
-                    let read = tokio::time::timeout(
-                        self.config.timeouts.response,
-                        read_prefix(body, throttle::MAX_ERROR_PREFIX),
-                    )
-                    .await
-                    .map_err(|_| ProxyError::UpstreamTimeout(self.config.timeouts.response))?
-                    .map_err(|_| ProxyError::UpstreamUnavailable)?;
-                    let (prefix, trailers, rest) = read;
-                    let throttled = throttle::body_signals_throttle(&prefix, rest.is_none());
-                    (Prefixed::new(prefix, trailers, rest).boxed(), throttled)
-                }
-                _ => (body.map_err(Into::into).boxed(), false),
+            let Some((route, key)) = limited else {
+                // Unlimited calls cannot be locked: nothing to learn.
+                return Ok(Response::from_parts(
+                    parts,
+                    body.map_err(Into::into).boxed(),
+                ));
             };
-            let retry_after = throttled.then(|| throttle::retry_after(&parts.headers));
-            Ok((Response::from_parts(parts, body), retry_after))
+            let (body, throttled) = self.read_signal(&parts, body).await?;
+            if let Some(retry_after) = throttled {
+                self.learn_lock(route, key, retry_after).await;
+            }
+            Ok(Response::from_parts(parts, body))
+        }
+    }
+
+    /// Whether Zoho's answer to a limited call signals a throttle, and its Retry-After (if
+    /// any). Only error answers that may carry the signal in their body have that body's
+    /// start read (bounded); it is passed on whole either way. Success bodies are never read.
+    async fn read_signal(
+        &self,
+        parts: &http::response::Parts,
+        body: UpstreamBody,
+    ) -> Result<(ProxyBody, Option<Option<Duration>>), ProxyError> {
+        let (body, throttled) = match throttle::classify_status(parts.status) {
+            StatusSignal::Throttled => (body.map_err(Into::into).boxed(), true),
+            StatusSignal::Inspect => {
+                let timeout = self.config.timeouts.response;
+                let read =
+                    tokio::time::timeout(timeout, read_prefix(body, throttle::MAX_ERROR_PREFIX))
+                        .await
+                        .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+                        .map_err(|_| ProxyError::UpstreamUnavailable)?;
+                let (prefix, trailers, rest) = read;
+                let throttled = throttle::body_signals_throttle(&prefix, rest.is_none());
+                (Prefixed::new(prefix, trailers, rest).boxed(), throttled)
+            }
+            StatusSignal::NotThrottled => (body.map_err(Into::into).boxed(), false),
+        };
+        Ok((
+            body,
+            throttled.then(|| throttle::retry_after(&parts.headers)),
+        ))
+    }
+
+    /// A limited call whose caller left after its request started out: Zoho may have counted
+    /// it, and its answer may lock the user out. The answer is read (within the response
+    /// timeout) and a throttle signal in it learned, so the user's next call is refused here
+    /// rather than sent into the lock. Nobody is left to take the answer.
+    async fn finish_abandoned(
+        self: Arc<Self>,
+        route: usize,
+        key: Key,
+        rest: impl Future<Output = Result<Response<UpstreamBody>, ProxyError>>,
+    ) {
+        let Some(route) = self.routes.get(route) else {
+            return;
+        };
+        let Ok(response) = rest.await else {
+            return;
+        };
+        route.metrics.response(response.status().as_u16());
+        let (parts, body) = response.into_parts();
+        tracing::debug!(route = %route.name, user = %key.user.short(), status = parts.status.as_u16(),
+            "Zoho answered a call whose caller had left");
+        if let Ok((_, Some(retry_after))) = self.read_signal(&parts, body).await {
+            self.learn_lock(route, key, retry_after).await;
         }
     }
 
@@ -911,6 +950,45 @@ impl Drop for AccessLog {
                 self.decision = Some(Decision::Cancelled);
             }
             self.finish();
+        }
+    }
+}
+
+/// A call on its way to Zoho. If its future is dropped before the answer (the caller hung up,
+/// or reset its HTTP/2 stream) after the request started out, a limited call's exchange is
+/// finished on a task of its own ([`Proxy::finish_abandoned`]): Zoho counts a call it received
+/// whether or not anyone waits for the answer, and a lock it imposes must be learned all the
+/// same. A call that had not started out is simply dropped: Zoho never saw it.
+struct InFlight<'a> {
+    /// `None` once the answer's head is in.
+    sending: Option<Sending<'a>>,
+    /// A limited call: the proxy, its route's index and its key.
+    limited: Option<(&'a Arc<Proxy>, usize, Key)>,
+}
+
+impl InFlight<'_> {
+    async fn response(&mut self) -> Result<Response<UpstreamBody>, ProxyError> {
+        let Some(sending) = self.sending.as_mut() else {
+            // Asked twice: the first answer was taken already.
+            return Err(ProxyError::UpstreamUnavailable);
+        };
+        let response = sending.response().await;
+        self.sending = None;
+        response
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let (Some(sending), Some((proxy, route, key))) = (self.sending.take(), self.limited) else {
+            return;
+        };
+        let Some(rest) = sending.into_started() else {
+            return;
+        };
+        // A runtime that is shutting down drops the task: nothing can be learned then anyway.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(proxy.clone().finish_abandoned(route, key, rest));
         }
     }
 }

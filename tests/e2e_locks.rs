@@ -247,6 +247,126 @@ async fn url_throttles_limit_exceeded_400_locks_the_user_out_of_the_route() {
     lock_is_honoured(ThrottleShape::Http400UrlThrottle).await;
 }
 
+/// How long the stub (as Zoho) takes to answer in the hang-up tests: long enough for the caller
+/// to leave after its call has reached Zoho and before the answer.
+const SLOW_ANSWER: Duration = Duration::from_millis(400);
+
+/// How the caller of the hang-up tests leaves.
+#[derive(Debug, Clone, Copy)]
+enum Leave {
+    /// HTTP/1.1: closes its connection.
+    CloseConnection,
+    /// HTTP/2: cancels its stream (RST_STREAM), the connection stays.
+    ResetStream,
+}
+
+/// Alice's call reaches Zoho, which locks her out, but she leaves before the answer comes:
+/// cliqgate still reads Zoho's answer and learns the lock, so her next call is refused here
+/// instead of being sent into the lock.
+async fn lock_is_learned_after_the_caller_left(leave: Leave) {
+    let stub = ZohoStub::start(vec![StubRoute::new(
+        Method::POST,
+        CHAT,
+        STUB_LIMIT,
+        STUB_PER,
+        STUB_LOCK,
+    )
+    .signal(ThrottleShape::Http429Error)])
+    .await;
+    let running = start_proxy(&proxy_yaml(&stub.url(), LOCK)).await;
+    let base = base_url(&running);
+    let client = Client::new();
+    for _ in 0..STUB_LIMIT {
+        let direct = client
+            .post(&chat_url(&stub.url(), "C1"), "alice", "{}")
+            .await;
+        assert_eq!(direct.status, StatusCode::OK, "{}", direct.text());
+    }
+    stub.set_delay(SLOW_ANSWER);
+
+    let body = "{}";
+    let leaving = match leave {
+        Leave::CloseConnection => {
+            let raw = format!(
+                "POST /api/v3/chats/C1/message HTTP/1.1\r\nHost: cliq\r\n\
+                 Authorization: Zoho-oauthtoken alice\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let mut stream = tokio::net::TcpStream::connect(running.proxy_addr)
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut stream, raw.as_bytes())
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                // Held open until aborted: then the connection closes.
+                let _stream = stream;
+                std::future::pending::<()>().await
+            })
+        }
+        Leave::ResetStream => {
+            let url = chat_url(&base, "C1");
+            tokio::spawn(async move {
+                Client::h2c().post(&url, "alice", body).await;
+            })
+        }
+    };
+    // The call has reached Zoho (which counted it and locked alice); its answer is on the way.
+    wait_for("alice's call to reach Zoho", Duration::from_secs(5), || {
+        let arrived = stub.count_for(CHAT, "alice") == STUB_LIMIT as usize + 1;
+        async move { arrived }
+    })
+    .await;
+    leaving.abort();
+    let left_at = Instant::now();
+    assert_eq!(stub.violations_for(CHAT, "alice"), 1);
+
+    // Zoho's answer comes after the caller left; cliqgate learns the lock from it all the same.
+    let metrics = running.admin_addr;
+    wait_for("the lock to be learned", SLOW_ANSWER * 4, || async move {
+        metric_value(
+            &scrape(metrics).await,
+            "cliqgate_upstream_throttled_total",
+            &[("route", CHAT_ROUTE)],
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(
+        left_at.elapsed() < LOCK,
+        "the lock was learned too late for the check below to mean anything"
+    );
+    stub.set_delay(Duration::ZERO);
+    let refused = client.post(&chat_url(&base, "C1"), "alice", "{}").await;
+    assert_local_refusal(&refused, ceil_secs(LOCK));
+    assert_eq!(
+        stub.count_for(CHAT, "alice"),
+        STUB_LIMIT as usize + 1,
+        "a call for the locked (route, user) reached Zoho"
+    );
+    assert_eq!(stub.rejected_while_locked(), 0);
+    let text = scrape(running.admin_addr).await;
+    assert_eq!(
+        sample(
+            &text,
+            "cliqgate_upstream_responses_total",
+            &[("route", CHAT_ROUTE), ("code", "429")]
+        ),
+        1.0
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_is_learned_when_the_caller_closes_its_connection_before_the_answer() {
+    lock_is_learned_after_the_caller_left(Leave::CloseConnection).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_is_learned_when_the_caller_resets_its_http2_stream_before_the_answer() {
+    lock_is_learned_after_the_caller_left(Leave::ResetStream).await;
+}
+
 /// Which test above covers each shape. Exhaustive on purpose: a shape added to the stub fails to
 /// compile here until it has a test.
 fn test_covering(shape: ThrottleShape) -> &'static str {

@@ -10,11 +10,12 @@
 //! without a length) is closed, never reused.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -318,13 +319,103 @@ pub(super) fn close_idle() {
 pub(super) async fn exchange(
     origin: &Origin,
     connect_timeout: Duration,
-    mut parts: request::Parts,
+    parts: request::Parts,
     body: ProxyBody,
 ) -> Result<Response<UpstreamBody>, ExchangeError> {
-    let mut conn = match checkout(origin) {
+    let conn = match checkout(origin) {
         Some(conn) => conn,
         None => Conn::open(origin, connect_timeout).await?,
     };
+    send_on(conn, parts, body).await
+}
+
+type Answer = Result<Response<UpstreamBody>, ExchangeError>;
+
+/// One exchange with an upstream, in two stages: it borrows the upstream's origin only while it
+/// connects (a pooled connection skips that); from then on it owns everything it needs. Once
+/// its request has started out, Zoho may act on it whether or not anyone waits for the answer,
+/// and [`Exchange::into_started`] hands the rest of it over to be finished elsewhere.
+pub(super) struct Exchange<'a> {
+    stage: Stage<'a>,
+}
+
+enum Stage<'a> {
+    Connecting(Pin<Box<dyn Future<Output = Result<Sendable, ExchangeError>> + Send + 'a>>),
+    /// `polled`: the request has started out (its first poll writes the head).
+    Sending {
+        exchange: Pin<Box<dyn Future<Output = Answer> + Send + 'static>>,
+        polled: bool,
+    },
+    Answered,
+}
+
+/// A connection and the request to send on it.
+type Sendable = (Conn, request::Parts, ProxyBody);
+
+impl<'a> Exchange<'a> {
+    pub(super) fn start(
+        origin: &'a Origin,
+        connect_timeout: Duration,
+        parts: request::Parts,
+        body: ProxyBody,
+    ) -> Self {
+        let stage = match checkout(origin) {
+            Some(conn) => Stage::Sending {
+                exchange: Box::pin(send_on(conn, parts, body)),
+                polled: false,
+            },
+            None => Stage::Connecting(Box::pin(async move {
+                let conn = Conn::open(origin, connect_timeout).await?;
+                Ok((conn, parts, body))
+            })),
+        };
+        Exchange { stage }
+    }
+
+    /// The rest of the exchange, owned, if its request has started out; `None` if nothing has
+    /// been sent yet (or the answer is already in).
+    pub(super) fn into_started(self) -> Option<Pin<Box<dyn Future<Output = Answer> + Send>>> {
+        match self.stage {
+            Stage::Sending {
+                exchange,
+                polled: true,
+            } => Some(exchange),
+            Stage::Sending { .. } | Stage::Connecting(_) | Stage::Answered => None,
+        }
+    }
+}
+
+impl Future for Exchange<'_> {
+    type Output = Answer;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        loop {
+            match &mut self.stage {
+                Stage::Connecting(connecting) => {
+                    let (conn, parts, body) = ready!(connecting.as_mut().poll(cx))?;
+                    self.stage = Stage::Sending {
+                        exchange: Box::pin(send_on(conn, parts, body)),
+                        polled: false,
+                    };
+                }
+                Stage::Sending { exchange, polled } => {
+                    *polled = true;
+                    let answer = ready!(exchange.as_mut().poll(cx));
+                    self.stage = Stage::Answered;
+                    return Poll::Ready(answer);
+                }
+                Stage::Answered => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Writes a request on a connection and reads the answer's head; the body streams afterwards.
+async fn send_on(
+    mut conn: Conn,
+    mut parts: request::Parts,
+    body: ProxyBody,
+) -> Result<Response<UpstreamBody>, ExchangeError> {
     // The framing is cliqgate's to choose for its own hop; `Expect` was answered on the
     // caller's hop already (the server sends 100 Continue when the body is first read).
     parts.headers.remove(header::CONTENT_LENGTH);

@@ -25,7 +25,7 @@ use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::error::ProxyError;
 pub use conn::UpstreamBody;
-use conn::{ExchangeError, Origin};
+use conn::{Exchange, ExchangeError, Origin};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
@@ -108,30 +108,60 @@ impl Upstream {
             })
     }
 
-    /// Sends one call and waits (bounded) for the response head; the body streams afterwards.
-    /// Only the path and query of the request's URI are used. The returned future holds only
-    /// the timer and a box: it is part of every call's state.
-    pub fn send(
-        &self,
-        req: Request<ProxyBody>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + '_ {
+    /// Starts one call; [`Sending::response`] waits (bounded) for the response head, and the
+    /// body streams afterwards. Only the path and query of the request's URI are used.
+    pub fn send(&self, req: Request<ProxyBody>) -> Sending<'_> {
         let inner = &*self.inner;
         let (mut parts, body) = req.into_parts();
         parts.headers.insert(header::HOST, inner.host.clone());
-        let timeout = inner.response_timeout;
-        let exchange = Box::pin(conn::exchange(
-            &inner.origin,
-            inner.connect_timeout,
-            parts,
-            body,
-        ));
-        async move {
-            match tokio::time::timeout(timeout, exchange).await {
-                Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
-                Ok(Ok(response)) => Ok(response),
-                Ok(Err(e)) => Err(upstream_error(e, timeout)),
-            }
+        Sending {
+            exchange: Exchange::start(&inner.origin, inner.connect_timeout, parts, body),
+            deadline: tokio::time::Instant::now() + inner.response_timeout,
+            timeout: inner.response_timeout,
         }
+    }
+}
+
+/// One call on its way to the upstream, bounded by the response timeout. It is part of every
+/// call's state: a box, a deadline and the timeout.
+pub struct Sending<'a> {
+    exchange: Exchange<'a>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl Sending<'_> {
+    /// The response head, or cliqgate's error for the caller.
+    pub async fn response(&mut self) -> Result<Response<UpstreamBody>, ProxyError> {
+        let answer = tokio::time::timeout_at(self.deadline, &mut self.exchange).await;
+        answer_or_error(answer, self.timeout)
+    }
+
+    /// The rest of the call, owning all it needs, if its request has started out: Zoho may
+    /// act on it (count it, lock the user) whether or not the caller still waits, so a caller
+    /// that leaves can have it finished on a task of its own. `None` if nothing was sent yet.
+    pub fn into_started(
+        self,
+    ) -> Option<impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'static>
+    {
+        let Sending {
+            exchange,
+            deadline,
+            timeout,
+        } = self;
+        let rest = exchange.into_started()?;
+        Some(async move { answer_or_error(tokio::time::timeout_at(deadline, rest).await, timeout) })
+    }
+}
+
+fn answer_or_error(
+    answer: Result<Result<Response<UpstreamBody>, ExchangeError>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    match answer {
+        Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => Err(upstream_error(e, timeout)),
     }
 }
 
