@@ -324,6 +324,7 @@ pub fn config_json(c: &Config) -> Value {
             "connect": d(c.timeouts.connect),
             "response": d(c.timeouts.response),
             "client_header": d(c.timeouts.client_header),
+            "client_body": d(c.timeouts.client_body),
             "shutdown": d(c.timeouts.shutdown),
         },
         "http": {

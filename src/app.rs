@@ -360,6 +360,7 @@ fn server_limits(config: &Config) -> crate::server::Limits {
         head_limit: (config.http.max_header_bytes + HEAD_BUFFER_SLACK).max(8192),
         max_header_bytes: config.http.max_header_bytes,
         client_header: config.timeouts.client_header,
+        client_body: config.timeouts.client_body,
     }
 }
 

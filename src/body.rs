@@ -2,11 +2,14 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+
+use crate::error::ProxyError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -28,11 +31,42 @@ pub fn empty() -> ProxyBody {
 #[error("request body over {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
-/// The caller's request body could not be read: malformed chunked framing, or the caller
-/// hung up before its end. Answered 400 if anyone is still there to read it.
+/// The caller's request body could not be read to its end. Either way its framing is lost, so
+/// the connection closes after the answer ([`caller_fault`] chooses the answer).
 #[derive(Debug, thiserror::Error)]
-#[error("request body broke off: {0}")]
-pub struct CallerBodyError(pub String);
+pub enum CallerBodyError {
+    /// Malformed chunked framing, or the caller hung up before the end: 400 if anyone is still
+    /// there to read it.
+    #[error("request body broke off: {0}")]
+    Broken(String),
+    /// The caller sent nothing for longer than `timeouts.client_body` while the body was being
+    /// read: 408 (nginx's `client_body_timeout`).
+    #[error("request body paused for over {0:?} (timeouts.client_body)")]
+    Stalled(Duration),
+}
+
+/// The caller's fault, if a call failed on its streamed request body: over the limit
+/// ([`Limited`]), or malformed, cut off or stalled ([`CallerBodyError`]). `None`: someone
+/// else's failure (the upstream's, when the body was being forwarded). Walks the error's
+/// sources, as the body's error may come wrapped.
+pub fn caller_fault(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(too_large) = err.downcast_ref::<BodyTooLarge>() {
+            return Some(ProxyError::BodyTooLarge { limit: too_large.0 });
+        }
+        if let Some(caller) = err.downcast_ref::<CallerBodyError>() {
+            return Some(match caller {
+                CallerBodyError::Broken(_) => {
+                    ProxyError::BadRequest("The request body is malformed or ended early.")
+                }
+                CallerBodyError::Stalled(after) => ProxyError::BodyTimeout { after: *after },
+            });
+        }
+        source = err.source();
+    }
+    None
+}
 
 /// Streams a body through, failing once more than `limit` bytes have passed. Used for request
 /// bodies of unknown length; a declared `Content-Length` over the limit is refused before this.
@@ -165,6 +199,18 @@ pub enum ReadError {
     TooLarge(u64),
     /// The body broke off (the caller went away, or sent a malformed chunk).
     Broken,
+    /// The caller paused for longer than this (`timeouts.client_body`).
+    Stalled(Duration),
+}
+
+impl ReadError {
+    /// The body's own error: a stall told apart from a body that broke off.
+    fn of(e: BoxError) -> ReadError {
+        match caller_fault(e.as_ref()) {
+            Some(ProxyError::BodyTimeout { after }) => ReadError::Stalled(after),
+            _ => ReadError::Broken,
+        }
+    }
 }
 
 /// Reads a whole request body of at most `limit` bytes, and its trailers: for a call that must be
@@ -175,13 +221,14 @@ pub async fn read_whole<B>(
 ) -> Result<(Bytes, Option<http::HeaderMap>), ReadError>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     // Frame by frame rather than through `Limited` and `collect`: no bound on the error type
     // is held across an await, which keeps the calling future `Send` for boxed bodies.
     let mut bytes = bytes::BytesMut::new();
     let mut trailers = None;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| ReadError::Broken)?;
+        let frame = frame.map_err(|e| ReadError::of(e.into()))?;
         match frame.into_data() {
             Ok(data) => {
                 if (bytes.len() + data.len()) as u64 > limit {
@@ -217,5 +264,71 @@ where
                 Err(frame) => return Ok((buf.freeze(), frame.into_trailers().ok(), Some(body))),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that carries another as its source, as a client's error wraps the body's.
+    #[derive(Debug, thiserror::Error)]
+    #[error("request body: {0}")]
+    struct Wrapped(#[source] BoxError);
+
+    fn fault_of(e: BoxError) -> Option<ProxyError> {
+        caller_fault(&Wrapped(e))
+    }
+
+    #[test]
+    fn a_stalled_body_is_the_callers_408() {
+        let after = Duration::from_millis(1500);
+        let error = fault_of(Box::new(CallerBodyError::Stalled(after)));
+        assert_eq!(error, Some(ProxyError::BodyTimeout { after }));
+        assert_eq!(
+            error.map(|e| e.status()),
+            Some(http::StatusCode::REQUEST_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn a_broken_or_oversized_body_is_the_callers_400_or_413() {
+        let broken = fault_of(Box::new(CallerBodyError::Broken("eof".into())));
+        assert_eq!(broken.map(|e| e.status().as_u16()), Some(400));
+        let too_large = fault_of(Box::new(BodyTooLarge(7)));
+        assert_eq!(too_large, Some(ProxyError::BodyTooLarge { limit: 7 }));
+    }
+
+    /// A body whose first frame is `error`.
+    struct Failing(Option<BoxError>);
+
+    impl Body for Failing {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.take().map(Err))
+        }
+    }
+
+    #[tokio::test]
+    async fn reading_a_whole_body_tells_a_stall_from_a_break() {
+        let after = Duration::from_secs(60);
+        let stalled = Failing(Some(Box::new(CallerBodyError::Stalled(after))));
+        assert_eq!(
+            read_whole(stalled, 10).await,
+            Err(ReadError::Stalled(after))
+        );
+        let broken = Failing(Some(Box::new(CallerBodyError::Broken("eof".into()))));
+        assert_eq!(read_whole(broken, 10).await, Err(ReadError::Broken));
+    }
+
+    #[test]
+    fn any_other_failure_is_not_the_callers() {
+        let io: BoxError = Box::new(std::io::Error::other("connection reset by the upstream"));
+        assert_eq!(fault_of(io), None);
     }
 }

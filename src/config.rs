@@ -26,6 +26,8 @@ pub const DEFAULT_UNMATCHED: Unmatched = Unmatched::Forward;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// nginx's `client_body_timeout` default: a pause this long mid-body is a stalled caller.
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Zoho's own front ends refuse request heads far smaller than this.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -262,6 +264,8 @@ pub struct Timeouts {
     pub response: Duration,
     /// How long a client may take to send a request head (slowloris guard).
     pub client_header: Duration,
+    /// The longest a client may pause between two reads of its request body (else 408).
+    pub client_body: Duration,
     /// SIGTERM/SIGINT: how long in-flight calls may take to finish.
     pub shutdown: Duration,
 }
@@ -620,7 +624,13 @@ const STORE: Schema = Schema {
     refused: &[],
 };
 const TIMEOUTS: Schema = Schema {
-    allowed: &["connect", "response", "client_header", "shutdown"],
+    allowed: &[
+        "connect",
+        "response",
+        "client_header",
+        "client_body",
+        "shutdown",
+    ],
     refused: &[],
 };
 const HTTP: Schema = Schema {
@@ -1970,6 +1980,7 @@ fn read_timeouts(top: &Section, cx: &mut Ctx) -> Timeouts {
         connect: get("connect", DEFAULT_CONNECT_TIMEOUT),
         response: get("response", DEFAULT_RESPONSE_TIMEOUT),
         client_header: get("client_header", DEFAULT_CLIENT_HEADER_TIMEOUT),
+        client_body: get("client_body", DEFAULT_CLIENT_BODY_TIMEOUT),
         shutdown: get("shutdown", DEFAULT_SHUTDOWN_TIMEOUT),
     }
 }
@@ -2977,7 +2988,28 @@ mod tests {
         assert_eq!(t.connect, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(t.response, DEFAULT_RESPONSE_TIMEOUT);
         assert_eq!(t.client_header, DEFAULT_CLIENT_HEADER_TIMEOUT);
+        assert_eq!(t.client_body, DEFAULT_CLIENT_BODY_TIMEOUT);
         assert_eq!(t.shutdown, DEFAULT_SHUTDOWN_TIMEOUT);
+    }
+
+    #[test]
+    fn client_body_timeout_defaults_to_60s() {
+        assert_eq!(DEFAULT_CLIENT_BODY_TIMEOUT, secs(60));
+        let t = parse("timeouts:\n  client_body: \"250ms\"\n").timeouts;
+        assert_eq!(t.client_body, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn zero_client_body_timeout_is_refused_with_key_and_line() {
+        let errs = errors(&format!("{UPSTREAM}timeouts:\n  client_body: \"0s\"\n"));
+        let found: Vec<(&str, usize, &str)> = errs
+            .iter()
+            .map(|e| (e.key.as_str(), e.line, e.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [("timeouts.client_body", 3, "must be greater than zero")]
+        );
     }
 
     #[test]

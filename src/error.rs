@@ -47,6 +47,9 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("request header fields over {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    /// The caller paused its request body for longer than `timeouts.client_body`.
+    #[error("request body paused for over {after:?}")]
+    BodyTimeout { after: Duration },
     /// The call breaks a documented limit of its endpoint (src/validate.rs): Zoho would refuse it.
     #[error("invalid call: {0}")]
     Invalid(crate::validate::Invalid),
@@ -118,6 +121,16 @@ impl ProxyError {
                 "headers_too_large",
                 format!("The request header fields are larger than {limit} bytes."),
             ),
+            // RFC 9110 15.5.9: the caller did not finish its request in time; the call was not
+            // completed upstream, and the connection closes (the body's framing is lost).
+            ProxyError::BodyTimeout { after } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "The request body paused for longer than {} ms.",
+                    after.as_millis()
+                ),
+            ),
             // Zoho's own code for the broken rule, as Zoho would answer the call.
             ProxyError::Invalid(invalid) => (
                 StatusCode::BAD_REQUEST,
@@ -160,6 +173,7 @@ impl ProxyError {
             | ProxyError::IdentityRefused { .. }
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::BodyTimeout { .. }
             | ProxyError::Invalid(_)
             | ProxyError::UpstreamUnavailable
             | ProxyError::UpstreamTimeout(_) => None,
@@ -178,6 +192,7 @@ impl ProxyError {
             | ProxyError::IdentityRefused { .. }
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::BodyTimeout { .. }
             | ProxyError::UpstreamUnavailable
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::StoreUnavailable
@@ -283,6 +298,22 @@ mod tests {
             .block_on(collected)
             .expect("a full body cannot fail")
             .to_bytes()
+    }
+
+    #[test]
+    fn stalled_body_is_408_request_timeout_in_the_flat_envelope() {
+        let r = ProxyError::BodyTimeout {
+            after: Duration::from_secs(60),
+        }
+        .to_response();
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+        let body: serde_json::Value = serde_json::from_slice(&body_bytes(r)).expect("JSON");
+        assert_eq!(body["code"], "request_timeout");
+        assert_eq!(
+            body["message"],
+            "The request body paused for longer than 60000 ms."
+        );
     }
 
     #[test]

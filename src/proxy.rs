@@ -320,6 +320,10 @@ impl Proxy {
                 let error = ProxyError::BadRequest("The request body ended early.");
                 return Err(self.refuse(route, log, Decision::Cancelled, error));
             }
+            Err(ReadError::Stalled(after)) => {
+                let error = ProxyError::BodyTimeout { after };
+                return Err(self.refuse(route, log, Decision::Cancelled, error));
+            }
         };
         let verdict = rules.check(parts.uri.query(), Some(&bytes));
         let body = Prefixed::<ProxyBody>::new(bytes, trailers, None).boxed();
@@ -490,7 +494,7 @@ impl Proxy {
                                 ended = true;
                             }
                         },
-                        Some(Err(_)) => return Err(guard.cancelled(log)),
+                        Some(Err(e)) => return Err(guard.cancelled(log, &*e)),
                         None => ended = true,
                     },
                 }
@@ -808,10 +812,17 @@ impl<'a> QueueGuard<'a> {
         error
     }
 
-    fn cancelled(self, log: &mut AccessLog) -> ProxyError {
+    /// The body failed while queued (`body_error`): the slot goes back; a stalled body is
+    /// answered 408, one that broke off 400.
+    fn cancelled(
+        self,
+        log: &mut AccessLog,
+        body_error: &(dyn std::error::Error + 'static),
+    ) -> ProxyError {
         log.decision = Some(Decision::Cancelled);
         drop(self);
-        ProxyError::BadRequest("The request body ended early.")
+        crate::body::caller_fault(body_error)
+            .unwrap_or(ProxyError::BadRequest("The request body ended early."))
     }
 }
 

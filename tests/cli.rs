@@ -148,6 +148,20 @@ async fn check_on_a_missing_file_exits_64() {
     assert!(stderr.contains("no-such.yaml"), "{stderr}");
 }
 
+#[tokio::test]
+async fn check_refuses_a_zero_client_body_timeout_naming_key_and_line() {
+    let path = repo_file("tests/fixtures/config/zero_client_body.yaml");
+    let output = run(&["check".as_ref(), "--config".as_ref(), path.as_os_str()]).await;
+    let stderr = output.stderr.clone();
+    assert_eq!(output.status.code(), Some(EXIT_BAD_CONFIG), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("line 3: timeouts.client_body: must be greater than zero")),
+        "{stderr}"
+    );
+}
+
 // ---- the running proxy ----
 
 /// A config with JSON logs at debug level (the most a troubleshooting operator would turn on),

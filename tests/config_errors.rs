@@ -220,6 +220,14 @@ fn zero_timeout_is_rejected() {
 }
 
 #[test]
+fn zero_client_body_timeout_is_rejected() {
+    assert_errors(
+        "zero_client_body.yaml",
+        &[(3, "timeouts.client_body", "must be greater than zero")],
+    );
+}
+
+#[test]
 fn missing_limit_is_reported_at_the_route() {
     assert_errors(
         "missing_limit.yaml",

@@ -757,6 +757,68 @@ async fn unreadable_heads_are_400_in_zoho_format_then_closed_and_never_forwarded
     running.shutdown().await;
 }
 
+/// The refusal of a head for its Host field: a 400 whose message names the field, the
+/// connection closed with nothing more on it (not even for the valid request sent behind).
+async fn assert_host_refused(mut wire: Wire, head: &str) {
+    wire.send(format!("{head}{}", get_me("", ""))).await;
+    let answer = wire.answer("GET").await;
+    assert_zoho_refusal(&answer, 400, "invalid_request");
+    let body = answer.json();
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("Host")),
+        "{head:?}: {body}"
+    );
+    let rest = wire.until_closed().await;
+    assert!(
+        rest.is_empty(),
+        "{head:?}: more after the 400: {:?}",
+        lossy(&rest)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_1_request_without_host_is_400_and_never_forwarded() {
+    let (stub, running) = stub_and_proxy("").await;
+    // RFC 9112 section 3.2: an HTTP/1.1 request without Host is answered 400.
+    let head = format!("GET {ME} HTTP/1.1\r\nAuthorization: Zoho-oauthtoken alice\r\n\r\n");
+    assert_host_refused(Wire::connect(running.proxy_addr).await, &head).await;
+    assert!(stub.arrivals().is_empty(), "{:?}", stub.arrivals());
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_request_without_host_is_still_forwarded() {
+    let (stub, running) = stub_and_proxy("").await;
+    let mut wire = Wire::connect(running.proxy_addr).await;
+    // HTTP/1.0 had no Host field: RFC 9112 section 3.2 requires it of HTTP/1.1 only.
+    wire.send(format!(
+        "GET {ME} HTTP/1.0\r\nAuthorization: Zoho-oauthtoken alice\r\n\r\n"
+    ))
+    .await;
+    let answer = wire.answer("GET").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    wire.closes_silently().await;
+    assert_eq!(stub.arrivals().len(), 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_with_two_host_fields_is_400_and_never_forwarded() {
+    let (stub, running) = stub_and_proxy("").await;
+    let auth = "Authorization: Zoho-oauthtoken alice\r\n";
+    // RFC 9112 section 3.2: more than one Host field line is a 400, whatever the version.
+    let heads = [
+        format!("GET {ME} HTTP/1.1\r\nHost: cliq\r\n{auth}Host: cliq\r\n\r\n"),
+        format!("GET {ME} HTTP/1.1\r\nHost: cliq\r\nhost: evil.example\r\n{auth}\r\n"),
+        format!("GET {ME} HTTP/1.0\r\nHost: cliq\r\nHost: cliq\r\n{auth}\r\n"),
+    ];
+    for head in &heads {
+        assert_host_refused(Wire::connect(running.proxy_addr).await, head).await;
+    }
+    assert!(stub.arrivals().is_empty(), "{:?}", stub.arrivals());
+    running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_over_the_head_buffer_is_431_and_never_forwarded() {
     let (stub, running) = stub_and_proxy(&format!(
@@ -1077,5 +1139,164 @@ async fn queued_call_whose_body_follows_its_head_reaches_zoho_whole_with_its_tru
         QUEUED_BODY.to_string().as_str()
     );
     assert_eq!(stub.violations(), 0);
+    running.shutdown().await;
+}
+
+// ---- a caller that stalls its request body (`timeouts.client_body`) ----
+
+/// `timeouts.client_body` in the slow-body tests: short, so the guard fires within the test.
+const CLIENT_BODY: Duration = Duration::from_millis(300);
+/// The declared length of a body in those tests, and how much of it is sent before a stall.
+const DECLARED_BODY: usize = 100;
+const SENT_BEFORE_STALL: usize = 10;
+/// Pause between the pieces of a body that keeps arriving: a third of [`CLIENT_BODY`], so each
+/// pause is far inside it; [`SLOW_BODY_PIECES`] of them make the whole body take over three.
+const SLOW_PIECE_PAUSE: Duration = Duration::from_millis(100);
+const SLOW_BODY_PIECES: usize = 10;
+
+/// `timeouts.client_body: CLIENT_BODY` as top-level YAML.
+fn client_body_yaml() -> String {
+    format!(
+        "timeouts:\n  client_body: \"{}ms\"\n",
+        CLIENT_BODY.as_millis()
+    )
+}
+
+/// Sends the head of `POST {path}` declaring [`DECLARED_BODY`] bytes and the first
+/// [`SENT_BEFORE_STALL`] of them, then nothing; returns when they were sent.
+async fn send_then_stall(wire: &mut Wire, path: &str) -> Instant {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: cliq\r\nAuthorization: Zoho-oauthtoken alice\r\nContent-Type: application/json\r\nContent-Length: {DECLARED_BODY}\r\n\r\n"
+    );
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&[b'x'; SENT_BEFORE_STALL]);
+    let sent = Instant::now();
+    wire.send(bytes).await;
+    sent
+}
+
+/// The stalled call was answered 408 in Zoho's envelope, not before `client_body` had passed
+/// since `sent`, and the connection closed after it (the rest of the body may still come, so
+/// nothing after it can be read as a request).
+async fn assert_timed_out_and_closed(mut wire: Wire, sent: Instant) {
+    let answer = wire.answer("POST").await;
+    let took = sent.elapsed();
+    assert_zoho_refusal(&answer, 408, "request_timeout");
+    assert!(
+        took >= CLIENT_BODY,
+        "answered after {took:?}, before client_body ({CLIENT_BODY:?})"
+    );
+    // READ_TIMEOUT is ten client_body periods.
+    assert!(took < READ_TIMEOUT, "answered after {took:?}");
+    wire.closes_silently().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_while_forwarding_is_408_after_client_body_and_closes_the_connection() {
+    let (stub, running) = stub_and_proxy(&client_body_yaml()).await;
+    let mut wire = Wire::connect(running.proxy_addr).await;
+    let sent = send_then_stall(&mut wire, "/api/v3/chats/C1/message").await;
+    assert_timed_out_and_closed(wire, sent).await;
+    // The upstream request was cut short: Zoho cannot act on a call whose body never ended.
+    let outcomes: Vec<Outcome> = stub.arrivals().iter().map(|a| a.outcome).collect();
+    assert!(
+        outcomes.iter().all(|o| *o == Outcome::Incomplete),
+        "{outcomes:?}"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_on_a_route_that_reads_it_first_is_408_and_never_forwarded() {
+    let stub = ZohoStub::start(stub_routes()).await;
+    // `cliq.forward_messages` reads the whole body before the call is judged.
+    let yaml = format!(
+        "{}{}  - name: messages.forward\n    method: POST\n    path: \"/api/v3/messages\"\n    limit: {LIMIT}\n    per: \"1m\"\n    lock: \"5m\"\n    on_limit: reject\n    validate: cliq.forward_messages\n",
+        client_body_yaml(),
+        routes_yaml()
+    );
+    let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
+    let mut wire = Wire::connect(running.proxy_addr).await;
+    let sent = send_then_stall(&mut wire, "/api/v3/messages").await;
+    assert_timed_out_and_closed(wire, sent).await;
+    assert!(stub.arrivals().is_empty(), "{:?}", stub.arrivals());
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_while_queued_is_408_and_gives_its_slot_back() {
+    let stub = ZohoStub::start(vec![StubRoute::new(
+        Method::POST,
+        POST_MESSAGE,
+        1,
+        QUEUE_PER,
+        Duration::from_secs(60),
+    )])
+    .await;
+    let yaml = format!(
+        "{}safety_margin: \"{}ms\"\nroutes:\n  - name: chats.post_message\n    method: POST\n    path: \"{POST_MESSAGE}\"\n    limit: 1\n    per: \"{}ms\"\n    lock: \"60s\"\n    on_limit: queue\n    max_wait: \"10s\"\n",
+        client_body_yaml(),
+        QUEUE_MARGIN.as_millis(),
+        QUEUE_PER.as_millis()
+    );
+    let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
+    let admin = running.admin_addr;
+
+    let mut first = Wire::connect(running.proxy_addr).await;
+    first
+        .send(format!(
+            "{}{{}}",
+            post_head("HTTP/1.1", "Content-Length: 2\r\n")
+        ))
+        .await;
+    assert_eq!(first.answer("POST").await.status, 200);
+
+    // Queued behind the first call's window, its body read while it waits: the stall is
+    // noticed long before its slot (QUEUE_PER is five client_body periods).
+    let mut second = Wire::connect(running.proxy_addr).await;
+    let sent = send_then_stall(&mut second, "/api/v3/chats/C1/message").await;
+    assert_timed_out_and_closed(second, sent).await;
+    wait_for(
+        "the stalled call to leave the queue, cancelled",
+        QUEUE_PER,
+        || async move {
+            queue_depth(admin, "chats.post_message").await == 0.0
+                && decisions(admin, "chats.post_message", "cancelled").await == 1.0
+        },
+    )
+    .await;
+    assert_eq!(stub.arrivals().len(), 1, "{:?}", stub.arrivals());
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_that_keeps_arriving_in_pieces_outlasts_client_body_and_reaches_zoho_whole() {
+    let (stub, running) = stub_and_proxy(&client_body_yaml()).await;
+    let body: Vec<u8> = (0..DECLARED_BODY).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut wire = Wire::connect(running.proxy_addr).await;
+    let started = Instant::now();
+    wire.send(post_head(
+        "HTTP/1.1",
+        &format!("Content-Length: {DECLARED_BODY}\r\n"),
+    ))
+    .await;
+    for piece in body.chunks(DECLARED_BODY / SLOW_BODY_PIECES) {
+        tokio::time::sleep(SLOW_PIECE_PAUSE).await;
+        wire.send(piece).await;
+    }
+    let answer = wire.answer("POST").await;
+    // The premise: the body as a whole took longer than client_body.
+    assert!(started.elapsed() > CLIENT_BODY, "{:?}", started.elapsed());
+    assert_eq!(answer.status, 200, "{:?}", lossy(&answer.body));
+    let arrivals = stub.arrivals();
+    assert_eq!(arrivals.len(), 1);
+    assert_eq!(arrivals[0].outcome, Outcome::Allowed);
+    assert!(
+        arrivals[0].body[..] == body[..],
+        "the body reached Zoho changed"
+    );
+    // Still usable: the body was read to its end.
+    wire.send(get_me("", "")).await;
+    assert_eq!(wire.answer("GET").await.status, 200);
     running.shutdown().await;
 }

@@ -417,6 +417,7 @@ fn key_schemas_carry_the_documented_defaults() {
         ("identity.ttl", "50m"),
         ("store.kind", "memory"),
         ("store.timeout", "250ms"),
+        ("timeouts.client_body", "60s"),
         ("timeouts.shutdown", "30s"),
         ("http.max_header_bytes", "64KiB"),
         ("log.level", "info"),

@@ -12,7 +12,8 @@
 //!
 //! What it keeps of hyper's behaviour: keep-alive and pipelining, HTTP/1.0, `Expect:
 //! 100-continue` (answered when the proxy first reads the body), chunked request bodies, a
-//! call cancelled when its caller hangs up while it runs (its queue slot is given back),
+//! call cancelled when its caller hangs up while it runs (a queued one gives its slot back; one
+//! already sent is finished by the proxy for Zoho's throttle signals),
 //! graceful drain (idle connections close, busy ones after their answer). What it adds: heads
 //! that cannot be read get a Zoho-style JSON 400 or 431 instead of a bare status.
 
@@ -63,6 +64,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// How long a caller may take to send a head (slowloris guard).
     pub client_header: Duration,
+    /// The longest a request body may wait for its next bytes; a longer pause is answered 408.
+    pub client_body: Duration,
 }
 
 /// One call: the request, the caller's address; the answer.
@@ -94,6 +97,7 @@ pub async fn serve_connection<S: Service>(
     let reader = Arc::new(std::sync::Mutex::new(Reader::new(
         stream.clone(),
         limits.head_limit,
+        limits.client_body,
     )));
     let stop = {
         let mut stopped = stopped.clone();
@@ -441,10 +445,11 @@ fn give_out_buffer(mut out: Vec<u8>) {
 
 /// The slowloris guard, one timer per connection: it is re-armed when it fires, not on every
 /// request, so a busy connection costs no timer work. When it fires: if a head was completed
-/// since it was armed, it re-arms; a head that was already partial at the previous firing
-/// (so has taken between one and two `client_header` periods) closes the connection, as does a
-/// new connection that has sent nothing for as long; a connection idle between requests closes
-/// once it has been idle for [`KEEP_ALIVE_IDLE`].
+/// since it was armed, it re-arms (noting whether another is under way); a head that was
+/// already partial at the previous firing (so has taken between one and two `client_header`
+/// periods) closes the connection, as does a new connection that has sent nothing for as long;
+/// a connection idle between requests closes once it has been idle for [`KEEP_ALIVE_IDLE`],
+/// counted in whole periods from the first firing after its last answer.
 struct Patience {
     period: Duration,
     timer: Option<Pin<Box<Sleep>>>,
@@ -475,8 +480,10 @@ impl Patience {
                 return Poll::Pending;
             }
             if served != self.served_at_arm {
+                // What is buffered now is a newer head, begun within the last period: noted, so
+                // that it too is given up at the next firing.
                 self.served_at_arm = served;
-                self.partial_before = false;
+                self.partial_before = partial;
                 self.idle_periods = 0;
             } else if partial || served == 0 {
                 // A head under way, or a new connection that has sent nothing yet.
@@ -611,4 +618,205 @@ pub async fn serve<S: Service>(
     .await;
     // Idle connections close as they see the stop; busy ones after their answer.
     crate::app::close_within(drain(), connections, std::future::ready(())).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `timeouts.client_header` here: whole milliseconds (tokio's timer resolution), and not a
+    /// divisor of [`KEEP_ALIVE_IDLE`], so rounding the idle time up to periods shows.
+    const PERIOD: Duration = Duration::from_secs(10);
+    /// The smallest step of tokio's timer: "just before" and "just after" a firing.
+    const MS: Duration = Duration::from_millis(1);
+    /// Whether bytes of a head are buffered when the guard is polled.
+    const PARTIAL: bool = true;
+    const NOTHING: bool = false;
+
+    /// One connection's [`Patience`] on tokio's paused clock, polled the way the connection
+    /// task polls it: at every firing of its timer and whenever bytes arrive.
+    struct Guard {
+        patience: Patience,
+        /// When the connection was accepted.
+        start: Instant,
+        /// Requests answered so far.
+        served: u64,
+    }
+
+    impl Guard {
+        /// A new connection, its guard armed by its first wait for a head.
+        async fn new(period: Duration) -> Guard {
+            let mut guard = Guard {
+                patience: Patience::new(period),
+                start: Instant::now(),
+                served: 0,
+            };
+            assert!(
+                guard.patience.timer.is_none(),
+                "armed before the first wait"
+            );
+            assert!(!guard.closes_at(Duration::ZERO, NOTHING).await);
+            guard
+        }
+
+        /// A new connection whose first request is answered at 1 ms; the first firing (one
+        /// period in) sees that answer and only re-arms.
+        async fn after_one_answer(period: Duration) -> Guard {
+            let mut guard = Guard::new(period).await;
+            guard.answered_at(MS).await;
+            assert!(!guard.closes_at(period, NOTHING).await);
+            guard
+        }
+
+        /// A request is answered at `at`; the connection waits for the next head.
+        async fn answered_at(&mut self, at: Duration) {
+            self.served += 1;
+            assert!(!self.closes_at(at, NOTHING).await, "closed when answered");
+        }
+
+        /// Moves the clock to `at` after the connection began and polls the guard once, with
+        /// or without head bytes buffered: whether it gives up on the connection.
+        async fn closes_at(&mut self, at: Duration, partial: bool) -> bool {
+            let now = Instant::now();
+            let then = self.start + at;
+            assert!(then >= now, "{at:?} is in the past");
+            tokio::time::advance(then - now).await;
+            let served = self.served;
+            poll_fn(|cx| Poll::Ready(self.patience.poll_expired(cx, served, partial)))
+                .await
+                .is_ready()
+        }
+
+        /// The connection's one timer (its address: the same `Sleep`, or a new one).
+        fn timer(&self) -> *const Sleep {
+            &**self.patience.timer.as_ref().expect("armed")
+        }
+
+        /// When the timer fires next, after the connection began.
+        fn next_firing(&self) -> Duration {
+            let timer = self.patience.timer.as_ref().expect("armed");
+            timer.deadline() - self.start
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partial_head_is_given_up_after_one_to_two_periods_never_before_one() {
+        // Begun just before a firing: noted at it, given up at the next, so after one period
+        // and a millisecond.
+        let mut guard = Guard::after_one_answer(PERIOD).await;
+        let began = 2 * PERIOD - MS;
+        assert!(!guard.closes_at(began, PARTIAL).await);
+        assert!(!guard.closes_at(2 * PERIOD, PARTIAL).await);
+        assert!(
+            !guard.closes_at(began + PERIOD, PARTIAL).await,
+            "one period"
+        );
+        assert!(guard.closes_at(3 * PERIOD, PARTIAL).await);
+
+        // Begun at the very firing that sees it: one period exactly.
+        let mut guard = Guard::after_one_answer(PERIOD).await;
+        assert!(!guard.closes_at(2 * PERIOD, PARTIAL).await);
+        assert!(!guard.closes_at(3 * PERIOD - MS, PARTIAL).await);
+        assert!(guard.closes_at(3 * PERIOD, PARTIAL).await);
+
+        // Begun just after a firing: noted at the next, given up at the one after, so after
+        // two periods less a millisecond.
+        let mut guard = Guard::after_one_answer(PERIOD).await;
+        assert!(!guard.closes_at(2 * PERIOD, NOTHING).await);
+        let began = 2 * PERIOD + MS;
+        assert!(!guard.closes_at(began, PARTIAL).await);
+        assert!(!guard.closes_at(3 * PERIOD, PARTIAL).await);
+        assert!(!guard.closes_at(4 * PERIOD - MS, PARTIAL).await);
+        assert!(guard.closes_at(4 * PERIOD, PARTIAL).await);
+
+        // Begun in the period its connection's previous answer went out: that answer does not
+        // buy the new head a third period.
+        let mut guard = Guard::new(PERIOD).await;
+        guard.answered_at(MS).await;
+        let began = 2 * MS;
+        assert!(!guard.closes_at(began, PARTIAL).await);
+        assert!(!guard.closes_at(PERIOD, PARTIAL).await);
+        assert!(!guard.closes_at(2 * PERIOD - MS, PARTIAL).await);
+        assert!(
+            guard.closes_at(2 * PERIOD, PARTIAL).await,
+            "a head {:?} old is still waited for",
+            2 * PERIOD - began
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_new_connection_is_given_up_at_its_second_firing() {
+        let mut guard = Guard::new(PERIOD).await;
+        assert!(!guard.closes_at(PERIOD - MS, NOTHING).await);
+        assert!(!guard.closes_at(PERIOD, NOTHING).await, "one period");
+        assert!(!guard.closes_at(2 * PERIOD - MS, NOTHING).await);
+        assert!(guard.closes_at(2 * PERIOD, NOTHING).await);
+
+        // A first head begun late gets no more time: a new connection's clock starts at accept.
+        let mut guard = Guard::new(PERIOD).await;
+        assert!(!guard.closes_at(PERIOD, NOTHING).await);
+        assert!(!guard.closes_at(PERIOD + MS, PARTIAL).await);
+        assert!(!guard.closes_at(2 * PERIOD - MS, PARTIAL).await);
+        assert!(guard.closes_at(2 * PERIOD, PARTIAL).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn head_completed_before_the_second_firing_keeps_the_connection() {
+        let mut guard = Guard::new(PERIOD).await;
+        assert!(!guard.closes_at(MS, PARTIAL).await);
+        assert!(!guard.closes_at(PERIOD, PARTIAL).await);
+        // Whole (and answered) before the firing that would have given it up.
+        guard.answered_at(2 * PERIOD - MS).await;
+        assert!(!guard.closes_at(2 * PERIOD, NOTHING).await);
+        assert!(!guard.closes_at(3 * PERIOD, NOTHING).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keep_alive_connection_outlives_client_header_and_closes_after_keep_alive_idle() {
+        // 75 s rounded up to whole periods: 8 of 10 s, and 3 of 25 s exactly.
+        for period in [PERIOD, Duration::from_secs(25)] {
+            let periods = KEEP_ALIVE_IDLE.as_millis().div_ceil(period.as_millis()) as u32;
+            // Answered at 1 ms; the first firing sees the answer, idle firings count from there.
+            let mut guard = Guard::after_one_answer(period).await;
+            // Two firings and more without a head: a new connection or a head would be gone.
+            for idle in 1..periods {
+                let at = (idle + 1) * period;
+                assert!(
+                    !guard.closes_at(at, NOTHING).await,
+                    "{period:?}: idle at {at:?}"
+                );
+            }
+            let closes = (periods + 1) * period;
+            assert!(!guard.closes_at(closes - MS, NOTHING).await, "{period:?}");
+            assert!(guard.closes_at(closes, NOTHING).await, "{period:?}");
+            // Idle from the answer to the close: the rounded time, plus what was left of the
+            // period the answer went out in.
+            let (idle, rounded) = (closes - MS, period * periods);
+            assert!(rounded >= KEEP_ALIVE_IDLE);
+            assert!(
+                idle >= rounded && idle < rounded + period,
+                "{period:?}: closed after {idle:?} idle"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timer_is_armed_once_and_re_armed_only_when_it_fires() {
+        let mut guard = Guard::new(PERIOD).await;
+        assert_eq!(guard.next_firing(), PERIOD);
+        let timer = guard.timer();
+        // Requests answered between firings leave the timer as it is: no timer work per call.
+        for n in 1..=5 {
+            guard.answered_at(n * PERIOD / 10).await;
+            assert_eq!(guard.next_firing(), PERIOD, "after answer {n}");
+        }
+        assert!(!guard.closes_at(PERIOD - MS, NOTHING).await);
+        assert_eq!(guard.next_firing(), PERIOD);
+        // Each firing re-arms the same timer one period on.
+        for n in 1..=3 {
+            assert!(!guard.closes_at(n * PERIOD, NOTHING).await);
+            assert_eq!(guard.next_firing(), (n + 1) * PERIOD);
+            assert_eq!(guard.timer(), timer, "a new timer at firing {n}");
+        }
+    }
 }

@@ -5,16 +5,23 @@
 //! runs on the connection's task) by the connection and the body of its current request. The
 //! body reads the socket only while it is unfinished; the connection only once it is finished,
 //! so the bytes of a pipelined request are never taken for a body.
+//!
+//! A body that waits on the socket for longer than `timeouts.client_body` since bytes last came
+//! fails ([`BodyPatience`]), so a caller that stalls its body cannot hold its call and
+//! connection for ever.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::wire::{self, HeadError, ParsedRequest, RequestFraming};
 use crate::body::{BoxError, CallerBodyError};
@@ -83,6 +90,8 @@ pub struct Reader {
     /// Whether a short read may mark the socket drained (see [`read_drained`]): only on a
     /// single-threaded runtime, as the proxy's worker threads are.
     mark_drained: bool,
+    /// Bounds the pauses of the current request's body (`timeouts.client_body`).
+    body_patience: BodyPatience,
 }
 
 pub type SharedReader = Arc<Mutex<Reader>>;
@@ -95,7 +104,8 @@ pub fn lock(reader: &SharedReader) -> MutexGuard<'_, Reader> {
 }
 
 impl Reader {
-    pub fn new(stream: Arc<TcpStream>, head_limit: usize) -> Reader {
+    /// `client_body`: the longest a request body may wait on the socket for its next bytes.
+    pub fn new(stream: Arc<TcpStream>, head_limit: usize, client_body: Duration) -> Reader {
         Reader {
             stream,
             buf: BytesMut::new(),
@@ -106,6 +116,7 @@ impl Reader {
             mark_drained: tokio::runtime::Handle::try_current().is_ok_and(|handle| {
                 handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
             }),
+            body_patience: BodyPatience::new(client_body),
         }
     }
 
@@ -212,6 +223,8 @@ impl Reader {
             (false, RequestFraming::Chunked) => BodyState::Chunked(ChunkedDecoder::default()),
         };
         self.send_continue = parsed.expect_continue && !matches!(self.body, BodyState::Complete);
+        // A new body: its first wait starts its own clock.
+        self.body_patience.progressed();
         Head::Request(parsed)
     }
 
@@ -258,7 +271,20 @@ impl Reader {
         }
     }
 
+    /// The body's next bytes, failing it if it has waited longer than `client_body` for them.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        let polled = self.poll_body_bytes(cx);
+        if polled.is_pending() && self.body_patience.poll_expired(cx).is_ready() {
+            // The rest of the body may still come, so its framing is lost: the connection
+            // closes after the answer (the body is not complete).
+            self.body = BodyState::Failed;
+            let after = self.body_patience.period;
+            return Poll::Ready(Some(Err(Box::new(CallerBodyError::Stalled(after)))));
+        }
+        polled
+    }
+
+    fn poll_body_bytes(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
         if self.send_continue {
             ready!(self.poll_send_continue(cx))?;
         }
@@ -323,7 +349,11 @@ impl Reader {
             self.buf.reserve(want);
             match read_drained(&self.stream, &mut self.buf, self.mark_drained) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
-                Ok(_) => return Poll::Ready(Ok(())),
+                Ok(_) => {
+                    // Any bytes count, a piece of a chunk-size line too: the limit is on pauses.
+                    self.body_patience.progressed();
+                    return Poll::Ready(Ok(()));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -394,11 +424,63 @@ fn classify(buf: &[u8], seq: u64, head_limit: usize) -> Result<Option<Head>, Hea
 }
 
 fn broken() -> BoxError {
-    Box::new(CallerBodyError("the connection failed earlier".into()))
+    Box::new(CallerBodyError::Broken(
+        "the connection failed earlier".into(),
+    ))
 }
 
 fn caller_error(e: impl std::fmt::Display) -> BoxError {
-    Box::new(CallerBodyError(e.to_string()))
+    Box::new(CallerBodyError::Broken(e.to_string()))
+}
+
+/// The slow-body guard (nginx's `client_body_timeout`): the longest a request body may wait on
+/// the socket for its next bytes. Not a bound on the whole body: a body that keeps arriving,
+/// however slowly, is never cut off.
+///
+/// The clock starts at the first wait since bytes last came (or since the body began), not
+/// when they came: while the proxy is not asking for the body (a slow upstream connection, a
+/// queue that holds enough of it) the caller's bytes wait in the socket, and that time is not
+/// held against it. A body read without waiting (bytes that came with the head) never touches
+/// the timer; there is one timer per connection, made at its first wait and reset, not
+/// remade, at later ones.
+struct BodyPatience {
+    period: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The timer runs for the current wait: set at the first wait, cleared when bytes come.
+    armed: bool,
+}
+
+impl BodyPatience {
+    fn new(period: Duration) -> BodyPatience {
+        BodyPatience {
+            period,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// Bytes came (or a new body begins): the next wait starts a new period.
+    fn progressed(&mut self) {
+        self.armed = false;
+    }
+
+    /// The body waits for bytes: ready once a whole period has passed since the first wait
+    /// after bytes last came.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.armed {
+            self.armed = true;
+            let deadline = Instant::now() + self.period;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                // Boxed: made at the connection's first wait for body bytes, then kept.
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// A request body streamed from the caller's connection.
@@ -459,5 +541,101 @@ impl Body for CallerBody {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::task::Waker;
+    use tokio::io::AsyncWriteExt;
+
+    /// `timeouts.client_body` in these tests (on tokio's paused clock: nothing sleeps for real).
+    const PERIOD: Duration = Duration::from_secs(60);
+    const MS: Duration = Duration::from_millis(1);
+
+    fn poll(patience: &mut BodyPatience) -> Poll<()> {
+        patience.poll_expired(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pauses_each_shorter_than_the_period_never_expire_however_long_the_body_takes() {
+        let mut patience = BodyPatience::new(PERIOD);
+        assert!(poll(&mut patience).is_pending());
+        let timer = patience.timer.as_deref().map(std::ptr::from_ref);
+        for _ in 0..3 {
+            tokio::time::advance(PERIOD - MS).await;
+            assert!(poll(&mut patience).is_pending());
+            patience.progressed();
+            assert!(poll(&mut patience).is_pending());
+        }
+        // Reset, never remade.
+        assert_eq!(patience.timer.as_deref().map(std::ptr::from_ref), timer);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_expires_a_whole_period_after_the_wait_began() {
+        let mut patience = BodyPatience::new(PERIOD);
+        assert!(poll(&mut patience).is_pending());
+        tokio::time::advance(PERIOD / 2).await;
+        // Waiting again is the same pause: the period is not restarted.
+        assert!(poll(&mut patience).is_pending());
+        tokio::time::advance(PERIOD / 2 - MS).await;
+        assert!(poll(&mut patience).is_pending());
+        tokio::time::advance(MS).await;
+        assert!(poll(&mut patience).is_ready());
+    }
+
+    #[test]
+    fn no_timer_until_the_first_wait() {
+        let mut patience = BodyPatience::new(PERIOD);
+        patience.progressed();
+        assert!(patience.timer.is_none());
+    }
+
+    /// A reader on the accepting end of a loopback connection, and the caller's end.
+    async fn connected() -> (SharedReader, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let caller = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let reader = Reader::new(Arc::new(accepted), 16 * 1024, PERIOD);
+        (Arc::new(Mutex::new(reader)), caller)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_fails_as_stalled_after_the_period_and_stays_incomplete() {
+        let (reader, mut caller) = connected().await;
+        caller
+            .write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .expect("write");
+        let head = std::future::poll_fn(|cx| lock(&reader).poll_head(cx)).await;
+        assert!(matches!(head, Ok(Head::Request(_))), "{head:?}");
+        let mut body = Reader::body(&reader);
+
+        // The bytes that came with the head are handed out without a timer.
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok().as_deref(), Some(&b"0123456789"[..]));
+        assert!(lock(&reader).body_patience.timer.is_none());
+
+        // Then nothing comes: the clock jumps to the body's deadline.
+        let waited = Instant::now();
+        let error = body.frame().await.expect("a frame").expect_err("stalled");
+        assert!(waited.elapsed() >= PERIOD, "{:?}", waited.elapsed());
+        assert!(
+            matches!(
+                error.downcast_ref::<CallerBodyError>(),
+                Some(CallerBodyError::Stalled(after)) if *after == PERIOD
+            ),
+            "{error}"
+        );
+        assert!(body.is_end_stream());
+        // The rest of the body may still come: nothing after it can be read as a request.
+        assert!(!lock(&reader).body_complete());
     }
 }

@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{request, response, Method, StatusCode, Uri, Version};
 
 use crate::upstream::wire::{encode_content_length, encode_field};
@@ -91,6 +92,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ParsedRequest>, HeadError> {
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
+    let mut host = None::<&[u8]>;
     for field in parsed.headers.iter() {
         let (name, value) = (field.name, field.value);
         if name.eq_ignore_ascii_case("content-length") {
@@ -114,7 +116,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ParsedRequest>, HeadError> {
             }
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case("host") && host.replace(value).is_some() {
+            // RFC 9112 3.2: more than one Host field line is a 400, whatever the version.
+            return Err(HeadError::Malformed(
+                "The request has more than one Host field.",
+            ));
         }
+    }
+    if host.is_none() && version == Version::HTTP_11 {
+        // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400 (HTTP/1.0 had no Host).
+        return Err(HeadError::Malformed("The request has no Host field."));
     }
     let mut keep_alive = !close && (version == Version::HTTP_11 || keep_alive_token);
     let framing = match (chunked, length) {
@@ -154,6 +165,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ParsedRequest>, HeadError> {
         .map_err(|_| HeadError::Malformed("Invalid method."))?;
     let uri = Uri::from_maybe_shared(slice(target.as_bytes()))
         .map_err(|_| HeadError::Malformed("Invalid request target."))?;
+    if host.is_some_and(|host| !valid_host(slice(host), target)) {
+        // RFC 9112 3.2: a Host field with an invalid value is a 400.
+        return Err(HeadError::Malformed("Invalid Host field."));
+    }
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
@@ -176,6 +191,35 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ParsedRequest>, HeadError> {
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11,
     }))
+}
+
+/// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9110 section 7.2): an authority
+/// without userinfo, a host that is not empty, a port of digits. Empty is what a client sends
+/// for a target without authority (same section), so it is valid with an origin-form or
+/// asterisk-form target only. `value` shares the head's copy: `Authority` takes it as it is,
+/// so the check copies nothing.
+fn valid_host(value: Bytes, target: &str) -> bool {
+    if value.is_empty() {
+        return target.starts_with('/') || target == "*";
+    }
+    // `Authority` takes userinfo, and refuses the others only as a side effect of its parse:
+    // named here, the rule does not rest on the http crate's grammar.
+    if value
+        .iter()
+        .any(|b| matches!(b, b' ' | b'\t' | b'/' | b'?' | b'#' | b'@'))
+    {
+        return false;
+    }
+    let Ok(authority) = Authority::from_maybe_shared(value) else {
+        return false;
+    };
+    let host = authority.host();
+    // Without userinfo the host is the front of the value; the rest is `:port` or nothing.
+    let port_ok = match authority.as_str()[host.len()..].strip_prefix(':') {
+        Some(digits) => digits.bytes().all(|b| b.is_ascii_digit()),
+        None => host.len() == authority.as_str().len(),
+    };
+    !host.is_empty() && port_ok
 }
 
 /// A `Content-Length` value: digits only (no sign, no spaces inside), at most 2^63.
@@ -310,7 +354,7 @@ mod tests {
 
     #[test]
     fn a_body_that_came_with_its_head_is_taken_whole_and_the_rest_left() {
-        let raw = "POST /m HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n";
+        let raw = "POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n";
         let req = complete(raw);
         assert_eq!(req.framing, RequestFraming::Length(5));
         assert_eq!(req.body.as_deref(), Some(&b"hello"[..]));
@@ -319,7 +363,7 @@ mod tests {
 
     #[test]
     fn a_body_still_on_its_way_is_left_to_stream() {
-        let raw = "POST /m HTTP/1.1\r\nContent-Length: 10\r\n\r\nhello";
+        let raw = "POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello";
         let req = complete(raw);
         assert_eq!(req.framing, RequestFraming::Length(10));
         assert!(req.body.is_none());
@@ -329,7 +373,7 @@ mod tests {
     #[test]
     fn framing_follows_rfc_9112() {
         let framing = |fields: &str| {
-            parse(&format!("POST / HTTP/1.1\r\n{fields}\r\n")).map(|r| {
+            parse(&format!("POST / HTTP/1.1\r\nHost: x\r\n{fields}\r\n")).map(|r| {
                 let r = r.expect("complete");
                 (r.framing, r.keep_alive)
             })
@@ -387,10 +431,12 @@ mod tests {
     #[test]
     fn keep_alive_follows_the_version_and_connection() {
         let keep = |raw: &str| complete(raw).keep_alive;
-        assert!(keep("GET / HTTP/1.1\r\n\r\n"));
-        assert!(!keep("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(keep("GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
         assert!(!keep(
-            "GET / HTTP/1.1\r\nConnection: Upgrade, CLOSE\r\n\r\n"
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ));
+        assert!(!keep(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, CLOSE\r\n\r\n"
         ));
         assert!(!keep("GET / HTTP/1.0\r\n\r\n"));
         assert!(keep("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
@@ -402,7 +448,7 @@ mod tests {
 
     #[test]
     fn expect_continue_only_on_http_1_1() {
-        let raw = "POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n";
+        let raw = "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n";
         assert!(complete(raw).expect_continue);
         let raw = "POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n";
         assert!(!complete(raw).expect_continue);
@@ -412,8 +458,8 @@ mod tests {
     fn malformed_heads_are_refused() {
         let head_error = Err(HeadError::Malformed("The request head is malformed."));
         for raw in [
-            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            "GET / HTTP/1.1\r\nName: a\x01b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nName: a\x01b\r\n\r\n",
             "GET / HTTP/2.0\r\n\r\n",
             "GET\r\n\r\n",
             "GET /a b HTTP/1.1\r\n\r\n",
@@ -429,15 +475,65 @@ mod tests {
     }
 
     #[test]
+    fn host_follows_rfc_9112_section_3_2() {
+        let missing = Err(HeadError::Malformed("The request has no Host field."));
+        let twice = Err(HeadError::Malformed(
+            "The request has more than one Host field.",
+        ));
+        let invalid = Err(HeadError::Malformed("Invalid Host field."));
+        let rows: [(&str, &str, Result<(), HeadError>); 29] = [
+            // (request line, fields, outcome)
+            ("GET / HTTP/1.1", "", missing),
+            ("GET / HTTP/1.1", "X-Host: cliq\r\n", missing),
+            // HTTP/1.0 had no Host field: its absence is no fault.
+            ("GET / HTTP/1.0", "", Ok(())),
+            ("GET / HTTP/1.1", "Host: cliq.zoho.com\r\n", Ok(())),
+            ("GET / HTTP/1.1", "host: cliq.zoho.com:443\r\n", Ok(())),
+            ("GET / HTTP/1.1", "Host: 127.0.0.1:8080\r\n", Ok(())),
+            ("GET / HTTP/1.1", "Host: [::1]:8080\r\n", Ok(())),
+            ("GET / HTTP/1.1", "Host: [2001:db8::1]\r\n", Ok(())),
+            ("GET / HTTP/1.1", "Host:  cliq \r\n", Ok(())),
+            // Empty: what a client sends for a target without authority (RFC 9110 7.2).
+            ("GET / HTTP/1.1", "Host:\r\n", Ok(())),
+            ("OPTIONS * HTTP/1.1", "Host:\r\n", Ok(())),
+            ("GET http://cliq.zoho.com/ HTTP/1.1", "Host:\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq\r\nHost: cliq\r\n", twice),
+            ("GET / HTTP/1.1", "Host: a\r\nX-A: 1\r\nhOST: b\r\n", twice),
+            ("GET / HTTP/1.1", "Host: cliq\r\nHost:\r\n", twice),
+            ("GET / HTTP/1.0", "Host: a\r\nHost: b\r\n", twice),
+            ("GET / HTTP/1.1", "Host: cliq zoho\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq\tzoho\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq/api\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq?x=1\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq#x\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: alice@cliq\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq:80:81\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: [::1\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cli%41q\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq:http\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: :443\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: caf\u{e9}\r\n", invalid),
+            ("GET / HTTP/1.0", "Host: cliq zoho\r\n", invalid),
+        ];
+        for (line, fields, outcome) in rows {
+            let raw = format!("{line}\r\n{fields}\r\n");
+            let parsed = parse(&raw).map(|r| assert!(r.is_some(), "{raw:?} is incomplete"));
+            assert_eq!(parsed, outcome, "{raw:?}");
+        }
+    }
+
+    #[test]
     fn absolute_form_targets_keep_their_path() {
-        let req = complete("GET http://elsewhere.example/api/v2/x?q=1 HTTP/1.1\r\n\r\n");
+        let req = complete(
+            "GET http://elsewhere.example/api/v2/x?q=1 HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n",
+        );
         assert_eq!(req.parts.uri.path(), "/api/v2/x");
         assert_eq!(req.parts.uri.query(), Some("q=1"));
     }
 
     #[test]
     fn repeated_fields_keep_their_order() {
-        let req = complete("GET / HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nX-B: 3\r\n\r\n");
+        let req = complete("GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\nX-B: 3\r\n\r\n");
         let values: Vec<_> = req.parts.headers.get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
     }

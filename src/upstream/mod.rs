@@ -172,8 +172,9 @@ fn upstream_error(e: ExchangeError, timeout: Duration) -> ProxyError {
             return ProxyError::UpstreamTimeout(timeout)
         }
         ExchangeError::Body(body) => {
-            // The caller's streamed body went over `max_body_bytes`, or broke off: its fault.
-            if let Some(error) = caller_fault(body.as_ref()) {
+            // The caller's streamed body went over `max_body_bytes`, broke off or stalled: its
+            // fault (413, 400 or 408), not the upstream's.
+            if let Some(error) = crate::body::caller_fault(body.as_ref()) {
                 tracing::debug!(error = %error_chain(body.as_ref()), "request body refused");
                 return error;
             }
@@ -182,24 +183,6 @@ fn upstream_error(e: ExchangeError, timeout: Duration) -> ProxyError {
     }
     tracing::warn!(error = %error_chain(&e), "upstream call failed");
     ProxyError::UpstreamUnavailable
-}
-
-/// The caller's error, if the call failed on its streamed body: over the limit
-/// ([`crate::body::Limited`]) or malformed / cut off ([`crate::body::CallerBodyError`]).
-fn caller_fault(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(too_large) = err.downcast_ref::<crate::body::BodyTooLarge>() {
-            return Some(ProxyError::BodyTooLarge { limit: too_large.0 });
-        }
-        if err.is::<crate::body::CallerBodyError>() {
-            return Some(ProxyError::BadRequest(
-                "The request body is malformed or ended early.",
-            ));
-        }
-        source = err.source();
-    }
-    None
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
