@@ -570,6 +570,44 @@ async fn slow_upstream_is_504_upstream_timeout() {
     running.shutdown().await;
 }
 
+/// `timeouts.response` is the upstream's time to answer once it has the request: a caller that
+/// takes longer than that to send its body (pausing less than `client_body` each time) is not
+/// cut off with a 504 that would blame Zoho.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_slower_than_the_response_timeout_still_gets_its_answer() {
+    let (stub, running) = stub_and_proxy(&format!(
+        "timeouts:\n  response: \"{SHORT_RESPONSE_TIMEOUT}\"\n  client_body: \"5s\"\n"
+    ))
+    .await;
+    let pieces = 8;
+    let gap = Duration::from_millis(100);
+    let head = format!(
+        "POST /api/v3/chats/C1/message HTTP/1.1\r\nHost: cliq.zoho.com\r\n\
+         Authorization: Zoho-oauthtoken alice\r\nContent-Length: {pieces}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let started = Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(running.proxy_addr)
+        .await
+        .expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    for _ in 0..pieces {
+        tokio::time::sleep(gap).await;
+        stream.write_all(b"x").await.expect("a piece of the body");
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(CLIENT_TIMEOUT, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    // The body took longer than the response timeout (800 ms against 300 ms).
+    assert!(started.elapsed() >= gap * pieces);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(only_arrival(&stub).body.len(), pieces as usize);
+    running.shutdown().await;
+}
+
 // ---- 5. size limits ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,21 @@ pub(super) enum ExchangeError {
     Body(BoxError),
     #[error("the upstream closed the connection before answering")]
     Closed,
+    /// The upstream took no part of the request, or sent no answer head, within
+    /// [`Limits::response`].
+    #[error("the upstream did not {0} within the response timeout")]
+    TimedOut(&'static str),
+}
+
+/// How long each stage of an exchange may take.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// Each address's TCP connect, then the TLS handshake.
+    pub connect: Duration,
+    /// Each write of the request (an upstream that stops reading), then the answer's head,
+    /// counted from when the request has been sent (`timeouts.response`). The caller's own
+    /// pauses while its body streams are bounded by the server (`timeouts.client_body`).
+    pub response: Duration,
 }
 
 enum Stream {
@@ -318,15 +333,15 @@ pub(super) fn close_idle() {
 /// hop-by-hop field; its `Host` is already the upstream's.
 pub(super) async fn exchange(
     origin: &Origin,
-    connect_timeout: Duration,
+    limits: Limits,
     parts: request::Parts,
     body: ProxyBody,
 ) -> Result<Response<UpstreamBody>, ExchangeError> {
     let conn = match checkout(origin) {
         Some(conn) => conn,
-        None => Conn::open(origin, connect_timeout).await?,
+        None => Conn::open(origin, limits.connect).await?,
     };
-    send_on(conn, parts, body).await
+    send_on(conn, parts, body, limits.response).await
 }
 
 type Answer = Result<Response<UpstreamBody>, ExchangeError>;
@@ -349,24 +364,24 @@ enum Stage<'a> {
     Answered,
 }
 
-/// A connection and the request to send on it.
-type Sendable = (Conn, request::Parts, ProxyBody);
+/// A connection, the request to send on it and the response limit.
+type Sendable = (Conn, request::Parts, ProxyBody, Duration);
 
 impl<'a> Exchange<'a> {
     pub(super) fn start(
         origin: &'a Origin,
-        connect_timeout: Duration,
+        limits: Limits,
         parts: request::Parts,
         body: ProxyBody,
     ) -> Self {
         let stage = match checkout(origin) {
             Some(conn) => Stage::Sending {
-                exchange: Box::pin(send_on(conn, parts, body)),
+                exchange: Box::pin(send_on(conn, parts, body, limits.response)),
                 polled: false,
             },
             None => Stage::Connecting(Box::pin(async move {
-                let conn = Conn::open(origin, connect_timeout).await?;
-                Ok((conn, parts, body))
+                let conn = Conn::open(origin, limits.connect).await?;
+                Ok((conn, parts, body, limits.response))
             })),
         };
         Exchange { stage }
@@ -392,9 +407,9 @@ impl Future for Exchange<'_> {
         loop {
             match &mut self.stage {
                 Stage::Connecting(connecting) => {
-                    let (conn, parts, body) = ready!(connecting.as_mut().poll(cx))?;
+                    let (conn, parts, body, limit) = ready!(connecting.as_mut().poll(cx))?;
                     self.stage = Stage::Sending {
-                        exchange: Box::pin(send_on(conn, parts, body)),
+                        exchange: Box::pin(send_on(conn, parts, body, limit)),
                         polled: false,
                     };
                 }
@@ -411,10 +426,12 @@ impl Future for Exchange<'_> {
 }
 
 /// Writes a request on a connection and reads the answer's head; the body streams afterwards.
+/// `limit` bounds each write and then the wait for the head ([`Limits::response`]).
 async fn send_on(
     mut conn: Conn,
     mut parts: request::Parts,
     body: ProxyBody,
+    limit: Duration,
 ) -> Result<Response<UpstreamBody>, ExchangeError> {
     // The framing is cliqgate's to choose for its own hop; `Expect` was answered on the
     // caller's hop already (the server sends 100 Continue when the body is first read).
@@ -433,30 +450,52 @@ async fn send_on(
     // The upstream may answer before it has the whole body (RFC 9112 9.5): an error, a throttle,
     // and then perhaps close. Its answer is what the caller gets, and the connection is not
     // used again (the request was cut short).
-    let (sent_whole, mut write_error) = match send_body(&mut conn, body, framing).await {
+    let (sent_whole, mut write_error) = match send_body(&mut conn, body, framing, limit).await {
         Ok(Sent::Whole) => (true, None),
         Ok(Sent::AnsweredEarly) => (false, None),
         Err(ExchangeError::Io(e)) => (false, Some(e)),
         Err(e) => return Err(e),
     };
-    let head = loop {
-        if !conn.buf.is_empty() {
-            if let Some(head) = wire::parse_response_head(&mut conn.buf, &parts.method)? {
-                break head;
+    // The response timeout runs from here: the request is sent (or the answer has begun).
+    let reading = async {
+        loop {
+            if !conn.buf.is_empty() {
+                if let Some(head) = wire::parse_response_head(&mut conn.buf, &parts.method)? {
+                    return Ok(head);
+                }
+            }
+            conn.buf.reserve(READ_CHUNK);
+            let read = conn.stream.read_buf(&mut conn.buf).await;
+            match (read, write_error.take()) {
+                (Ok(0), None) => return Err(ExchangeError::Closed),
+                (Ok(0) | Err(_), Some(e)) => return Err(ExchangeError::Io(e)),
+                (Err(e), None) => return Err(e.into()),
+                (Ok(_), error) => write_error = error,
             }
         }
-        conn.buf.reserve(READ_CHUNK);
-        let read = conn.stream.read_buf(&mut conn.buf).await;
-        match (read, write_error) {
-            (Ok(0), None) => return Err(ExchangeError::Closed),
-            (Ok(0) | Err(_), Some(e)) => return Err(ExchangeError::Io(e)),
-            (Err(e), None) => return Err(e.into()),
-            (Ok(_), error) => write_error = error,
-        }
     };
+    let head = within(limit, "answer", reading).await??;
     let reusable = head.reusable && sent_whole;
     let body = UpstreamBody::new(conn, head.framing, reusable);
     Ok(head.response.map(|()| body))
+}
+
+/// `work`'s outcome, or [`ExchangeError::TimedOut`] (`what` the upstream failed to do) if it
+/// takes longer than `limit`. Tried once before a timer is armed: a write that goes through at
+/// once, as nearly every one does, costs no timer.
+async fn within<T>(
+    limit: Duration,
+    what: &'static str,
+    work: impl Future<Output = T>,
+) -> Result<T, ExchangeError> {
+    let mut work = std::pin::pin!(work);
+    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    if let Poll::Ready(done) = first {
+        return Ok(done);
+    }
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| ExchangeError::TimedOut(what))
 }
 
 /// How the sending of a request ended.
@@ -486,6 +525,7 @@ async fn send_body(
     conn: &mut Conn,
     mut body: ProxyBody,
     framing: RequestFraming,
+    limit: Duration,
 ) -> Result<Sent, ExchangeError> {
     let mut left = match framing {
         RequestFraming::Length(n) => n,
@@ -509,8 +549,8 @@ async fn send_body(
                 Some(frame) => frame,
                 None => {
                     // Nothing more right now: send what there is, then wait.
-                    conn.write_out().await?;
-                    conn.stream.flush().await?;
+                    within(limit, "take the request", conn.write_out()).await??;
+                    within(limit, "take the request", conn.stream.flush()).await??;
                     continue;
                 }
             }
@@ -534,14 +574,14 @@ async fn send_body(
             }
             left -= n;
             if data.len() >= WRITE_GATHER {
-                conn.write_out().await?;
-                conn.stream.write_all(&data).await?;
+                within(limit, "take the request", conn.write_out()).await??;
+                within(limit, "take the request", conn.stream.write_all(&data)).await??;
                 continue;
             }
             conn.out.extend_from_slice(&data);
         }
         if conn.out.len() >= WRITE_GATHER {
-            conn.write_out().await?;
+            within(limit, "take the request", conn.write_out()).await??;
         }
     }
     if chunked {
@@ -551,8 +591,8 @@ async fn send_body(
             "request body shorter than its length".into(),
         ));
     }
-    conn.write_out().await?;
-    conn.stream.flush().await?;
+    within(limit, "take the request", conn.write_out()).await??;
+    within(limit, "take the request", conn.stream.flush()).await??;
     Ok(Sent::Whole)
 }
 
@@ -729,6 +769,11 @@ impl Body for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TEST_LIMITS: Limits = Limits {
+        connect: Duration::from_secs(1),
+        response: Duration::from_secs(5),
+    };
     use crate::body::{empty, full};
     use http::Request;
     use tokio::net::TcpListener;
@@ -812,7 +857,7 @@ mod tests {
 
     /// One GET through `exchange`: its whole answer.
     async fn get_body(origin: &Origin, path: &str) -> Bytes {
-        let response = exchange(origin, Duration::from_secs(1), get(path), empty())
+        let response = exchange(origin, TEST_LIMITS, get(path), empty())
             .await
             .unwrap();
         body_of(response).await.unwrap()
@@ -873,7 +918,7 @@ mod tests {
         })
         .await;
         assert_eq!(get_body(&origin, "/close").await, "hi");
-        let response = exchange(&origin, Duration::from_secs(1), get("/eof"), empty())
+        let response = exchange(&origin, TEST_LIMITS, get("/eof"), empty())
             .await
             .unwrap();
         assert_eq!(response.body().size_hint().exact(), None);
@@ -922,7 +967,7 @@ mod tests {
         })
         .await;
         for _ in 0..2 {
-            let response = exchange(&origin, Duration::from_secs(1), get("/"), empty())
+            let response = exchange(&origin, TEST_LIMITS, get("/"), empty())
                 .await
                 .unwrap();
             assert_eq!(response.body().size_hint().exact(), Some(100_000));
@@ -956,7 +1001,7 @@ mod tests {
             .insert(header::CONTENT_LENGTH, "999".parse().unwrap());
         let response = exchange(
             &origin,
-            Duration::from_secs(1),
+            TEST_LIMITS,
             parts,
             full("{\"text\":\"hi\"}".into()),
         )
@@ -972,7 +1017,7 @@ mod tests {
             Frame::data(Bytes::from("ab")),
             Frame::data(Bytes::from("cde")),
         ]);
-        let response = exchange(&origin, Duration::from_secs(1), post("/c"), frames)
+        let response = exchange(&origin, TEST_LIMITS, post("/c"), frames)
             .await
             .unwrap();
         body_of(response).await.unwrap();
@@ -981,7 +1026,7 @@ mod tests {
             "POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
         );
 
-        let response = exchange(&origin, Duration::from_secs(1), get("/g?q=1"), empty())
+        let response = exchange(&origin, TEST_LIMITS, get("/g?q=1"), empty())
             .await
             .unwrap();
         body_of(response).await.unwrap();
@@ -1040,7 +1085,7 @@ mod tests {
         let body = Stalls(false).boxed();
         let response = tokio::time::timeout(
             Duration::from_secs(5),
-            exchange(&origin, Duration::from_secs(1), post("/m"), body),
+            exchange(&origin, TEST_LIMITS, post("/m"), body),
         )
         .await
         .expect("the early answer ends the exchange")
@@ -1048,7 +1093,7 @@ mod tests {
         assert_eq!(response.status(), http::StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(body_of(response).await.unwrap(), "no");
         // The request was cut short: the next call needs a new connection.
-        let _ = exchange(&origin, Duration::from_secs(1), get("/"), empty()).await;
+        let _ = exchange(&origin, TEST_LIMITS, get("/"), empty()).await;
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
@@ -1083,7 +1128,7 @@ mod tests {
         }));
         let call = |rt: &tokio::runtime::Runtime| {
             rt.block_on(async {
-                let exchange = exchange(&origin, Duration::from_secs(1), get("/"), empty());
+                let exchange = exchange(&origin, TEST_LIMITS, get("/"), empty());
                 let response = tokio::time::timeout(Duration::from_secs(5), exchange)
                     .await
                     .expect("no hang on another runtime's connection")
@@ -1121,11 +1166,96 @@ mod tests {
                 }
             })
             .await;
-            let error = match exchange(&origin, Duration::from_secs(1), get("/"), empty()).await {
+            let error = match exchange(&origin, TEST_LIMITS, get("/"), empty()).await {
                 Err(e) => e.to_string(),
                 Ok(response) => body_of(response).await.unwrap_err().to_string(),
             };
             assert!(error.contains(expected), "{error}");
         }
+    }
+
+    /// A request body that comes in `pieces`, `gap` apart (a slow caller).
+    struct Trickle {
+        pieces: std::collections::VecDeque<Bytes>,
+        gap: Duration,
+        next: Pin<Box<tokio::time::Sleep>>,
+    }
+
+    impl Trickle {
+        fn new(pieces: usize, gap: Duration) -> Trickle {
+            Trickle {
+                pieces: (0..pieces).map(|_| Bytes::from_static(b"x")).collect(),
+                gap,
+                next: Box::pin(tokio::time::sleep(gap)),
+            }
+        }
+    }
+
+    impl Body for Trickle {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.pieces.is_empty() {
+                return Poll::Ready(None);
+            }
+            std::task::ready!(self.next.as_mut().poll(cx));
+            let deadline = tokio::time::Instant::now() + self.gap;
+            self.next.as_mut().reset(deadline);
+            Poll::Ready(self.pieces.pop_front().map(|piece| Ok(Frame::data(piece))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.pieces.len() as u64)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_response_timeout_runs_from_the_request_sent_not_while_the_caller_sends_it() {
+        let (origin, _) = raw_upstream(|mut stream| async move {
+            if read_request(&mut stream).await.is_some() {
+                stream.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        let limits = Limits {
+            connect: Duration::from_secs(1),
+            response: Duration::from_millis(200),
+        };
+        // The body takes 600 ms, three response timeouts, each piece well within one.
+        let body = Trickle::new(6, Duration::from_millis(100)).boxed();
+        let started = tokio::time::Instant::now();
+        let response = exchange(&origin, limits, post("/m"), body).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        assert_eq!(body_of(response).await.unwrap(), "{\"ok\":true}");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_sends_no_answer_head_times_out_after_the_response_timeout() {
+        let (origin, _) = raw_upstream(|mut stream| async move {
+            // Takes the request, then says nothing (holding the connection open).
+            if read_request(&mut stream).await.is_some() {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        })
+        .await;
+        let limits = Limits {
+            connect: Duration::from_secs(1),
+            response: Duration::from_millis(150),
+        };
+        let started = tokio::time::Instant::now();
+        let Err(error) = exchange(&origin, limits, get("/"), empty()).await else {
+            panic!("an answer from an upstream that sent none");
+        };
+        let waited = started.elapsed();
+        assert!(
+            matches!(error, ExchangeError::TimedOut("answer")),
+            "{error}"
+        );
+        assert!(waited >= limits.response, "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
 }

@@ -25,7 +25,7 @@ use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::error::ProxyError;
 pub use conn::UpstreamBody;
-use conn::{Exchange, ExchangeError, Origin};
+use conn::{Exchange, ExchangeError, Limits, Origin};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
@@ -51,8 +51,7 @@ struct Inner {
     origin: Origin,
     tls: Arc<rustls::ClientConfig>,
     host: HeaderValue,
-    response_timeout: Duration,
-    connect_timeout: Duration,
+    limits: Limits,
 }
 
 /// Closes the calling thread's idle upstream connections (a worker thread that is ending).
@@ -75,8 +74,10 @@ impl Upstream {
                 origin,
                 tls,
                 host,
-                response_timeout: config.timeouts.response,
-                connect_timeout: config.timeouts.connect,
+                limits: Limits {
+                    connect: config.timeouts.connect,
+                    response: config.timeouts.response,
+                },
             }),
         })
     }
@@ -100,7 +101,7 @@ impl Upstream {
         if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
             parts.headers.insert(header::HOST, host);
         }
-        conn::exchange(&origin, inner.connect_timeout, parts, body)
+        conn::exchange(&origin, inner.limits, parts, body)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "identity lookup failed");
@@ -115,25 +116,23 @@ impl Upstream {
         let (mut parts, body) = req.into_parts();
         parts.headers.insert(header::HOST, inner.host.clone());
         Sending {
-            exchange: Exchange::start(&inner.origin, inner.connect_timeout, parts, body),
-            deadline: tokio::time::Instant::now() + inner.response_timeout,
-            timeout: inner.response_timeout,
+            exchange: Exchange::start(&inner.origin, inner.limits, parts, body),
+            timeout: inner.limits.response,
         }
     }
 }
 
-/// One call on its way to the upstream, bounded by the response timeout. It is part of every
-/// call's state: a box, a deadline and the timeout.
+/// One call on its way to the upstream. It is part of every call's state: a box and the
+/// response timeout (the exchange keeps to it, [`conn::Limits`]).
 pub struct Sending<'a> {
     exchange: Exchange<'a>,
-    deadline: tokio::time::Instant,
     timeout: Duration,
 }
 
 impl Sending<'_> {
     /// The response head, or cliqgate's error for the caller.
     pub async fn response(&mut self) -> Result<Response<UpstreamBody>, ProxyError> {
-        let answer = tokio::time::timeout_at(self.deadline, &mut self.exchange).await;
+        let answer = (&mut self.exchange).await;
         answer_or_error(answer, self.timeout)
     }
 
@@ -144,25 +143,17 @@ impl Sending<'_> {
         self,
     ) -> Option<impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'static>
     {
-        let Sending {
-            exchange,
-            deadline,
-            timeout,
-        } = self;
+        let Sending { exchange, timeout } = self;
         let rest = exchange.into_started()?;
-        Some(async move { answer_or_error(tokio::time::timeout_at(deadline, rest).await, timeout) })
+        Some(async move { answer_or_error(rest.await, timeout) })
     }
 }
 
 fn answer_or_error(
-    answer: Result<Result<Response<UpstreamBody>, ExchangeError>, tokio::time::error::Elapsed>,
+    answer: Result<Response<UpstreamBody>, ExchangeError>,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    match answer {
-        Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) => Err(upstream_error(e, timeout)),
-    }
+    answer.map_err(|e| upstream_error(e, timeout))
 }
 
 /// Who is at fault for a failed exchange, as the caller will be told.
@@ -170,6 +161,10 @@ fn upstream_error(e: ExchangeError, timeout: Duration) -> ProxyError {
     match &e {
         ExchangeError::Connect(io) if io.kind() == std::io::ErrorKind::TimedOut => {
             return ProxyError::UpstreamTimeout(timeout)
+        }
+        ExchangeError::TimedOut(_) => {
+            tracing::warn!(error = %e, "upstream call timed out");
+            return ProxyError::UpstreamTimeout(timeout);
         }
         ExchangeError::Body(body) => {
             // The caller's streamed body went over `max_body_bytes`, broke off or stalled: its
