@@ -1300,3 +1300,253 @@ async fn body_that_keeps_arriving_in_pieces_outlasts_client_body_and_reaches_zoh
     assert_eq!(wire.answer("GET").await.status, 200);
     running.shutdown().await;
 }
+
+// ---- an h2c stream that stalls its request body (`timeouts.client_body` over HTTP/2) ----
+
+/// A request body the test sends piece by piece over an h2c stream (each piece one DATA
+/// frame), ended by dropping its sender. `None`: no body at all (HEADERS with END_STREAM).
+struct Trickle(Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>);
+
+impl http_body::Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match &mut self.0 {
+            None => std::task::Poll::Ready(None),
+            Some(pieces) => pieces
+                .poll_recv(cx)
+                .map(|piece| piece.map(|p| Ok(http_body::Frame::data(p)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+fn trickle() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, Trickle) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (tx, Trickle(Some(rx)))
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Trickle>;
+
+/// A new h2c connection (prior knowledge) to the proxy, whose streams are opened through the
+/// returned sender (and its clones); it closes once they are all dropped.
+async fn h2c_connection(addr: SocketAddr) -> H2Sender {
+    let stream = tokio::time::timeout(READ_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .expect("connect within the read timeout")
+        .expect("connect to the proxy");
+    stream.set_nodelay(true).expect("TCP_NODELAY");
+    let handshake = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    );
+    let (sender, connection) = tokio::time::timeout(READ_TIMEOUT, handshake)
+        .await
+        .expect("an HTTP/2 handshake within the read timeout")
+        .expect("an HTTP/2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// `POST /api/v3/chats/C1/message` from alice, declaring [`DECLARED_BODY`] bytes.
+fn h2_post(addr: SocketAddr, body: Trickle) -> http::Request<Trickle> {
+    http::Request::post(format!("http://{addr}/api/v3/chats/C1/message"))
+        .header("authorization", "Zoho-oauthtoken alice")
+        .header("content-type", "application/json")
+        .header("content-length", DECLARED_BODY)
+        .body(body)
+        .expect("a well-formed request")
+}
+
+/// `GET /api/v2/me` from alice, without a body.
+fn h2_get_me(addr: SocketAddr) -> http::Request<Trickle> {
+    http::Request::get(format!("http://{addr}{ME}"))
+        .header("authorization", "Zoho-oauthtoken alice")
+        .body(Trickle(None))
+        .expect("a well-formed request")
+}
+
+/// Opens a stream for `request` and reads its whole answer, within [`READ_TIMEOUT`].
+async fn h2_exchange(sender: &mut H2Sender, request: http::Request<Trickle>) -> TestResponse {
+    let exchange = async {
+        sender
+            .ready()
+            .await
+            .expect("the connection takes a new stream");
+        let response = sender.send_request(request).await.expect("an answer");
+        let (parts, body) = response.into_parts();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .expect("the whole answer body")
+            .to_bytes();
+        TestResponse {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+        }
+    };
+    tokio::time::timeout(READ_TIMEOUT, exchange)
+        .await
+        .expect("answered within the read timeout")
+}
+
+/// The stalled stream was answered 408 in Zoho's envelope, not before `client_body` had passed
+/// since `sent` (HTTP/2 has no `Connection: close`: only the stream ends).
+fn assert_h2_timed_out(answer: &TestResponse, sent: Instant) {
+    let took = sent.elapsed();
+    assert_eq!(answer.version, http::Version::HTTP_2);
+    assert_eq!(
+        answer.status,
+        StatusCode::REQUEST_TIMEOUT,
+        "{}",
+        answer.text()
+    );
+    let content_type = answer.header("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json"),
+        "content-type {content_type:?}"
+    );
+    let body = answer.json();
+    assert_eq!(body["code"], "request_timeout", "body: {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "body: {body}"
+    );
+    assert!(
+        took >= CLIENT_BODY,
+        "answered after {took:?}, before client_body ({CLIENT_BODY:?})"
+    );
+    // READ_TIMEOUT is ten client_body periods.
+    assert!(took < READ_TIMEOUT, "answered after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_h2_body_is_408_after_client_body_and_zoho_never_gets_a_whole_call() {
+    let (stub, running) = stub_and_proxy(&client_body_yaml()).await;
+    let addr = running.proxy_addr;
+    let mut h2 = h2c_connection(addr).await;
+    let (pieces, body) = trickle();
+    pieces
+        .send(Bytes::from(vec![b'x'; SENT_BEFORE_STALL]))
+        .expect("the body is open");
+    let sent = Instant::now();
+    let answer = h2_exchange(&mut h2, h2_post(addr, body)).await;
+    assert_h2_timed_out(&answer, sent);
+    // The call went out with its body streaming and was cut short: Zoho cannot act on it.
+    wait_for(
+        "the cut-short call to end at the stub",
+        READ_TIMEOUT,
+        || {
+            let stub = &stub;
+            async move { !stub.arrivals().is_empty() }
+        },
+    )
+    .await;
+    let outcomes: Vec<Outcome> = stub.arrivals().iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, [Outcome::Incomplete]);
+    drop((pieces, h2));
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_connection_serves_other_streams_while_and_after_one_stalls_its_body() {
+    let (stub, running) = stub_and_proxy(&client_body_yaml()).await;
+    let addr = running.proxy_addr;
+    let mut h2 = h2c_connection(addr).await;
+    let (pieces, body) = trickle();
+    pieces
+        .send(Bytes::from(vec![b'x'; SENT_BEFORE_STALL]))
+        .expect("the body is open");
+    let sent = Instant::now();
+    let mut stalled_stream = h2.clone();
+    let stalled =
+        tokio::spawn(async move { h2_exchange(&mut stalled_stream, h2_post(addr, body)).await });
+    wait_for(
+        "the stalled call to go out (the stub accepts its connection)",
+        READ_TIMEOUT,
+        || {
+            let stub = &stub;
+            async move { stub.connections_accepted() >= 1 }
+        },
+    )
+    .await;
+
+    // While one stream's body is stalled, another stream on the connection is served.
+    let during = h2_exchange(&mut h2, h2_get_me(addr)).await;
+    assert_eq!(during.status, StatusCode::OK, "{}", during.text());
+    assert!(
+        !stalled.is_finished(),
+        "the stalled call was answered early"
+    );
+
+    let answer = stalled.await.expect("the stalled stream's task");
+    assert_h2_timed_out(&answer, sent);
+    // What the caller's client sees after the 408: the whole answer, then its stream ended by
+    // the proxy (RST_STREAM NO_ERROR, RFC 9113 section 8.1), so it stops sending the body.
+    wait_for(
+        "the client to stop sending the stalled body",
+        READ_TIMEOUT,
+        || {
+            let pieces = &pieces;
+            async move { pieces.is_closed() }
+        },
+    )
+    .await;
+
+    // And the connection still carries new streams.
+    let after = h2_exchange(&mut h2, h2_get_me(addr)).await;
+    assert_eq!(after.status, StatusCode::OK, "{}", after.text());
+    assert_eq!(after.version, http::Version::HTTP_2);
+    let gets = stub
+        .arrivals()
+        .iter()
+        .filter(|a| a.method == Method::GET && a.outcome == Outcome::Allowed)
+        .count();
+    assert_eq!(gets, 2, "{:?}", stub.arrivals());
+    drop(h2);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_body_that_keeps_arriving_in_pieces_outlasts_client_body_and_reaches_zoho_whole() {
+    let (stub, running) = stub_and_proxy(&client_body_yaml()).await;
+    let addr = running.proxy_addr;
+    let body: Vec<u8> = (0..DECLARED_BODY).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut h2 = h2c_connection(addr).await;
+    let (pieces, trickled) = trickle();
+    let started = Instant::now();
+    let caller = {
+        let body = body.clone();
+        tokio::spawn(async move {
+            for piece in body.chunks(DECLARED_BODY / SLOW_BODY_PIECES) {
+                tokio::time::sleep(SLOW_PIECE_PAUSE).await;
+                pieces
+                    .send(Bytes::copy_from_slice(piece))
+                    .expect("the body is still read");
+            }
+            // Dropping the sender ends the body (END_STREAM).
+        })
+    };
+    let answer = h2_exchange(&mut h2, h2_post(addr, trickled)).await;
+    caller.await.expect("the caller task");
+    // The premise: the body as a whole took longer than client_body.
+    assert!(started.elapsed() > CLIENT_BODY, "{:?}", started.elapsed());
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let arrivals = stub.arrivals();
+    assert_eq!(arrivals.len(), 1);
+    assert_eq!(arrivals[0].outcome, Outcome::Allowed);
+    assert!(
+        arrivals[0].body[..] == body[..],
+        "the body reached Zoho changed"
+    );
+    drop(h2);
+    running.shutdown().await;
+}

@@ -15,7 +15,9 @@
 //! call cancelled when its caller hangs up while it runs (a queued one gives its slot back; one
 //! already sent is finished by the proxy for Zoho's throttle signals),
 //! graceful drain (idle connections close, busy ones after their answer). What it adds: heads
-//! that cannot be read get a Zoho-style JSON 400 or 431 instead of a bare status.
+//! that cannot be read get a Zoho-style JSON 400 or 431 instead of a bare status, and a request
+//! body that pauses for longer than `timeouts.client_body` is answered 408, over HTTP/1.1 and
+//! h2c alike.
 
 mod reader;
 mod wire;
@@ -42,7 +44,7 @@ use tokio::time::{Instant, Sleep};
 use crate::body::{empty, full, ProxyBody};
 use crate::error::ProxyError;
 use crate::upstream::wire::{encode_chunk_size, encode_last_chunk};
-use reader::{lock, Head, HeadFailure, Reader, SharedReader};
+use reader::{lock, Head, HeadFailure, PatientBody, Reader, SharedReader};
 use wire::{encode_response_head, ResponseFraming};
 
 /// How long an idle keep-alive connection is kept (nginx's `keepalive_timeout` default). Apps'
@@ -517,10 +519,12 @@ async fn serve_h2<S: Service>(
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.head_limit).unwrap_or(u32::MAX));
+    let client_body = limits.client_body;
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let req = req.map(|body| box_incoming(body, client_body));
         // `map`, not an `async` block: a block would keep the call future twice (as what it
         // captured and as what it awaits), and every HTTP/2 call in flight holds this.
-        futures_util::FutureExt::map(service.call(req.map(box_incoming), peer), answered)
+        futures_util::FutureExt::map(service.call(req, peer), answered)
     });
     let io = TokioIo::new(Rewind {
         preface,
@@ -544,9 +548,9 @@ fn answered(response: Response<ProxyBody>) -> Result<Response<ProxyBody>, Infall
     Ok(response)
 }
 
-fn box_incoming(body: hyper::body::Incoming) -> ProxyBody {
-    body.map_err(|e| -> crate::body::BoxError { Box::new(e) })
-        .boxed()
+/// An h2c stream's request body, held to `timeouts.client_body` as an HTTP/1.1 body is.
+fn box_incoming(body: hyper::body::Incoming, client_body: Duration) -> ProxyBody {
+    PatientBody::new(body, client_body).boxed()
 }
 
 /// A socket whose first bytes were already read: they are read again first.

@@ -8,7 +8,8 @@
 //!
 //! A body that waits on the socket for longer than `timeouts.client_body` since bytes last came
 //! fails ([`BodyPatience`]), so a caller that stalls its body cannot hold its call and
-//! connection for ever.
+//! connection for ever. An h2c stream's body (hyper's) is held to the same guard by
+//! [`PatientBody`].
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -278,8 +279,7 @@ impl Reader {
             // The rest of the body may still come, so its framing is lost: the connection
             // closes after the answer (the body is not complete).
             self.body = BodyState::Failed;
-            let after = self.body_patience.period;
-            return Poll::Ready(Some(Err(Box::new(CallerBodyError::Stalled(after)))));
+            return Poll::Ready(Some(Err(self.body_patience.stalled())));
         }
         polled
     }
@@ -434,15 +434,15 @@ fn caller_error(e: impl std::fmt::Display) -> BoxError {
 }
 
 /// The slow-body guard (nginx's `client_body_timeout`): the longest a request body may wait on
-/// the socket for its next bytes. Not a bound on the whole body: a body that keeps arriving,
-/// however slowly, is never cut off.
+/// the socket (or its HTTP/2 stream) for its next bytes. Not a bound on the whole body: a body
+/// that keeps arriving, however slowly, is never cut off.
 ///
 /// The clock starts at the first wait since bytes last came (or since the body began), not
 /// when they came: while the proxy is not asking for the body (a slow upstream connection, a
 /// queue that holds enough of it) the caller's bytes wait in the socket, and that time is not
 /// held against it. A body read without waiting (bytes that came with the head) never touches
-/// the timer; there is one timer per connection, made at its first wait and reset, not
-/// remade, at later ones.
+/// the timer; there is one timer per connection (per stream body for HTTP/2), made at its
+/// first wait and reset, not remade, at later ones.
 struct BodyPatience {
     period: Duration,
     timer: Option<Pin<Box<Sleep>>>,
@@ -480,6 +480,80 @@ impl BodyPatience {
             Some(timer) => timer.as_mut().poll(cx),
             None => Poll::Pending,
         }
+    }
+
+    /// What a body fails with once a pause has expired: the proxy answers it 408.
+    fn stalled(&self) -> BoxError {
+        Box::new(CallerBodyError::Stalled(self.period))
+    }
+}
+
+/// An HTTP/2 request body (hyper's, for an h2c stream) under the slow-body guard of an
+/// HTTP/1.1 one: any frame that comes counts as progress, and a wait longer than `client_body`
+/// since the last one fails the body with [`CallerBodyError::Stalled`] (answered 408). Frames,
+/// the size hint and the end of the stream are the inner body's own; a body that never waits
+/// (none at all, or one that came whole) never makes a timer.
+///
+/// Once stalled it fails every later poll the same way and reads no more of the inner body: a
+/// body that broke off must not end as if it were whole (a consumer that polled again and got
+/// `None` would take a truncated body for a complete one, and with no declared length the
+/// upstream request could not tell either), which is also what hyper's own body does after a
+/// stream error. For the same reason its end of stream stays the inner body's (not ended).
+pub struct PatientBody<B> {
+    inner: B,
+    patience: BodyPatience,
+    stalled: bool,
+}
+
+impl<B> PatientBody<B> {
+    /// `client_body`: the longest the body may wait for its next frame.
+    pub fn new(inner: B, client_body: Duration) -> PatientBody<B> {
+        PatientBody {
+            inner,
+            patience: BodyPatience::new(client_body),
+            stalled: false,
+        }
+    }
+}
+
+impl<B> Body for PatientBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let this = &mut *self;
+        if this.stalled {
+            return Poll::Ready(Some(Err(this.patience.stalled())));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                // Data or trailers: the caller is still sending.
+                this.patience.progressed();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                ready!(this.patience.poll_expired(cx));
+                this.stalled = true;
+                Poll::Ready(Some(Err(this.patience.stalled())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -637,5 +711,116 @@ mod tests {
         assert!(body.is_end_stream());
         // The rest of the body may still come: nothing after it can be read as a request.
         assert!(!lock(&reader).body_complete());
+    }
+
+    /// A request body the test feeds a frame at a time, as an h2c stream's body is fed by the
+    /// caller; it ends when the sender is dropped.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|data| data.map(|d| Ok(Frame::data(d))))
+        }
+    }
+
+    fn fed() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, PatientBody<Fed>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (tx, PatientBody::new(Fed(rx), PERIOD))
+    }
+
+    fn is_stalled(error: &BoxError) -> bool {
+        matches!(
+            error.downcast_ref::<CallerBodyError>(),
+            Some(CallerBodyError::Stalled(after)) if *after == PERIOD
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_body_that_stalls_fails_as_stalled_after_the_period_and_keeps_failing() {
+        let (tx, mut body) = fed();
+        tx.send(Bytes::from_static(b"0123456789")).expect("send");
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok().as_deref(), Some(&b"0123456789"[..]));
+        // A frame that was there when asked for: no wait, no timer.
+        assert!(body.patience.timer.is_none());
+
+        let waited = Instant::now();
+        let error = body.frame().await.expect("a frame").expect_err("stalled");
+        assert!(waited.elapsed() >= PERIOD, "{:?}", waited.elapsed());
+        assert!(is_stalled(&error), "{error}");
+
+        // Bytes that come after the stall are not handed out: the body broke off, and never
+        // ends as if it were whole.
+        tx.send(Bytes::from_static(b"late")).expect("send");
+        for _ in 0..2 {
+            let again = body
+                .frame()
+                .await
+                .expect("a frame")
+                .expect_err("still stalled");
+            assert!(is_stalled(&again), "{again}");
+        }
+        assert!(!body.is_end_stream());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_body_whose_frames_each_come_within_the_period_is_never_cut_off() {
+        const FRAMES: u32 = 5;
+        let (tx, mut body) = fed();
+        let started = Instant::now();
+        let caller = tokio::spawn(async move {
+            for _ in 0..FRAMES {
+                tokio::time::sleep(PERIOD - MS).await;
+                tx.send(Bytes::from_static(b"x")).expect("send");
+            }
+        });
+        let mut frames = 0;
+        let mut timer = None;
+        while let Some(frame) = body.frame().await {
+            frame.expect("no stall");
+            frames += 1;
+            let this = body.patience.timer.as_deref().map(std::ptr::from_ref);
+            // One timer for the body, reset at each wait, never remade.
+            assert!(this.is_some() && (timer.is_none() || timer == this));
+            timer = this;
+        }
+        caller.await.expect("the caller task");
+        assert_eq!(frames, FRAMES);
+        assert!(started.elapsed() > PERIOD, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_body_keeps_its_size_and_end_and_one_that_never_waits_makes_no_timer() {
+        // No body at all (a GET): nothing to wait for.
+        let mut empty = PatientBody::new(http_body_util::Empty::<Bytes>::new(), PERIOD);
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+        assert!(empty.frame().await.is_none());
+        assert!(empty.patience.timer.is_none());
+
+        // A body that came whole.
+        let mut whole = PatientBody::new(http_body_util::Full::new(Bytes::from("{}")), PERIOD);
+        assert!(!whole.is_end_stream());
+        assert_eq!(whole.size_hint().exact(), Some(2));
+        let data = whole.frame().await.expect("a frame").expect("data");
+        assert_eq!(data.into_data().ok().as_deref(), Some(&b"{}"[..]));
+        assert!(whole.is_end_stream());
+        assert_eq!(whole.size_hint().exact(), Some(0));
+        assert!(whole.frame().await.is_none());
+        assert!(whole.patience.timer.is_none());
+    }
+
+    #[test]
+    fn h2_body_can_be_moved_between_threads_and_polled_unpinned() {
+        fn send_sync_unpin<T: Send + Sync + Unpin>() {}
+        send_sync_unpin::<PatientBody<hyper::body::Incoming>>();
     }
 }
