@@ -234,6 +234,13 @@ async fn running_proxy_serves_logs_each_call_and_never_shows_a_credential() {
             .map(HeaderValue::as_bytes),
         Some(format!("Zoho-oauthtoken {SECRET_TOKEN}").as_bytes())
     );
+    // The line is written as the answer goes out; it reaches this side's reader a moment later.
+    gate.wait_for_event(
+        "the access-log line of the forwarded call",
+        Duration::from_secs(5),
+        |e| e["target"] == "cliqgate::access" && e["status"] == 200,
+    )
+    .await;
     let first = gate
         .access_log()
         .into_iter()
