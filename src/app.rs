@@ -204,6 +204,7 @@ pub async fn start_with_workers(
             current.load_full().handle(req, peer)
         };
         let stopped = stopped.clone();
+        let metrics = shared.metrics.clone();
         // Everything that can fail happens here, before the thread starts: a worker that could
         // not start would silently leave its share of connections unserved.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -219,7 +220,7 @@ pub async fn start_with_workers(
             .name(format!("cliqgate-worker-{index}"))
             .spawn(move || {
                 runtime.block_on(crate::server::serve(
-                    listener, service, stopped, limits, drain,
+                    listener, service, stopped, limits, drain, metrics,
                 ));
                 // This worker's idle upstream connections close before its runtime.
                 crate::upstream::close_idle();

@@ -25,6 +25,7 @@ pub const CONFIG_RELOADS: &str = "cliqgate_config_reloads";
 pub const LIMITER_KEYS: &str = "cliqgate_limiter_keys";
 pub const IDENTITY_CACHE: &str = "cliqgate_identity_cache";
 pub const IDENTITY_LOOKUPS: &str = "cliqgate_identity_lookups";
+pub const CALLER_ERRORS: &str = "cliqgate_caller_errors";
 
 /// The route label of calls that match no route.
 pub const UNMATCHED_ROUTE: &str = "(none)";
@@ -68,6 +69,39 @@ impl Decision {
     }
 }
 
+/// Why cliqgate ended a call or a connection on account of what its caller sent, or did not
+/// send in time (the `reason` label of `cliqgate_caller_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallerError {
+    /// A request head that cannot be read (RFC 9112), or a missing, repeated or invalid `Host`:
+    /// 400, and the connection closes.
+    BadRequest,
+    /// A request head over `http.max_header_bytes`: 431, and the connection closes.
+    HeadersTooLarge,
+    /// No whole request head within `timeouts.client_header` (slowloris): closed unanswered.
+    HeadTimeout,
+    /// A request body that paused longer than `timeouts.client_body`: 408.
+    BodyTimeout,
+}
+
+impl CallerError {
+    pub const ALL: [CallerError; 4] = [
+        CallerError::BadRequest,
+        CallerError::HeadersTooLarge,
+        CallerError::HeadTimeout,
+        CallerError::BodyTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallerError::BadRequest => "bad_request",
+            CallerError::HeadersTooLarge => "headers_too_large",
+            CallerError::HeadTimeout => "head_timeout",
+            CallerError::BodyTimeout => "body_timeout",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RouteDecision {
     route: String,
@@ -93,6 +127,11 @@ struct OpLabel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -177,6 +216,7 @@ pub struct Metrics {
     config_reloads: Family<ResultLabel, Counter>,
     identity_cache: Family<ResultLabel, Counter>,
     identity_lookups: Family<OutcomeLabel, Counter>,
+    caller_errors: Family<ReasonLabel, Counter>,
     pub limiter_keys: Gauge,
 }
 
@@ -204,6 +244,7 @@ impl Metrics {
             limiter_keys: Gauge::default(),
             identity_cache: Family::default(),
             identity_lookups: Family::default(),
+            caller_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(REQUESTS, "Calls by route and decision", m.requests.clone());
@@ -262,6 +303,11 @@ impl Metrics {
             "Resolve mode: identity endpoint lookups by outcome",
             m.identity_lookups.clone(),
         );
+        registry.register(
+            CALLER_ERRORS,
+            "Calls and connections ended for what the caller sent or did not send in time, by reason",
+            m.caller_errors.clone(),
+        );
         // Series that exist from the start, so `increase()` sees their first event (a series
         // born at 1 looks like no change to Prometheus).
         for result in ["success", "failure"] {
@@ -270,6 +316,11 @@ impl Metrics {
         }
         for op in STORE_OPS {
             m.store_errors.get_or_create_owned(&OpLabel { op });
+        }
+        for reason in CallerError::ALL {
+            m.caller_errors.get_or_create_owned(&ReasonLabel {
+                reason: reason.as_str(),
+            });
         }
         Metrics { registry, ..m }
     }
@@ -312,6 +363,14 @@ impl Metrics {
     pub fn identity_lookup(&self, outcome: &'static str) {
         self.identity_lookups
             .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    pub fn caller_error(&self, reason: CallerError) {
+        self.caller_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
             .inc();
     }
 

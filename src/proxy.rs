@@ -24,7 +24,7 @@ use crate::limit::{
     Acquire, Key, Limiter, LockReason, Nanos, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
     Reservation, RouteId, RouteNames, Store, StoreError, UserKey,
 };
-use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
+use crate::metrics::{CallerError, Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
 use crate::resolve::{ResolveError, Resolver};
 use crate::route::RouteTable;
 use crate::throttle::{self, StatusSignal};
@@ -173,7 +173,12 @@ impl Proxy {
             let mut log = AccessLog::new(&req);
             let response = match self.pipeline(req, peer, &mut log).await {
                 Ok(response) => response,
-                Err(error) => error.to_response(),
+                Err(error) => {
+                    if let ProxyError::BodyTimeout { .. } = error {
+                        self.metrics.caller_error(CallerError::BodyTimeout);
+                    }
+                    error.to_response()
+                }
             };
             log.status = response.status().as_u16();
             log.finish();

@@ -386,6 +386,38 @@ async fn decisions(admin: SocketAddr, route: &str, decision: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// `cliqgate_caller_errors_total{reason}`: a series that must exist (at zero from the start).
+async fn caller_errors(admin: SocketAddr, reason: &str) -> f64 {
+    let text = scrape(admin).await;
+    metric_value(&text, "cliqgate_caller_errors_total", &[("reason", reason)])
+        .unwrap_or_else(|| panic!("no caller_errors series for {reason}:\n{text}"))
+}
+
+/// Every reason of `cliqgate_caller_errors_total` and its count, in one scrape.
+async fn all_caller_errors(admin: SocketAddr) -> Vec<(String, f64)> {
+    let mut counts = Vec::new();
+    for reason in [
+        "bad_request",
+        "headers_too_large",
+        "head_timeout",
+        "body_timeout",
+    ] {
+        counts.push((reason.to_owned(), caller_errors(admin, reason).await));
+    }
+    counts
+}
+
+/// Asserts the caller-error counts: `reason` at `n`, every other reason still at zero.
+async fn assert_caller_errors(admin: SocketAddr, reason: &str, n: f64) {
+    for (each, count) in all_caller_errors(admin).await {
+        let expected = if each == reason { n } else { 0.0 };
+        assert_eq!(
+            count, expected,
+            "cliqgate_caller_errors_total{{reason={each}}}"
+        );
+    }
+}
+
 // ---- 1. keep-alive and pipelining ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -739,6 +771,7 @@ async fn unreadable_heads_are_400_in_zoho_format_then_closed_and_never_forwarded
         // RFC 9112 section 6.3: chunked must be the last coding of a request body.
         format!("{post} HTTP/1.1\r\n{auth}Transfer-Encoding: chunked, gzip\r\n\r\n"),
     ];
+    assert_caller_errors(running.admin_addr, "bad_request", 0.0).await;
     for head in &heads {
         let mut wire = Wire::connect(running.proxy_addr).await;
         // A valid request right behind it must not be answered: after a framing error nothing
@@ -754,6 +787,7 @@ async fn unreadable_heads_are_400_in_zoho_format_then_closed_and_never_forwarded
         );
     }
     assert!(stub.arrivals().is_empty(), "{:?}", stub.arrivals());
+    assert_caller_errors(running.admin_addr, "bad_request", heads.len() as f64).await;
     running.shutdown().await;
 }
 
@@ -841,6 +875,7 @@ async fn head_over_the_head_buffer_is_431_and_never_forwarded() {
     );
     wire.closes_silently().await;
     assert!(stub.arrivals().is_empty(), "{:?}", stub.arrivals());
+    assert_caller_errors(running.admin_addr, "headers_too_large", 1.0).await;
     running.shutdown().await;
 }
 
@@ -916,6 +951,7 @@ async fn partial_head_then_silence_is_closed_after_client_header_without_an_answ
     wire.send(format!("GET {ME} HTTP/1.1\r\nHost: cliq\r\nAuthor"))
         .await;
     assert_closed_unanswered(wire, sent, &stub).await;
+    assert_caller_errors(running.admin_addr, "head_timeout", 1.0).await;
     running.shutdown().await;
 }
 
@@ -925,6 +961,7 @@ async fn new_connection_that_sends_nothing_is_closed_after_client_header() {
     let wire = Wire::connect(running.proxy_addr).await;
     // Nothing is sent: a connection that never starts a head holds a socket for nothing.
     assert_closed_unanswered(wire, Instant::now(), &stub).await;
+    assert_caller_errors(running.admin_addr, "head_timeout", 1.0).await;
     running.shutdown().await;
 }
 
@@ -1203,6 +1240,7 @@ async fn stalled_body_while_forwarding_is_408_after_client_body_and_closes_the_c
         outcomes.iter().all(|o| *o == Outcome::Incomplete),
         "{outcomes:?}"
     );
+    assert_caller_errors(running.admin_addr, "body_timeout", 1.0).await;
     running.shutdown().await;
 }
 
@@ -1452,6 +1490,7 @@ async fn stalled_h2_body_is_408_after_client_body_and_zoho_never_gets_a_whole_ca
     .await;
     let outcomes: Vec<Outcome> = stub.arrivals().iter().map(|a| a.outcome).collect();
     assert_eq!(outcomes, [Outcome::Incomplete]);
+    assert_caller_errors(running.admin_addr, "body_timeout", 1.0).await;
     drop((pieces, h2));
     running.shutdown().await;
 }

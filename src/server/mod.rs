@@ -43,6 +43,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{empty, full, ProxyBody};
 use crate::error::ProxyError;
+use crate::metrics::{CallerError, Metrics};
 use crate::upstream::wire::{encode_chunk_size, encode_last_chunk};
 use reader::{lock, Head, HeadFailure, PatientBody, Reader, SharedReader};
 use wire::{encode_response_head, ResponseFraming};
@@ -94,6 +95,7 @@ pub async fn serve_connection<S: Service>(
     service: S,
     stopped: watch::Receiver<bool>,
     limits: Limits,
+    metrics: Arc<Metrics>,
 ) {
     let stream = Arc::new(stream);
     let reader = Arc::new(std::sync::Mutex::new(Reader::new(
@@ -112,6 +114,7 @@ pub async fn serve_connection<S: Service>(
         stop: Some(stop),
         patience: Patience::new(limits.client_header),
         served: 0,
+        metrics,
     };
     match conn.serve(&service, peer, &limits).await {
         // Bytes the caller sent that were never read would make closing reset the connection,
@@ -166,6 +169,8 @@ struct Conn {
     patience: Patience,
     /// Requests answered on this connection.
     served: u64,
+    /// Counts the connections this server ends for the caller's fault.
+    metrics: Arc<Metrics>,
 }
 
 impl Conn {
@@ -184,6 +189,7 @@ impl Conn {
                     self.patience.poll_expired(cx, self.served, partial)
                 }) => {
                     tracing::debug!("caller sent no whole request head in time; closing");
+                    self.metrics.caller_error(CallerError::HeadTimeout);
                     return Ok(Ending::Close);
                 }
                 () = poll_fn(|cx| poll_stop(&mut self.stop, cx)), if self.stop.is_some() => {
@@ -198,12 +204,18 @@ impl Conn {
                 Ok(Head::Closed) => return Ok(Ending::Close),
                 Ok(Head::H2) => return Ok(Ending::H2),
                 Err(failure) => {
-                    let error = match failure {
-                        HeadFailure::TooLarge => ProxyError::HeadersTooLarge {
-                            limit: limits.max_header_bytes,
-                        },
-                        HeadFailure::Bad(e) => ProxyError::BadRequest(e.message()),
+                    let (error, reason) = match failure {
+                        HeadFailure::TooLarge => (
+                            ProxyError::HeadersTooLarge {
+                                limit: limits.max_header_bytes,
+                            },
+                            CallerError::HeadersTooLarge,
+                        ),
+                        HeadFailure::Bad(e) => {
+                            (ProxyError::BadRequest(e.message()), CallerError::BadRequest)
+                        }
                     };
+                    self.metrics.caller_error(reason);
                     let response = error.to_response();
                     self.respond(response, &http::Method::GET, Version::HTTP_11, false)
                         .await?;
@@ -613,11 +625,19 @@ pub async fn serve<S: Service>(
     mut stopped: watch::Receiver<bool>,
     limits: Limits,
     drain: impl Fn() -> Duration,
+    metrics: Arc<Metrics>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     let each = stopped.clone();
     crate::app::accept_until_stopped(listener, &mut stopped, &mut connections, |stream, peer| {
-        serve_connection(stream, peer, service.clone(), each.clone(), limits)
+        serve_connection(
+            stream,
+            peer,
+            service.clone(),
+            each.clone(),
+            limits,
+            metrics.clone(),
+        )
     })
     .await;
     // Idle connections close as they see the stop; busy ones after their answer.
