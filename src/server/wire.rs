@@ -4,7 +4,6 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::Authority;
 use http::{request, response, Method, StatusCode, Uri, Version};
 
 use crate::upstream::wire::{encode_content_length, encode_field};
@@ -165,7 +164,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ParsedRequest>, HeadError> {
         .map_err(|_| HeadError::Malformed("Invalid method."))?;
     let uri = Uri::from_maybe_shared(slice(target.as_bytes()))
         .map_err(|_| HeadError::Malformed("Invalid request target."))?;
-    if host.is_some_and(|host| !valid_host(slice(host), target)) {
+    if host.is_some_and(|host| !valid_host(host, target)) {
         // RFC 9112 3.2: a Host field with an invalid value is a 400.
         return Err(HeadError::Malformed("Invalid Host field."));
     }
@@ -193,34 +192,92 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ParsedRequest>, HeadError> {
     }))
 }
 
-/// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9110 section 7.2): an authority
-/// without userinfo, a host that is not empty, a port of digits. Empty is what a client sends
-/// for a target without authority (same section), so it is valid with an origin-form or
-/// asterisk-form target only. `value` shares the head's copy: `Authority` takes it as it is,
-/// so the check copies nothing.
-fn valid_host(value: Bytes, target: &str) -> bool {
+/// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9110 section 7.2, RFC 3986 3.2.2): a
+/// host that is not empty, either a reg-name (letters, digits, `-._~`, sub-delims, `%XX`), which
+/// takes in IPv4 addresses, or an IP literal in brackets; then a port of digits or nothing. No
+/// userinfo, path, query or fragment. Empty is what a client sends for a target without
+/// authority (RFC 9110 7.2), so it is valid with an origin-form or asterisk-form target only.
+/// One pass over the bytes: this runs on every call.
+fn valid_host(value: &[u8], target: &str) -> bool {
+    let value = value.trim_ascii();
     if value.is_empty() {
         return target.starts_with('/') || target == "*";
     }
-    // `Authority` takes userinfo, and refuses the others only as a side effect of its parse:
-    // named here, the rule does not rest on the http crate's grammar.
-    if value
-        .iter()
-        .any(|b| matches!(b, b' ' | b'\t' | b'/' | b'?' | b'#' | b'@'))
-    {
-        return false;
+    let rest = if let Some(literal) = value.strip_prefix(b"[") {
+        let Some(end) = literal.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let address = &literal[..end];
+        // IPv6 (hex digits, colons, an IPv4 tail); the rarer IPvFuture is refused.
+        if address.is_empty()
+            || !address
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        &literal[end + 1..]
+    } else {
+        let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        if end == 0 || !is_reg_name(&value[..end]) {
+            return false;
+        }
+        &value[end..]
+    };
+    match rest.split_first() {
+        None => true,
+        Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
     }
-    let Ok(authority) = Authority::from_maybe_shared(value) else {
-        return false;
-    };
-    let host = authority.host();
-    // Without userinfo the host is the front of the value; the rest is `:port` or nothing.
-    let port_ok = match authority.as_str()[host.len()..].strip_prefix(':') {
-        Some(digits) => digits.bytes().all(|b| b.is_ascii_digit()),
-        None => host.len() == authority.as_str().len(),
-    };
-    !host.is_empty() && port_ok
 }
+
+/// RFC 3986 `reg-name`: unreserved characters, sub-delims and percent-encoded octets.
+fn is_reg_name(host: &[u8]) -> bool {
+    let mut i = 0;
+    while i < host.len() {
+        if host[i] == b'%' {
+            let encoded = host.get(i + 1..i + 3);
+            if !encoded.is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) {
+                return false;
+            }
+            i += 3;
+        } else if REG_NAME[host[i] as usize] {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// The bytes a reg-name may hold as they are: ALPHA, DIGIT, `-._~` and the sub-delims.
+const REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        b += 1;
+    }
+    table
+};
 
 /// A `Content-Length` value: digits only (no sign, no spaces inside), at most 2^63.
 fn parse_length(digits: &[u8]) -> Option<u64> {
@@ -481,7 +538,7 @@ mod tests {
             "The request has more than one Host field.",
         ));
         let invalid = Err(HeadError::Malformed("Invalid Host field."));
-        let rows: [(&str, &str, Result<(), HeadError>); 29] = [
+        let rows: [(&str, &str, Result<(), HeadError>); 35] = [
             // (request line, fields, outcome)
             ("GET / HTTP/1.1", "", missing),
             ("GET / HTTP/1.1", "X-Host: cliq\r\n", missing),
@@ -509,7 +566,14 @@ mod tests {
             ("GET / HTTP/1.1", "Host: alice@cliq\r\n", invalid),
             ("GET / HTTP/1.1", "Host: cliq:80:81\r\n", invalid),
             ("GET / HTTP/1.1", "Host: [::1\r\n", invalid),
-            ("GET / HTTP/1.1", "Host: cli%41q\r\n", invalid),
+            // Percent-encoded octets are part of a reg-name (RFC 3986 3.2.2); a lone `%` is not.
+            ("GET / HTTP/1.1", "Host: cli%41q\r\n", Ok(())),
+            ("GET / HTTP/1.1", "Host: cli%4q\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq%\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: [v1.x]\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: [::1]x\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: []\r\n", invalid),
+            ("GET / HTTP/1.1", "Host: cliq:\r\n", Ok(())),
             ("GET / HTTP/1.1", "Host: cliq:http\r\n", invalid),
             ("GET / HTTP/1.1", "Host: :443\r\n", invalid),
             ("GET / HTTP/1.1", "Host: caf\u{e9}\r\n", invalid),

@@ -474,7 +474,10 @@ async fn send_on(
             }
         }
     };
-    let head = within(limit, "answer", reading).await??;
+    // Nearly always still on its way: the timer is armed at once (`within` would poll twice).
+    let head = tokio::time::timeout(limit, reading)
+        .await
+        .map_err(|_| ExchangeError::TimedOut("answer"))??;
     let reusable = head.reusable && sent_whole;
     let body = UpstreamBody::new(conn, head.framing, reusable);
     Ok(head.response.map(|()| body))
