@@ -536,12 +536,12 @@ impl Proxy {
         let mut in_flight = InFlight {
             sending: Some(self.upstream.send(self.upstream_request(req))),
             limited: limited.map(|(route, key)| (self, route.index, key)),
+            started: Instant::now(),
         };
         async move {
             let metrics = limited.map_or(&self.unmatched, |(route, _)| &route.metrics);
-            let started = Instant::now();
             let response = in_flight.response().await;
-            let upstream_time = started.elapsed();
+            let upstream_time = in_flight.started.elapsed();
             log.set_upstream(upstream_time);
             metrics
                 .upstream_duration
@@ -602,13 +602,22 @@ impl Proxy {
         self: Arc<Self>,
         route: usize,
         key: Key,
+        started: Instant,
         rest: impl Future<Output = Result<Response<UpstreamBody>, ProxyError>>,
     ) {
         let Some(route) = self.routes.get(route) else {
             return;
         };
-        let Ok(response) = rest.await else {
-            return;
+        let response = rest.await;
+        let upstream_time = started.elapsed().as_secs_f64();
+        route.metrics.upstream_duration.observe(upstream_time);
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(route = %route.name, user = %key.user.short(), %error,
+                    "a call whose caller had left got no answer from Zoho");
+                return;
+            }
         };
         route.metrics.response(response.status().as_u16());
         let (parts, body) = response.into_parts();
@@ -980,6 +989,8 @@ struct InFlight<'a> {
     sending: Option<Sending<'a>>,
     /// A limited call: the proxy, its route's index and its key.
     limited: Option<(&'a Arc<Proxy>, usize, Key)>,
+    /// When the call was sent (the upstream duration is measured from here).
+    started: Instant,
 }
 
 impl InFlight<'_> {
@@ -1004,7 +1015,10 @@ impl Drop for InFlight<'_> {
         };
         // A runtime that is shutting down drops the task: nothing can be learned then anyway.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(proxy.clone().finish_abandoned(route, key, rest));
+            let finishing = proxy
+                .clone()
+                .finish_abandoned(route, key, self.started, rest);
+            runtime.spawn(finishing);
         }
     }
 }

@@ -248,8 +248,11 @@ async fn url_throttles_limit_exceeded_400_locks_the_user_out_of_the_route() {
 }
 
 /// How long the stub (as Zoho) takes to answer in the hang-up tests: long enough for the caller
-/// to leave after its call has reached Zoho and before the answer.
-const SLOW_ANSWER: Duration = Duration::from_millis(400);
+/// to leave after its call has reached Zoho and before the answer, on a loaded machine too.
+const SLOW_ANSWER: Duration = Duration::from_secs(1);
+/// The proxy's `lock` in the hang-up tests: long enough to hold through the wait for the
+/// answer and the checks after it.
+const HANGUP_LOCK: Duration = Duration::from_secs(6);
 
 /// How the caller of the hang-up tests leaves.
 #[derive(Debug, Clone, Copy)]
@@ -273,9 +276,10 @@ async fn lock_is_learned_after_the_caller_left(leave: Leave) {
     )
     .signal(ThrottleShape::Http429Error)])
     .await;
-    let running = start_proxy(&proxy_yaml(&stub.url(), LOCK)).await;
+    let running = start_proxy(&proxy_yaml(&stub.url(), HANGUP_LOCK)).await;
     let base = base_url(&running);
     let client = Client::new();
+    let h2 = Client::h2c();
     for _ in 0..STUB_LIMIT {
         let direct = client
             .post(&chat_url(&stub.url(), "C1"), "alice", "{}")
@@ -306,9 +310,11 @@ async fn lock_is_learned_after_the_caller_left(leave: Leave) {
             })
         }
         Leave::ResetStream => {
+            // The client (its connection) stays; only the call's future is dropped.
             let url = chat_url(&base, "C1");
+            let caller = h2.clone();
             tokio::spawn(async move {
-                Client::h2c().post(&url, "alice", body).await;
+                caller.post(&url, "alice", body).await;
             })
         }
     };
@@ -321,6 +327,14 @@ async fn lock_is_learned_after_the_caller_left(leave: Leave) {
     leaving.abort();
     let left_at = Instant::now();
     assert_eq!(stub.violations_for(CHAT, "alice"), 1);
+    let reached_zoho = *stub
+        .times_for(CHAT, "alice")
+        .last()
+        .expect("alice's call at the stub");
+    assert!(
+        left_at < reached_zoho + SLOW_ANSWER,
+        "the caller left only after Zoho had answered: this run proves nothing"
+    );
 
     // Zoho's answer comes after the caller left; cliqgate learns the lock from it all the same.
     let metrics = running.admin_addr;
@@ -333,12 +347,12 @@ async fn lock_is_learned_after_the_caller_left(leave: Leave) {
     })
     .await;
     assert!(
-        left_at.elapsed() < LOCK,
+        left_at.elapsed() < HANGUP_LOCK - SETTLE,
         "the lock was learned too late for the check below to mean anything"
     );
     stub.set_delay(Duration::ZERO);
     let refused = client.post(&chat_url(&base, "C1"), "alice", "{}").await;
-    assert_local_refusal(&refused, ceil_secs(LOCK));
+    assert_local_refusal(&refused, ceil_secs(HANGUP_LOCK));
     assert_eq!(
         stub.count_for(CHAT, "alice"),
         STUB_LIMIT as usize + 1,

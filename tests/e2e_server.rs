@@ -976,6 +976,7 @@ async fn idle_keep_alive_connection_outlives_client_header() {
     wire.send(get_me("", "")).await;
     assert_eq!(wire.answer("GET").await.status, 200);
     assert_eq!(stub.arrivals().len(), 2);
+    assert_caller_errors(running.admin_addr, "head_timeout", 0.0).await;
     running.shutdown().await;
 }
 
@@ -1181,15 +1182,17 @@ async fn queued_call_whose_body_follows_its_head_reaches_zoho_whole_with_its_tru
 
 // ---- a caller that stalls its request body (`timeouts.client_body`) ----
 
-/// `timeouts.client_body` in the slow-body tests: short, so the guard fires within the test.
-const CLIENT_BODY: Duration = Duration::from_millis(300);
+/// `timeouts.client_body` in the slow-body tests: short, so the guard fires within the test, and
+/// ten times the pauses of a body that keeps arriving, so a loaded machine cannot make one of
+/// those pauses look like a stall.
+const CLIENT_BODY: Duration = Duration::from_secs(1);
 /// The declared length of a body in those tests, and how much of it is sent before a stall.
 const DECLARED_BODY: usize = 100;
 const SENT_BEFORE_STALL: usize = 10;
-/// Pause between the pieces of a body that keeps arriving: a third of [`CLIENT_BODY`], so each
-/// pause is far inside it; [`SLOW_BODY_PIECES`] of them make the whole body take over three.
+/// Pause between the pieces of a body that keeps arriving: a tenth of [`CLIENT_BODY`], so each
+/// pause is far inside it; [`SLOW_BODY_PIECES`] of them make the whole body take twice as long.
 const SLOW_PIECE_PAUSE: Duration = Duration::from_millis(100);
-const SLOW_BODY_PIECES: usize = 10;
+const SLOW_BODY_PIECES: usize = 20;
 
 /// `timeouts.client_body: CLIENT_BODY` as top-level YAML.
 fn client_body_yaml() -> String {
@@ -1223,7 +1226,7 @@ async fn assert_timed_out_and_closed(mut wire: Wire, sent: Instant) {
         took >= CLIENT_BODY,
         "answered after {took:?}, before client_body ({CLIENT_BODY:?})"
     );
-    // READ_TIMEOUT is ten client_body periods.
+    // READ_TIMEOUT is three client_body periods.
     assert!(took < READ_TIMEOUT, "answered after {took:?}");
     wire.closes_silently().await;
 }
@@ -1462,7 +1465,7 @@ fn assert_h2_timed_out(answer: &TestResponse, sent: Instant) {
         took >= CLIENT_BODY,
         "answered after {took:?}, before client_body ({CLIENT_BODY:?})"
     );
-    // READ_TIMEOUT is ten client_body periods.
+    // READ_TIMEOUT is three client_body periods.
     assert!(took < READ_TIMEOUT, "answered after {took:?}");
 }
 

@@ -184,12 +184,14 @@ impl Conn {
             let head = tokio::select! {
                 biased;
                 head = poll_fn(|cx| lock(&self.reader).poll_head(cx)) => head,
-                () = poll_fn(|cx| {
+                gave_up = poll_fn(|cx| {
                     let partial = lock(&self.reader).has_buffered();
                     self.patience.poll_expired(cx, self.served, partial)
                 }) => {
-                    tracing::debug!("caller sent no whole request head in time; closing");
-                    self.metrics.caller_error(CallerError::HeadTimeout);
+                    if gave_up == GaveUp::SlowHead {
+                        tracing::debug!("caller sent no whole request head in time; closing");
+                        self.metrics.caller_error(CallerError::HeadTimeout);
+                    }
                     return Ok(Ending::Close);
                 }
                 () = poll_fn(|cx| poll_stop(&mut self.stop, cx)), if self.stop.is_some() => {
@@ -483,7 +485,7 @@ impl Patience {
         }
     }
 
-    fn poll_expired(&mut self, cx: &mut Context<'_>, served: u64, partial: bool) -> Poll<()> {
+    fn poll_expired(&mut self, cx: &mut Context<'_>, served: u64, partial: bool) -> Poll<GaveUp> {
         let period = self.period;
         let timer = self.timer.get_or_insert_with(|| {
             // Boxed: created on a connection's first wait for a head, then kept.
@@ -502,19 +504,29 @@ impl Patience {
             } else if partial || served == 0 {
                 // A head under way, or a new connection that has sent nothing yet.
                 if self.partial_before {
-                    return Poll::Ready(());
+                    return Poll::Ready(GaveUp::SlowHead);
                 }
                 self.partial_before = true;
             } else {
                 self.partial_before = false;
                 self.idle_periods += 1;
                 if period * self.idle_periods >= KEEP_ALIVE_IDLE {
-                    return Poll::Ready(());
+                    return Poll::Ready(GaveUp::Idle);
                 }
             }
             timer.as_mut().reset(Instant::now() + period);
         }
     }
+}
+
+/// Why [`Patience`] gave up on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GaveUp {
+    /// A head begun and not finished in time, or a new connection that sent none: the caller's
+    /// fault (slowloris), counted.
+    SlowHead,
+    /// A keep-alive connection idle for [`KEEP_ALIVE_IDLE`]: an ordinary end.
+    Idle,
 }
 
 /// An h2c connection, with the bytes already read from it, served by hyper's HTTP/2 server
@@ -701,14 +713,20 @@ mod tests {
         /// Moves the clock to `at` after the connection began and polls the guard once, with
         /// or without head bytes buffered: whether it gives up on the connection.
         async fn closes_at(&mut self, at: Duration, partial: bool) -> bool {
+            self.gives_up_at(at, partial).await.is_some()
+        }
+
+        /// As [`Guard::closes_at`], with the reason it gives up, if it does.
+        async fn gives_up_at(&mut self, at: Duration, partial: bool) -> Option<GaveUp> {
             let now = Instant::now();
             let then = self.start + at;
             assert!(then >= now, "{at:?} is in the past");
             tokio::time::advance(then - now).await;
             let served = self.served;
-            poll_fn(|cx| Poll::Ready(self.patience.poll_expired(cx, served, partial)))
-                .await
-                .is_ready()
+            match poll_fn(|cx| Poll::Ready(self.patience.poll_expired(cx, served, partial))).await {
+                Poll::Ready(why) => Some(why),
+                Poll::Pending => None,
+            }
         }
 
         /// The connection's one timer (its address: the same `Sleep`, or a new one).
@@ -735,7 +753,8 @@ mod tests {
             !guard.closes_at(began + PERIOD, PARTIAL).await,
             "one period"
         );
-        assert!(guard.closes_at(3 * PERIOD, PARTIAL).await);
+        let why = guard.gives_up_at(3 * PERIOD, PARTIAL).await;
+        assert_eq!(why, Some(GaveUp::SlowHead));
 
         // Begun at the very firing that sees it: one period exactly.
         let mut guard = Guard::after_one_answer(PERIOD).await;
@@ -812,7 +831,9 @@ mod tests {
             }
             let closes = (periods + 1) * period;
             assert!(!guard.closes_at(closes - MS, NOTHING).await, "{period:?}");
-            assert!(guard.closes_at(closes, NOTHING).await, "{period:?}");
+            // An ordinary end, not the caller's fault (not counted as a slow head).
+            let why = guard.gives_up_at(closes, NOTHING).await;
+            assert_eq!(why, Some(GaveUp::Idle), "{period:?}");
             // Idle from the answer to the close: the rounded time, plus what was left of the
             // period the answer went out in.
             let (idle, rounded) = (closes - MS, period * periods);

@@ -98,6 +98,9 @@ pub(super) enum ExchangeError {
     Body(BoxError),
     #[error("the upstream closed the connection before answering")]
     Closed,
+    /// The exchange was polled again after its outcome.
+    #[error("the exchange has already ended")]
+    Finished,
     /// The upstream took no part of the request, or sent no answer head, within
     /// [`Limits::response`].
     #[error("the upstream did not {0} within the response timeout")]
@@ -183,8 +186,8 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    /// Opens a connection: the connect timeout bounds the TCP connect; the TLS handshake counts
-    /// against the call's response timeout, like the rest of the exchange.
+    /// Opens a connection: the connect timeout bounds each address's TCP connect, then the TLS
+    /// handshake (a peer that takes the connection and never speaks TLS is a timeout, 504).
     async fn open(origin: &Origin, connect_timeout: Duration) -> Result<Conn, ExchangeError> {
         let tcp = dial(&origin.host, origin.port, connect_timeout)
             .await
@@ -193,9 +196,13 @@ impl Conn {
         let stream = match &origin.tls {
             None => Stream::Plain(tcp),
             Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
+                let handshake = connector.connect(name.clone(), tcp);
+                let tls = tokio::time::timeout(connect_timeout, handshake)
                     .await
+                    .map_err(|_| {
+                        let timed_out = "TLS handshake timed out";
+                        ExchangeError::Connect(io::Error::new(io::ErrorKind::TimedOut, timed_out))
+                    })?
                     .map_err(ExchangeError::Connect)?;
                 Stream::Tls(Box::new(tls))
             }
@@ -406,20 +413,26 @@ impl Future for Exchange<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
         loop {
             match &mut self.stage {
-                Stage::Connecting(connecting) => {
-                    let (conn, parts, body, limit) = ready!(connecting.as_mut().poll(cx))?;
-                    self.stage = Stage::Sending {
-                        exchange: Box::pin(send_on(conn, parts, body, limit)),
-                        polled: false,
-                    };
-                }
+                Stage::Connecting(connecting) => match ready!(connecting.as_mut().poll(cx)) {
+                    Ok((conn, parts, body, limit)) => {
+                        self.stage = Stage::Sending {
+                            exchange: Box::pin(send_on(conn, parts, body, limit)),
+                            polled: false,
+                        };
+                    }
+                    Err(e) => {
+                        self.stage = Stage::Answered;
+                        return Poll::Ready(Err(e));
+                    }
+                },
                 Stage::Sending { exchange, polled } => {
                     *polled = true;
                     let answer = ready!(exchange.as_mut().poll(cx));
                     self.stage = Stage::Answered;
                     return Poll::Ready(answer);
                 }
-                Stage::Answered => return Poll::Pending,
+                // Polled again after its outcome: a caller's mistake, told rather than hung.
+                Stage::Answered => return Poll::Ready(Err(ExchangeError::Finished)),
             }
         }
     }
@@ -1259,6 +1272,49 @@ mod tests {
             "{error}"
         );
         assert!(waited >= limits.response, "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_comes_times_out_after_the_connect_timeout() {
+        // Takes the connection and says nothing: no ServerHello, ever.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        let authority: http::uri::Authority = addr.to_string().parse().unwrap();
+        let origin = Origin::new(u64::MAX, &http::uri::Scheme::HTTPS, &authority, &tls).unwrap();
+        let limits = Limits {
+            connect: Duration::from_millis(150),
+            response: Duration::from_secs(30),
+        };
+        let started = tokio::time::Instant::now();
+        let exchange = exchange(&origin, limits, get("/"), empty());
+        let outcome = tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .expect("the exchange ended on its own");
+        let Err(error) = outcome else {
+            panic!("an answer without a TLS handshake");
+        };
+        let waited = started.elapsed();
+        assert!(
+            matches!(&error, ExchangeError::Connect(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{error}"
+        );
+        assert!(waited >= limits.connect, "{waited:?}");
         assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
 }
