@@ -38,6 +38,8 @@ use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// How often idle limiter keys are swept: memory follows active users within this delay.
 const EVICT_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a stopping worker looks whether its remaining tasks have finished.
+const SETTLE_POLL: Duration = Duration::from_millis(10);
 /// Pending connections per worker listener (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: u32 = 1024;
 /// Room above `max_header_bytes` for the request line, so oversized fields get cliqgate's own
@@ -219,9 +221,17 @@ pub async fn start_with_workers(
         std::thread::Builder::new()
             .name(format!("cliqgate-worker-{index}"))
             .spawn(move || {
-                runtime.block_on(crate::server::serve(
-                    listener, service, stopped, limits, drain, metrics,
-                ));
+                runtime.block_on(async {
+                    let mut stop = stopped.clone();
+                    let serving =
+                        crate::server::serve(listener, service, stopped, limits, &drain, metrics);
+                    let deadline = async {
+                        until_stopped(&mut stop).await;
+                        tokio::time::Instant::now() + drain()
+                    };
+                    let ((), deadline) = tokio::join!(serving, deadline);
+                    settle(deadline).await;
+                });
                 // This worker's idle upstream connections close before its runtime.
                 crate::upstream::close_idle();
                 drop(runtime);
@@ -513,6 +523,23 @@ pub(crate) async fn close_within(
         );
     }
     connections.abort_all();
+}
+
+/// After a worker's connections are closed: waits, until the shutdown deadline, for the tasks
+/// still running on its event loop (a call whose caller left, finished to read Zoho's answer
+/// for a throttle signal; a learned lock being stored), which dropping the runtime would cancel.
+async fn settle(deadline: tokio::time::Instant) {
+    let runtime = tokio::runtime::Handle::current();
+    let settled = async {
+        while runtime.metrics().num_alive_tasks() > 0 {
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, settled).await.is_err() {
+        tracing::warn!(
+            "calls whose callers had left were still waiting for Zoho at the shutdown deadline"
+        );
+    }
 }
 
 async fn sweep(limiter: Arc<Store>, mut stopped: watch::Receiver<bool>) {

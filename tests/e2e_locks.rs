@@ -266,8 +266,10 @@ enum Leave {
 /// Alice's call reaches Zoho, which locks her out, but she leaves before the answer comes:
 /// cliqgate still reads Zoho's answer and learns the lock, so her next call is refused here
 /// instead of being sent into the lock.
-async fn lock_is_learned_after_the_caller_left(leave: Leave) {
-    let stub = ZohoStub::start(vec![StubRoute::new(
+/// The stub of the hang-up tests: Zoho's threshold of [`STUB_LIMIT`] on [`CHAT`], its lock
+/// answered with a 429.
+async fn hang_up_stub() -> ZohoStub {
+    ZohoStub::start(vec![StubRoute::new(
         Method::POST,
         CHAT,
         STUB_LIMIT,
@@ -275,11 +277,20 @@ async fn lock_is_learned_after_the_caller_left(leave: Leave) {
         STUB_LOCK,
     )
     .signal(ThrottleShape::Http429Error)])
-    .await;
-    let running = start_proxy(&proxy_yaml(&stub.url(), HANGUP_LOCK)).await;
-    let base = base_url(&running);
+    .await
+}
+
+/// An outside client uses up alice's quota at Zoho, Zoho's answers slow down, and alice's call
+/// goes through the proxy; returns when, once the call has reached Zoho (which counted it and
+/// locked alice) and before Zoho answers, its caller has left as `leave` says.
+async fn leave_before_zoho_answers(
+    stub: &ZohoStub,
+    running: &cliqgate::app::Running,
+    h2: &Client,
+    leave: Leave,
+) -> Instant {
+    let base = base_url(running);
     let client = Client::new();
-    let h2 = Client::h2c();
     for _ in 0..STUB_LIMIT {
         let direct = client
             .post(&chat_url(&stub.url(), "C1"), "alice", "{}")
@@ -336,6 +347,17 @@ async fn lock_is_learned_after_the_caller_left(leave: Leave) {
         "the caller left only after Zoho had answered: this run proves nothing"
     );
 
+    left_at
+}
+
+async fn lock_is_learned_after_the_caller_left(leave: Leave) {
+    let stub = hang_up_stub().await;
+    let running = start_proxy(&proxy_yaml(&stub.url(), HANGUP_LOCK)).await;
+    let base = base_url(&running);
+    let client = Client::new();
+    let h2 = Client::h2c();
+    let left_at = leave_before_zoho_answers(&stub, &running, &h2, leave).await;
+
     // Zoho's answer comes after the caller left; cliqgate learns the lock from it all the same.
     let metrics = running.admin_addr;
     wait_for("the lock to be learned", SLOW_ANSWER * 4, || async move {
@@ -379,6 +401,40 @@ async fn lock_is_learned_when_the_caller_closes_its_connection_before_the_answer
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_is_learned_when_the_caller_resets_its_http2_stream_before_the_answer() {
     lock_is_learned_after_the_caller_left(Leave::ResetStream).await;
+}
+
+/// A rolling restart right after a caller left: the process stops only once the call that
+/// went out has its answer (within the shutdown timeout), so the lock Zoho imposed is in the
+/// state file and the next process refuses alice's next call instead of sending it into the
+/// lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_learned_after_the_caller_left_survives_a_restart_at_once() {
+    let stub = hang_up_stub().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let state = dir.path().join("cliqgate.state");
+    let yaml = format!(
+        "{}store:\n  kind: memory\n  state_file: \"{}\"\n",
+        proxy_yaml(&stub.url(), HANGUP_LOCK),
+        state.display()
+    );
+    let running = start_proxy(&yaml).await;
+    let h2 = Client::h2c();
+    leave_before_zoho_answers(&stub, &running, &h2, Leave::CloseConnection).await;
+    running.shutdown().await;
+
+    stub.set_delay(Duration::ZERO);
+    let restarted = start_proxy(&yaml).await;
+    let refused = Client::new()
+        .post(&chat_url(&base_url(&restarted), "C1"), "alice", "{}")
+        .await;
+    assert_local_refusal(&refused, ceil_secs(HANGUP_LOCK));
+    assert_eq!(
+        stub.count_for(CHAT, "alice"),
+        STUB_LIMIT as usize + 1,
+        "a call for the locked (route, user) reached Zoho after the restart"
+    );
+    assert_eq!(stub.rejected_while_locked(), 0);
+    restarted.shutdown().await;
 }
 
 /// Which test above covers each shape. Exhaustive on purpose: a shape added to the stub fails to
