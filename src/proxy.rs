@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -535,6 +536,7 @@ impl Proxy {
         // The upstream request is built before the future, which then holds only the send.
         let mut in_flight = InFlight {
             sending: Some(self.upstream.send(self.upstream_request(req))),
+            reading: None,
             limited: limited.map(|(route, key)| (self, route.index, key)),
             started: Instant::now(),
         };
@@ -557,7 +559,16 @@ impl Proxy {
                     body.map_err(Into::into).boxed(),
                 ));
             };
-            let (body, throttled) = self.read_signal(&parts, body).await?;
+            let (body, throttled) = match throttle::classify_status(parts.status) {
+                StatusSignal::Inspect => {
+                    // Held by `in_flight` while it is read: a caller that leaves now does not
+                    // stop the reading (nor the learning).
+                    let retry_after = throttle::retry_after(&parts.headers);
+                    in_flight.reading = Some((self.reading(body), retry_after));
+                    prefix_signal(in_flight.read().await?, retry_after)
+                }
+                status => status_signal(status, body, &parts.headers),
+            };
             if let Some(retry_after) = throttled {
                 self.learn_lock(route, key, retry_after).await;
             }
@@ -573,25 +584,25 @@ impl Proxy {
         parts: &http::response::Parts,
         body: UpstreamBody,
     ) -> Result<(ProxyBody, Option<Option<Duration>>), ProxyError> {
-        let (body, throttled) = match throttle::classify_status(parts.status) {
-            StatusSignal::Throttled => (body.map_err(Into::into).boxed(), true),
+        match throttle::classify_status(parts.status) {
             StatusSignal::Inspect => {
-                let timeout = self.config.timeouts.response;
-                let read =
-                    tokio::time::timeout(timeout, read_prefix(body, throttle::MAX_ERROR_PREFIX))
-                        .await
-                        .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-                        .map_err(|_| ProxyError::UpstreamUnavailable)?;
-                let (prefix, trailers, rest) = read;
-                let throttled = throttle::body_signals_throttle(&prefix, rest.is_none());
-                (Prefixed::new(prefix, trailers, rest).boxed(), throttled)
+                let retry_after = throttle::retry_after(&parts.headers);
+                Ok(prefix_signal(self.reading(body).await?, retry_after))
             }
-            StatusSignal::NotThrottled => (body.map_err(Into::into).boxed(), false),
-        };
-        Ok((
-            body,
-            throttled.then(|| throttle::retry_after(&parts.headers)),
-        ))
+            status => Ok(status_signal(status, body, &parts.headers)),
+        }
+    }
+
+    /// Reads the start of an error answer's body (bounded by the response timeout), where a
+    /// throttle code would be. Boxed: it is what a call holds while the caller may leave.
+    fn reading(&self, body: UpstreamBody) -> Reading {
+        let timeout = self.config.timeouts.response;
+        Box::pin(async move {
+            tokio::time::timeout(timeout, read_prefix(body, throttle::MAX_ERROR_PREFIX))
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+                .map_err(|_| ProxyError::UpstreamUnavailable)
+        })
     }
 
     /// A limited call whose caller left after its request started out: Zoho may have counted
@@ -625,6 +636,25 @@ impl Proxy {
             "Zoho answered a call whose caller had left");
         if let Ok((_, Some(retry_after))) = self.read_signal(&parts, body).await {
             self.learn_lock(route, key, retry_after).await;
+        }
+    }
+
+    /// As [`Proxy::finish_abandoned`], for a caller that left while the start of an error
+    /// answer's body was read for a throttle code.
+    async fn finish_abandoned_read(
+        self: Arc<Self>,
+        route: usize,
+        key: Key,
+        reading: Reading,
+        retry_after: Option<Duration>,
+    ) {
+        let Some(route) = self.routes.get(route) else {
+            return;
+        };
+        if let Ok(prefix) = reading.await {
+            if let (_, Some(retry_after)) = prefix_signal(prefix, retry_after) {
+                self.learn_lock(route, key, retry_after).await;
+            }
         }
     }
 
@@ -979,6 +1009,34 @@ impl Drop for AccessLog {
     }
 }
 
+/// The start of an error answer's body (bounded), its trailers if it ended there, and the rest.
+type Prefix = (Bytes, Option<http::HeaderMap>, Option<UpstreamBody>);
+/// The reading of a [`Prefix`], boxed so that a call whose caller leaves can hand it over.
+type Reading = Pin<Box<dyn Future<Output = Result<Prefix, ProxyError>> + Send>>;
+
+/// The answer's body and, if its start holds a throttle code, the Retry-After to lock for.
+fn prefix_signal(
+    prefix: Prefix,
+    retry_after: Option<Duration>,
+) -> (ProxyBody, Option<Option<Duration>>) {
+    let (prefix, trailers, rest) = prefix;
+    let throttled = throttle::body_signals_throttle(&prefix, rest.is_none());
+    let body = Prefixed::new(prefix, trailers, rest).boxed();
+    (body, throttled.then_some(retry_after))
+}
+
+/// The answer's body, untouched, and, if its status alone is a throttle signal, the
+/// Retry-After in `headers` to lock for.
+fn status_signal(
+    status: StatusSignal,
+    body: UpstreamBody,
+    headers: &http::HeaderMap,
+) -> (ProxyBody, Option<Option<Duration>>) {
+    let throttled = status == StatusSignal::Throttled;
+    let retry_after = throttled.then(|| throttle::retry_after(headers));
+    (body.map_err(Into::into).boxed(), retry_after)
+}
+
 /// A call on its way to Zoho. If its future is dropped before the answer (the caller hung up,
 /// or reset its HTTP/2 stream) after the request started out, a limited call's exchange is
 /// finished on a task of its own ([`Proxy::finish_abandoned`]): Zoho counts a call it received
@@ -987,6 +1045,8 @@ impl Drop for AccessLog {
 struct InFlight<'a> {
     /// `None` once the answer's head is in.
     sending: Option<Sending<'a>>,
+    /// An error answer's body being read for a throttle code, and the answer's Retry-After.
+    reading: Option<(Reading, Option<Duration>)>,
     /// A limited call: the proxy, its route's index and its key.
     limited: Option<(&'a Arc<Proxy>, usize, Key)>,
     /// When the call was sent (the upstream duration is measured from here).
@@ -1003,21 +1063,35 @@ impl InFlight<'_> {
         self.sending = None;
         response
     }
+
+    async fn read(&mut self) -> Result<Prefix, ProxyError> {
+        let Some((reading, _)) = self.reading.as_mut() else {
+            return Err(ProxyError::UpstreamUnavailable);
+        };
+        let read = reading.await;
+        self.reading = None;
+        read
+    }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let (Some(sending), Some((proxy, route, key))) = (self.sending.take(), self.limited) else {
-            return;
-        };
-        let Some(rest) = sending.into_started() else {
+        let Some((proxy, route, key)) = self.limited else {
             return;
         };
         // A runtime that is shutting down drops the task: nothing can be learned then anyway.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if let Some(rest) = self.sending.take().and_then(Sending::into_started) {
             let finishing = proxy
                 .clone()
                 .finish_abandoned(route, key, self.started, rest);
+            runtime.spawn(finishing);
+        } else if let Some((reading, retry_after)) = self.reading.take() {
+            let finishing = proxy
+                .clone()
+                .finish_abandoned_read(route, key, reading, retry_after);
             runtime.spawn(finishing);
         }
     }

@@ -8,6 +8,9 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use support::*;
 
 /// The route that gets locked, as the stub and the proxy both name its path.
@@ -435,6 +438,118 @@ async fn lock_learned_after_the_caller_left_survives_a_restart_at_once() {
     );
     assert_eq!(stub.rejected_while_locked(), 0);
     restarted.shutdown().await;
+}
+
+/// A raw "Zoho" for the test below: answers every call with a 400 whose head goes out at once
+/// and whose body, which holds the throttle code, only when `release` is notified. Counts the
+/// calls it received; notifies `head_sent` after each head.
+async fn zoho_with_a_slow_error_body(
+    calls: Arc<AtomicUsize>,
+    head_sent: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (calls, head_sent, release) = (calls.clone(), head_sent.clone(), release.clone());
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The test's calls carry a two-byte body: the head's end plus two bytes.
+                while !request
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .is_some_and(|end| request.len() >= end + 4 + 2)
+                {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                calls.fetch_add(1, Ordering::SeqCst);
+                let body = r#"{"code":"rate_limit_exceeded","message":"Too many requests"}"#;
+                let head = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                head_sent.notify_one();
+                release.notified().await;
+                let _ = stream.write_all(body.as_bytes()).await;
+                // Held open: the test ends it.
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Zoho's answer head (a 400) is in, and its body, which holds the throttle code, is still on
+/// its way when the caller leaves: the body is still read and the lock learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_is_learned_when_the_caller_leaves_while_the_error_body_is_read() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let head_sent = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let zoho = zoho_with_a_slow_error_body(calls.clone(), head_sent.clone(), release.clone()).await;
+    let running = start_proxy(&proxy_yaml(&format!("http://{zoho}"), HANGUP_LOCK)).await;
+
+    let raw = "POST /api/v3/chats/C1/message HTTP/1.1\r\nHost: cliq\r\n\
+               Authorization: Zoho-oauthtoken alice\r\nContent-Length: 2\r\n\r\n{}";
+    let mut caller = tokio::net::TcpStream::connect(running.proxy_addr)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut caller, raw.as_bytes())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), head_sent.notified())
+        .await
+        .expect("the call reached Zoho");
+    // cliqgate has the answer's head (it counts the status when the head is in) and now reads
+    // the body for a throttle code: that is when the caller leaves.
+    let admin = running.admin_addr;
+    let code_400 = [("route", CHAT_ROUTE), ("code", "400")];
+    wait_for(
+        "the answer's head at cliqgate",
+        Duration::from_secs(5),
+        || async move {
+            metric_value(
+                &scrape(admin).await,
+                "cliqgate_upstream_responses_total",
+                &code_400,
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    drop(caller);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    release.notify_one();
+
+    wait_for(
+        "the lock to be learned",
+        Duration::from_secs(5),
+        || async move {
+            metric_value(
+                &scrape(admin).await,
+                "cliqgate_upstream_throttled_total",
+                &[("route", CHAT_ROUTE)],
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    let refused = Client::new()
+        .post(&chat_url(&base_url(&running), "C1"), "alice", "{}")
+        .await;
+    assert_local_refusal(&refused, ceil_secs(HANGUP_LOCK));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a call reached the locked Zoho"
+    );
+    running.shutdown().await;
 }
 
 /// Which test above covers each shape. Exhaustive on purpose: a shape added to the stub fails to
