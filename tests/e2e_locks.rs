@@ -458,10 +458,10 @@ async fn zoho_with_a_slow_error_body(
                 let mut request = Vec::new();
                 let mut buf = [0u8; 4096];
                 // The test's calls carry a two-byte body: the head's end plus two bytes.
-                while !request
+                while request
                     .windows(4)
                     .position(|w| w == b"\r\n\r\n")
-                    .is_some_and(|end| request.len() >= end + 4 + 2)
+                    .is_none_or(|end| request.len() < end + 4 + 2)
                 {
                     match stream.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
