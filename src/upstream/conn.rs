@@ -811,6 +811,11 @@ mod tests {
                 tokio::spawn(serve(stream));
             }
         });
+        (origin_at(addr, &http::uri::Scheme::HTTP), accepted)
+    }
+
+    /// The origin of a test upstream at `addr` (no trusted roots: only `http` gets anywhere).
+    fn origin_at(addr: std::net::SocketAddr, scheme: &http::uri::Scheme) -> Origin {
         let tls = Arc::new(
             rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
@@ -821,8 +826,7 @@ mod tests {
             .with_no_client_auth(),
         );
         let authority: http::uri::Authority = addr.to_string().parse().unwrap();
-        let origin = Origin::new(u64::MAX, &http::uri::Scheme::HTTP, &authority, &tls).unwrap();
-        (origin, accepted)
+        Origin::new(u64::MAX, scheme, &authority, &tls).unwrap()
     }
 
     /// Reads one request head and its body (by content-length, or chunked to the last chunk);
@@ -1286,17 +1290,7 @@ mod tests {
                 held.push(stream);
             }
         });
-        let tls = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
-        );
-        let authority: http::uri::Authority = addr.to_string().parse().unwrap();
-        let origin = Origin::new(u64::MAX, &http::uri::Scheme::HTTPS, &authority, &tls).unwrap();
+        let origin = origin_at(addr, &http::uri::Scheme::HTTPS);
         let limits = Limits {
             connect: Duration::from_millis(150),
             response: Duration::from_secs(30),
