@@ -2,8 +2,10 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-/// Hop-by-hop fields (RFC 9110 section 7.6.1, plus the legacy ones proxies still meet).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Hop-by-hop fields (RFC 9110 section 7.6.1, plus the legacy ones proxies still meet). A
+/// `static`, not a `const`: a `const` array is built and dropped again at every use, twice a
+/// call.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -23,11 +25,23 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; 8];
     let mut upgrade = false;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
-            present[i] = true;
-        } else if name == header::UPGRADE {
-            upgrade = true;
-        }
+        // Names are lowercase; a match on the text is a length check and at most one compare.
+        let index = match name.as_str() {
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "proxy-authenticate" => 3,
+            "proxy-authorization" => 4,
+            "te" => 5,
+            "trailer" => 6,
+            "transfer-encoding" => 7,
+            "upgrade" => {
+                upgrade = true;
+                continue;
+            }
+            _ => continue,
+        };
+        present[index] = true;
     }
     // Fields that `Connection` names are hop-by-hop too (its index is 0). Only a `Connection`
     // that names more than `keep-alive` or `close` (which name nothing else) costs a copy of

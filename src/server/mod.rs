@@ -239,8 +239,9 @@ impl Conn {
             };
             self.served += 1;
             let complete = lock(&self.reader).body_complete();
-            let stopping =
-                poll_fn(|cx| Poll::Ready(poll_stop(&mut self.stop, cx).is_ready())).await;
+            // Whether the server has begun to stop: a look at the signal's version (a load),
+            // not a poll of the stop future, which costs a few hundred instructions a call.
+            let stopping = self.stop.is_none() || self.stopped.has_changed().unwrap_or(true);
             let keep_alive = keep_alive && complete && !stopping;
             let keep_alive = self.respond(response, &method, version, keep_alive).await?;
             if !keep_alive {
