@@ -38,8 +38,6 @@ use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// How often idle limiter keys are swept: memory follows active users within this delay.
 const EVICT_INTERVAL: Duration = Duration::from_secs(10);
-/// How often a stopping worker looks whether its remaining tasks have finished.
-const SETTLE_POLL: Duration = Duration::from_millis(10);
 /// Pending connections per worker listener (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: u32 = 1024;
 /// Room above `max_header_bytes` for the request line, so oversized fields get cliqgate's own
@@ -207,6 +205,7 @@ pub async fn start_with_workers(
         };
         let stopped = stopped.clone();
         let metrics = shared.metrics.clone();
+        let lingering = shared.drain.clone();
         // Everything that can fail happens here, before the thread starts: a worker that could
         // not start would silently leave its share of connections unserved.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -230,7 +229,7 @@ pub async fn start_with_workers(
                         tokio::time::Instant::now() + drain()
                     };
                     let ((), deadline) = tokio::join!(serving, deadline);
-                    settle(deadline).await;
+                    settle(&lingering, deadline).await;
                 });
                 // This worker's idle upstream connections close before its runtime.
                 crate::upstream::close_idle();
@@ -525,19 +524,19 @@ pub(crate) async fn close_within(
     connections.abort_all();
 }
 
-/// After a worker's connections are closed: waits, until the shutdown deadline, for the tasks
-/// still running on its event loop (a call whose caller left, finished to read Zoho's answer
-/// for a throttle signal; a learned lock being stored), which dropping the runtime would cancel.
-async fn settle(deadline: tokio::time::Instant) {
-    let runtime = tokio::runtime::Handle::current();
-    let settled = async {
-        while runtime.metrics().num_alive_tasks() > 0 {
-            tokio::time::sleep(SETTLE_POLL).await;
-        }
-    };
-    if tokio::time::timeout_at(deadline, settled).await.is_err() {
+/// After a worker's connections are closed: waits, until the shutdown deadline, for the work
+/// that outlives its calls ([`Drain::spawn`]: a call whose caller left, finished to read Zoho's
+/// answer for a throttle signal; a learned lock being stored), which dropping the worker's
+/// runtime would cancel. Tasks that are not cliqgate's (a client library's connection task)
+/// are not waited for.
+async fn settle(drain: &Drain, deadline: tokio::time::Instant) {
+    if tokio::time::timeout_at(deadline, drain.settled())
+        .await
+        .is_err()
+    {
         tracing::warn!(
-            "calls whose callers had left were still waiting for Zoho at the shutdown deadline"
+            "calls whose callers had left, or locks being stored, were still running at the \
+             shutdown deadline"
         );
     }
 }

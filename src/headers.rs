@@ -25,23 +25,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; 8];
     let mut upgrade = false;
     for name in headers.keys() {
-        // Names are lowercase; a match on the text is a length check and at most one compare.
-        let index = match name.as_str() {
-            "connection" => 0,
-            "keep-alive" => 1,
-            "proxy-connection" => 2,
-            "proxy-authenticate" => 3,
-            "proxy-authorization" => 4,
-            "te" => 5,
-            "trailer" => 6,
-            "transfer-encoding" => 7,
-            "upgrade" => {
-                upgrade = true;
-                continue;
-            }
-            _ => continue,
-        };
-        present[index] = true;
+        match hop_by_hop(name) {
+            Some(Hop::Listed(index)) => present[index] = true,
+            Some(Hop::Upgrade) => upgrade = true,
+            None => {}
+        }
     }
     // Fields that `Connection` names are hop-by-hop too (its index is 0). Only a `Connection`
     // that names more than `keep-alive` or `close` (which name nothing else) costs a copy of
@@ -64,6 +52,31 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if upgrade {
         headers.remove(header::UPGRADE);
     }
+}
+
+#[derive(Debug, PartialEq)]
+enum Hop {
+    /// Its index in [`HOP_BY_HOP`].
+    Listed(usize),
+    Upgrade,
+}
+
+/// Whether a field is hop-by-hop. Names are lowercase; a match on the text is a length check and
+/// at most one compare, where comparing with each [`HOP_BY_HOP`] name costs eight.
+fn hop_by_hop(name: &HeaderName) -> Option<Hop> {
+    let index = match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => return Some(Hop::Upgrade),
+        _ => return None,
+    };
+    Some(Hop::Listed(index))
 }
 
 /// The tokens of one `Connection` value that name a field: all but `keep-alive` and `close`.
@@ -123,6 +136,15 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["authorization", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn the_hop_by_hop_match_agrees_with_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop(name), Some(Hop::Listed(i)), "{name}");
+        }
+        assert_eq!(hop_by_hop(&header::UPGRADE), Some(Hop::Upgrade));
+        assert_eq!(hop_by_hop(&header::AUTHORIZATION), None);
     }
 
     #[test]

@@ -686,15 +686,17 @@ impl Proxy {
         let limiter = self.limiter.clone();
         let policy = route.policy;
         let metrics = self.metrics.clone();
-        let recording = tokio::spawn(async move {
-            if let Err(e) = limiter
-                .lock(&policy, key, until, LockReason::UpstreamThrottle)
-                .await
-            {
-                metrics.store_error("lock");
-                tracing::error!(error = %e, "could not record a lock learned from Zoho");
-            }
-        });
+        let recording = self
+            .drain
+            .spawn(&tokio::runtime::Handle::current(), async move {
+                if let Err(e) = limiter
+                    .lock(&policy, key, until, LockReason::UpstreamThrottle)
+                    .await
+                {
+                    metrics.store_error("lock");
+                    tracing::error!(error = %e, "could not record a lock learned from Zoho");
+                }
+            });
         tracing::warn!(route = %route.name, user = %key.user.short(), lock_secs = lock.as_secs(),
             "Zoho signalled a throttle; user locked out of this route");
         // A join error means the runtime is shutting down; the answer goes out regardless.
@@ -753,12 +755,16 @@ const DRAIN_ANSWER_ROOM: Duration = Duration::from_secs(1);
 /// The shutdown signal queued calls watch: `Some(deadline)` once a drain has begun.
 pub struct Drain {
     deadline: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Work that outlives its call and must finish before the process stops: calls finished
+    /// for callers that left (Zoho's answer may lock the user) and learned locks being stored.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Drain {
             deadline: tokio::sync::watch::Sender::new(None),
+            tasks: tokio_util::task::TaskTracker::new(),
         }
     }
 }
@@ -774,6 +780,21 @@ impl Drain {
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
         self.deadline.subscribe()
+    }
+
+    /// Runs `work` on the current runtime as work the shutdown waits for ([`Drain::settled`]).
+    fn spawn<F>(&self, runtime: &tokio::runtime::Handle, work: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        runtime.spawn(self.tasks.track_future(work))
+    }
+
+    /// Resolves once the work started with [`Drain::spawn`] has finished, including work started
+    /// after this is first awaited (a call in flight whose caller leaves during the drain).
+    pub async fn settled(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
@@ -1079,20 +1100,25 @@ impl Drop for InFlight<'_> {
         let Some((proxy, route, key)) = self.limited else {
             return;
         };
+        let started = self.sending.take().and_then(Sending::into_started);
+        let reading = self.reading.take();
+        if started.is_none() && reading.is_none() {
+            return; // answered, or never sent: nothing to finish
+        }
         // A runtime that is shutting down drops the task: nothing can be learned then anyway.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if let Some(rest) = self.sending.take().and_then(Sending::into_started) {
+        if let Some(rest) = started {
             let finishing = proxy
                 .clone()
                 .finish_abandoned(route, key, self.started, rest);
-            runtime.spawn(finishing);
-        } else if let Some((reading, retry_after)) = self.reading.take() {
+            proxy.drain.spawn(&runtime, finishing);
+        } else if let Some((reading, retry_after)) = reading {
             let finishing = proxy
                 .clone()
                 .finish_abandoned_read(route, key, reading, retry_after);
-            runtime.spawn(finishing);
+            proxy.drain.spawn(&runtime, finishing);
         }
     }
 }

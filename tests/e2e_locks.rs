@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The route that gets locked, as the stub and the proxy both name its path.
 const CHAT: &str = "/api/v3/chats/{chat_id}/message";
@@ -257,6 +258,12 @@ const SLOW_ANSWER: Duration = Duration::from_secs(1);
 /// answer and the checks after it.
 const HANGUP_LOCK: Duration = Duration::from_secs(6);
 
+/// A caller on its way out (see [`Leave`]).
+enum Leaving {
+    Connection(tokio::net::TcpStream),
+    Stream(tokio::task::JoinHandle<()>),
+}
+
 /// How the caller of the hang-up tests leaves.
 #[derive(Debug, Clone, Copy)]
 enum Leave {
@@ -303,7 +310,7 @@ async fn leave_before_zoho_answers(
     stub.set_delay(SLOW_ANSWER);
 
     let body = "{}";
-    let leaving = match leave {
+    let mut leaving = match leave {
         Leave::CloseConnection => {
             let raw = format!(
                 "POST /api/v3/chats/C1/message HTTP/1.1\r\nHost: cliq\r\n\
@@ -314,22 +321,16 @@ async fn leave_before_zoho_answers(
             let mut stream = tokio::net::TcpStream::connect(running.proxy_addr)
                 .await
                 .unwrap();
-            tokio::io::AsyncWriteExt::write_all(&mut stream, raw.as_bytes())
-                .await
-                .unwrap();
-            tokio::spawn(async move {
-                // Held open until aborted: then the connection closes.
-                let _stream = stream;
-                std::future::pending::<()>().await
-            })
+            stream.write_all(raw.as_bytes()).await.unwrap();
+            Leaving::Connection(stream)
         }
         Leave::ResetStream => {
             // The client (its connection) stays; only the call's future is dropped.
             let url = chat_url(&base, "C1");
             let caller = h2.clone();
-            tokio::spawn(async move {
+            Leaving::Stream(tokio::spawn(async move {
                 caller.post(&url, "alice", body).await;
-            })
+            }))
         }
     };
     // The call has reached Zoho (which counted it and locked alice); its answer is on the way.
@@ -338,8 +339,21 @@ async fn leave_before_zoho_answers(
         async move { arrived }
     })
     .await;
-    leaving.abort();
     let left_at = Instant::now();
+    match &mut leaving {
+        Leaving::Connection(stream) => {
+            // Half-closed, then read to its end: the end comes once cliqgate has dropped the
+            // call (it takes the half-close for a hang-up), so the answer cannot reach it.
+            stream.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+                .await
+                .expect("cliqgate closes the connection of a caller that left")
+                .expect("the connection ends cleanly");
+            assert!(rest.is_empty(), "answered after the caller left");
+        }
+        Leaving::Stream(call) => call.abort(),
+    }
     assert_eq!(stub.violations_for(CHAT, "alice"), 1);
     let reached_zoho = *stub
         .times_for(CHAT, "alice")
@@ -454,7 +468,6 @@ async fn zoho_with_a_slow_error_body(
         while let Ok((mut stream, _)) = listener.accept().await {
             let (calls, head_sent, release) = (calls.clone(), head_sent.clone(), release.clone());
             tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut request = Vec::new();
                 let mut buf = [0u8; 4096];
                 // The test's calls carry a two-byte body: the head's end plus two bytes.
@@ -502,9 +515,7 @@ async fn lock_is_learned_when_the_caller_leaves_while_the_error_body_is_read() {
     let mut caller = tokio::net::TcpStream::connect(running.proxy_addr)
         .await
         .unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut caller, raw.as_bytes())
-        .await
-        .unwrap();
+    caller.write_all(raw.as_bytes()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), head_sent.notified())
         .await
         .expect("the call reached Zoho");
@@ -524,8 +535,15 @@ async fn lock_is_learned_when_the_caller_leaves_while_the_error_body_is_read() {
         },
     )
     .await;
-    drop(caller);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Half-closed, then read to its end: the end comes once cliqgate has dropped the call, so
+    // the body can only be read by the work handed over.
+    caller.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), caller.read_to_end(&mut rest))
+        .await
+        .expect("cliqgate closes the connection of a caller that left")
+        .expect("the connection ends cleanly");
+    assert!(rest.is_empty(), "answered after the caller left");
     release.notify_one();
 
     wait_for(

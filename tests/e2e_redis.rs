@@ -1114,3 +1114,47 @@ async fn lock_learned_during_an_outage_is_shared_when_redis_is_back() {
     );
     fleet.shutdown().await;
 }
+
+/// A stopping proxy waits for its own lingering work only: after the Redis client reconnected
+/// on a worker thread (whose connection task then lives on that worker), a shutdown with nothing
+/// in flight still ends at once, not at `timeouts.shutdown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_after_a_redis_reconnect_does_not_wait_for_the_redis_connection() {
+    const SHUTDOWN: Duration = Duration::from_secs(8);
+    let redis = RedisServer::start().await;
+    old_epoch(&redis).await;
+    let stub = stub(LIMIT, PER).await;
+    let yaml = format!(
+        "{}timeouts:\n  shutdown: \"{}s\"\n",
+        Setup::new("reject", 1, "reject").yaml(&stub.url(), &redis.url()),
+        SHUTDOWN.as_secs()
+    );
+    let running = start_proxy(&yaml).await;
+    let client = Client::new();
+    let url = format!("{}{}", base_url(&running), "/api/v3/chats/C1/message");
+    let first = client.post(&url, "alice", "{}").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    // Cut cliqgate's Redis connections: the next calls reconnect from a worker thread.
+    redis.command(&["CLIENT", "KILL", "TYPE", "normal"]).await;
+    // Calls meet the cut connection (503 under `on_error: reject`) until the client has
+    // reconnected; each call is another user's, so no quota runs out meanwhile.
+    let mut n = 0;
+    wait_for(
+        "a call served again after the reconnect",
+        Duration::from_secs(10),
+        || {
+            n += 1;
+            let (client, url, user) = (&client, &url, format!("user{n}"));
+            async move { client.post(url, &user, "{}").await.status == StatusCode::OK }
+        },
+    )
+    .await;
+
+    let stopping = Instant::now();
+    running.shutdown().await;
+    let took = stopping.elapsed();
+    assert!(
+        took < SHUTDOWN / 2,
+        "shutdown took {took:?} with nothing in flight (timeouts.shutdown {SHUTDOWN:?})"
+    );
+}

@@ -240,7 +240,9 @@ impl Conn {
             self.served += 1;
             let complete = lock(&self.reader).body_complete();
             // Whether the server has begun to stop: a look at the signal's version (a load),
-            // not a poll of the stop future, which costs a few hundred instructions a call.
+            // not a poll of the stop future, which costs a few hundred instructions a call. The
+            // only value ever sent on that channel is the stop (`Running::trigger_shutdown`), and
+            // this receiver has marked nothing seen, so any change is the stop.
             let stopping = self.stop.is_none() || self.stopped.has_changed().unwrap_or(true);
             let keep_alive = keep_alive && complete && !stopping;
             let keep_alive = self.respond(response, &method, version, keep_alive).await?;
