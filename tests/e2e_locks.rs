@@ -258,6 +258,19 @@ const SLOW_ANSWER: Duration = Duration::from_secs(1);
 /// answer and the checks after it.
 const HANGUP_LOCK: Duration = Duration::from_secs(6);
 
+/// The caller leaves: half-closes its connection, then reads to its end. The end comes once
+/// cliqgate has dropped the call (it takes the half-close for a hang-up), so no answer can reach
+/// the caller after this returns.
+async fn hang_up(stream: &mut tokio::net::TcpStream) {
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("cliqgate closes the connection of a caller that left")
+        .expect("the connection ends cleanly");
+    assert!(rest.is_empty(), "answered after the caller left");
+}
+
 /// A caller on its way out (see [`Leave`]).
 enum Leaving {
     Connection(tokio::net::TcpStream),
@@ -341,17 +354,7 @@ async fn leave_before_zoho_answers(
     .await;
     let left_at = Instant::now();
     match &mut leaving {
-        Leaving::Connection(stream) => {
-            // Half-closed, then read to its end: the end comes once cliqgate has dropped the
-            // call (it takes the half-close for a hang-up), so the answer cannot reach it.
-            stream.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
-                .await
-                .expect("cliqgate closes the connection of a caller that left")
-                .expect("the connection ends cleanly");
-            assert!(rest.is_empty(), "answered after the caller left");
-        }
+        Leaving::Connection(stream) => hang_up(stream).await,
         Leaving::Stream(call) => call.abort(),
     }
     assert_eq!(stub.violations_for(CHAT, "alice"), 1);
@@ -535,15 +538,8 @@ async fn lock_is_learned_when_the_caller_leaves_while_the_error_body_is_read() {
         },
     )
     .await;
-    // Half-closed, then read to its end: the end comes once cliqgate has dropped the call, so
-    // the body can only be read by the work handed over.
-    caller.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), caller.read_to_end(&mut rest))
-        .await
-        .expect("cliqgate closes the connection of a caller that left")
-        .expect("the connection ends cleanly");
-    assert!(rest.is_empty(), "answered after the caller left");
+    // From here on the body can only be read by the work handed over.
+    hang_up(&mut caller).await;
     release.notify_one();
 
     wait_for(
