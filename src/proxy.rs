@@ -559,15 +559,14 @@ impl Proxy {
                     body.map_err(Into::into).boxed(),
                 ));
             };
-            let (body, throttled) = match throttle::classify_status(parts.status) {
-                StatusSignal::Inspect => {
+            let (body, throttled) = match self.signal(&parts, body) {
+                Signal::Known(body, throttled) => (body, throttled),
+                Signal::ToRead(reading, retry_after) => {
                     // Held by `in_flight` while it is read: a caller that leaves now does not
                     // stop the reading (nor the learning).
-                    let retry_after = throttle::retry_after(&parts.headers);
-                    in_flight.reading = Some((self.reading(body), retry_after));
+                    in_flight.reading = Some((reading, retry_after));
                     prefix_signal(in_flight.read().await?, retry_after)
                 }
-                status => status_signal(status, body, &parts.headers),
             };
             if let Some(retry_after) = throttled {
                 self.learn_lock(route, key, retry_after).await;
@@ -577,19 +576,19 @@ impl Proxy {
     }
 
     /// Whether Zoho's answer to a limited call signals a throttle, and its Retry-After (if
-    /// any). Only error answers that may carry the signal in their body have that body's
-    /// start read (bounded); it is passed on whole either way. Success bodies are never read.
-    async fn read_signal(
-        &self,
-        parts: &http::response::Parts,
-        body: UpstreamBody,
-    ) -> Result<(ProxyBody, Option<Option<Duration>>), ProxyError> {
+    /// any): known from the status, or to be read from the start of the body for error answers
+    /// that may carry the signal there. The body is passed on whole either way; success bodies
+    /// are never read. The Retry-After is looked up only for throttle candidates.
+    fn signal(&self, parts: &http::response::Parts, body: UpstreamBody) -> Signal {
         match throttle::classify_status(parts.status) {
             StatusSignal::Inspect => {
-                let retry_after = throttle::retry_after(&parts.headers);
-                Ok(prefix_signal(self.reading(body).await?, retry_after))
+                Signal::ToRead(self.reading(body), throttle::retry_after(&parts.headers))
             }
-            status => Ok(status_signal(status, body, &parts.headers)),
+            StatusSignal::Throttled => Signal::Known(
+                body.map_err(Into::into).boxed(),
+                Some(throttle::retry_after(&parts.headers)),
+            ),
+            StatusSignal::NotThrottled => Signal::Known(body.map_err(Into::into).boxed(), None),
         }
     }
 
@@ -634,8 +633,13 @@ impl Proxy {
         let (parts, body) = response.into_parts();
         tracing::debug!(route = %route.name, user = %key.user.short(), status = parts.status.as_u16(),
             "Zoho answered a call whose caller had left");
-        if let Ok((_, Some(retry_after))) = self.read_signal(&parts, body).await {
-            self.learn_lock(route, key, retry_after).await;
+        match self.signal(&parts, body) {
+            Signal::Known(_, Some(retry_after)) => self.learn_lock(route, key, retry_after).await,
+            Signal::Known(_, None) => {}
+            Signal::ToRead(reading, retry_after) => {
+                self.learn_from_prefix(route, key, reading, retry_after)
+                    .await;
+            }
         }
     }
 
@@ -648,9 +652,20 @@ impl Proxy {
         reading: Reading,
         retry_after: Option<Duration>,
     ) {
-        let Some(route) = self.routes.get(route) else {
-            return;
-        };
+        if let Some(route) = self.routes.get(route) {
+            self.learn_from_prefix(route, key, reading, retry_after)
+                .await;
+        }
+    }
+
+    /// Reads the start of an error answer nobody waits for and learns a throttle code in it.
+    async fn learn_from_prefix(
+        &self,
+        route: &RouteRuntime,
+        key: Key,
+        reading: Reading,
+        retry_after: Option<Duration>,
+    ) {
         if let Ok(prefix) = reading.await {
             if let (_, Some(retry_after)) = prefix_signal(prefix, retry_after) {
                 self.learn_lock(route, key, retry_after).await;
@@ -1046,16 +1061,12 @@ fn prefix_signal(
     (body, throttled.then_some(retry_after))
 }
 
-/// The answer's body, untouched, and, if its status alone is a throttle signal, the
-/// Retry-After in `headers` to lock for.
-fn status_signal(
-    status: StatusSignal,
-    body: UpstreamBody,
-    headers: &http::HeaderMap,
-) -> (ProxyBody, Option<Option<Duration>>) {
-    let throttled = status == StatusSignal::Throttled;
-    let retry_after = throttled.then(|| throttle::retry_after(headers));
-    (body.map_err(Into::into).boxed(), retry_after)
+/// What an answer to a limited call says about a throttle ([`Proxy::signal`]).
+enum Signal {
+    /// Known from the status: the body, untouched, and the Retry-After to lock for if throttled.
+    Known(ProxyBody, Option<Option<Duration>>),
+    /// To be read from the start of the body, and the answer's Retry-After.
+    ToRead(Reading, Option<Duration>),
 }
 
 /// A call on its way to Zoho. If its future is dropped before the answer (the caller hung up,
