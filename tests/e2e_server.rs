@@ -982,22 +982,35 @@ async fn idle_keep_alive_connection_outlives_client_header() {
 
 // ---- 6. a caller that hangs up while queued ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn caller_that_hangs_up_while_queued_is_never_sent_and_its_slot_is_given_back() {
+/// The stub (threshold 1 per `per` on `template`) and a proxy whose one route `name` queues
+/// (limit 1 per `per`, `max_wait: 10s`), with `extra` top-level YAML.
+async fn stub_and_queueing_proxy(
+    method: Method,
+    name: &str,
+    template: &'static str,
+    per: Duration,
+    extra: &str,
+) -> (ZohoStub, Running) {
     let stub = ZohoStub::start(vec![StubRoute::new(
-        Method::GET,
-        ME,
+        method.clone(),
+        template,
         1,
-        QUEUE_PER,
+        per,
         Duration::from_secs(60),
     )])
     .await;
     let yaml = format!(
-        "safety_margin: \"{}ms\"\nroutes:\n  - name: users.me\n    method: GET\n    path: \"{ME}\"\n    limit: 1\n    per: \"{}ms\"\n    lock: \"60s\"\n    on_limit: queue\n    max_wait: \"10s\"\n",
+        "{extra}safety_margin: \"{}ms\"\nroutes:\n  - name: {name}\n    method: {method}\n    path: \"{template}\"\n    limit: 1\n    per: \"{}ms\"\n    lock: \"60s\"\n    on_limit: queue\n    max_wait: \"10s\"\n",
         QUEUE_MARGIN.as_millis(),
-        QUEUE_PER.as_millis()
+        per.as_millis()
     );
     let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
+    (stub, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_that_hangs_up_while_queued_is_never_sent_and_its_slot_is_given_back() {
+    let (stub, running) = stub_and_queueing_proxy(Method::GET, "users.me", ME, QUEUE_PER, "").await;
     let admin = running.admin_addr;
 
     let mut first = Wire::connect(running.proxy_addr).await;
@@ -1128,21 +1141,14 @@ const QUEUED_BODY: usize = 100 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_call_whose_body_follows_its_head_reaches_zoho_whole_with_its_true_length() {
-    let post = Duration::from_secs(60);
-    let stub = ZohoStub::start(vec![StubRoute::new(
+    let (stub, running) = stub_and_queueing_proxy(
         Method::POST,
+        "chats.post_message",
         POST_MESSAGE,
-        1,
         QUEUE_PER,
-        post,
-    )])
+        "",
+    )
     .await;
-    let yaml = format!(
-        "safety_margin: \"{}ms\"\nroutes:\n  - name: chats.post_message\n    method: POST\n    path: \"{POST_MESSAGE}\"\n    limit: 1\n    per: \"{}ms\"\n    lock: \"60s\"\n    on_limit: queue\n    max_wait: \"10s\"\n",
-        QUEUE_MARGIN.as_millis(),
-        QUEUE_PER.as_millis()
-    );
-    let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
 
     let mut first = Wire::connect(running.proxy_addr).await;
     first
@@ -1266,21 +1272,16 @@ async fn stalled_body_on_a_route_that_reads_it_first_is_408_and_never_forwarded(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_body_while_queued_is_408_and_gives_its_slot_back() {
-    let stub = ZohoStub::start(vec![StubRoute::new(
+    // The slot comes well after the stall is noticed: three client_body periods away.
+    let per = CLIENT_BODY * 3;
+    let (stub, running) = stub_and_queueing_proxy(
         Method::POST,
+        "chats.post_message",
         POST_MESSAGE,
-        1,
-        QUEUE_PER,
-        Duration::from_secs(60),
-    )])
+        per,
+        &client_body_yaml(),
+    )
     .await;
-    let yaml = format!(
-        "{}safety_margin: \"{}ms\"\nroutes:\n  - name: chats.post_message\n    method: POST\n    path: \"{POST_MESSAGE}\"\n    limit: 1\n    per: \"{}ms\"\n    lock: \"60s\"\n    on_limit: queue\n    max_wait: \"10s\"\n",
-        client_body_yaml(),
-        QUEUE_MARGIN.as_millis(),
-        QUEUE_PER.as_millis()
-    );
-    let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
     let admin = running.admin_addr;
 
     let mut first = Wire::connect(running.proxy_addr).await;
@@ -1293,7 +1294,7 @@ async fn stalled_body_while_queued_is_408_and_gives_its_slot_back() {
     assert_eq!(first.answer("POST").await.status, 200);
 
     // Queued behind the first call's window, its body read while it waits: the stall is
-    // noticed long before its slot (QUEUE_PER is five client_body periods).
+    // noticed long before its slot.
     let mut second = Wire::connect(running.proxy_addr).await;
     let sent = send_then_stall(&mut second, "/api/v3/chats/C1/message").await;
     assert_timed_out_and_closed(second, sent).await;
