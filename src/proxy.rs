@@ -36,6 +36,12 @@ use crate::validate::{Invalid, RuleSet};
 /// enough that a full queue stays small. Larger bodies wait in the socket.
 const QUEUE_BODY_PEEK: usize = 64 * 1024;
 
+/// A call as it moves through the pipeline: boxed once when it arrives, so each step, and each
+/// future that waits on one, holds a pointer rather than its own copy of the 240-byte request
+/// (every await point of an async block keeps room for the values it moved, so a request passed
+/// by value down four steps took a kilobyte of every queued call's memory).
+type Call = Box<Request<ProxyBody>>;
+
 /// One route as the pipeline needs it, built once per config.
 pub struct RouteRuntime {
     pub name: String,
@@ -159,9 +165,9 @@ impl Proxy {
     /// Handles one call from an app. Never fails: every outcome is a response.
     ///
     /// This future is what every call in flight holds, queued ones included, so its size is
-    /// memory per call. Written as a function returning an `async move` block, here and in
-    /// `pipeline` and `wait_for_slot`: an `async fn` keeps a second copy of each argument it
-    /// moves into a local (the request head is 264 bytes).
+    /// memory per call. The request is boxed here ([`Call`]). Written as a function returning an
+    /// `async move` block, here and in `pipeline` and `wait_for_slot`: an `async fn` keeps a
+    /// second copy of each argument it moves into a local.
     #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
     pub fn handle(
         self: Arc<Self>,
@@ -170,6 +176,7 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> {
         // Only the address is needed (the trust check of header identity), not the port.
         let peer = peer.ip();
+        let req = Box::new(req);
         async move {
             let mut log = AccessLog::new(&req);
             let response = match self.pipeline(req, peer, &mut log).await {
@@ -190,7 +197,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
     fn pipeline<'a>(
         self: &'a Arc<Self>,
-        req: Request<ProxyBody>,
+        req: Call,
         peer: IpAddr,
         log: &'a mut AccessLog,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
@@ -257,9 +264,8 @@ impl Proxy {
             let (req, view, decision) = match acquired {
                 Acquire::Now { view, .. } => (req, view, Decision::Forwarded),
                 Acquire::Reserved { reservation, view } => {
-                    let (parts, body) = req.into_parts();
                     let guard = QueueGuard::new(&self.limiter, route, reservation);
-                    let req = self.wait_for_slot(route, guard, parts, body, log).await?;
+                    let req = self.wait_for_slot(route, guard, req, log).await?;
                     (req, view, Decision::Delayed)
                 }
                 Acquire::Refused(refusal) => return Err(self.refusal(route, log, refusal)),
@@ -279,7 +285,7 @@ impl Proxy {
     /// been waited for is given back at once, so the limiter keeps modelling enforcement.
     async fn shadow(
         self: &Arc<Self>,
-        req: Request<ProxyBody>,
+        req: Call,
         route: &RouteRuntime,
         key: Key,
         log: &mut AccessLog,
@@ -312,10 +318,10 @@ impl Proxy {
         &self,
         rules: &RuleSet,
         route: &RouteRuntime,
-        req: Request<ProxyBody>,
+        mut req: Call,
         log: &mut AccessLog,
     ) -> Result<Checked, ProxyError> {
-        let (parts, body) = req.into_parts();
+        let body = std::mem::replace(req.body_mut(), crate::body::empty());
         let (bytes, trailers) = match read_whole(body, self.config.http.max_body_bytes).await {
             Ok(read) => read,
             Err(ReadError::TooLarge(limit)) => {
@@ -331,9 +337,9 @@ impl Proxy {
                 return Err(self.refuse(route, log, Decision::Cancelled, error));
             }
         };
-        let verdict = rules.check(parts.uri.query(), Some(&bytes));
-        let body = Prefixed::<ProxyBody>::new(bytes, trailers, None).boxed();
-        Ok(Checked::new(Request::from_parts(parts, body), verdict))
+        let verdict = rules.check(req.uri().query(), Some(&bytes));
+        *req.body_mut() = Prefixed::<ProxyBody>::new(bytes, trailers, None).boxed();
+        Ok(Checked::new(req, verdict))
     }
 
     /// A call that breaks its route's rules: answered with Zoho's own error, counted as
@@ -341,7 +347,7 @@ impl Proxy {
     /// forwards it as if unchecked; its quota is left as enforcing would leave it.
     async fn invalid(
         self: &Arc<Self>,
-        req: Request<ProxyBody>,
+        req: Call,
         route: &RouteRuntime,
         key: Key,
         invalid: Invalid,
@@ -472,11 +478,12 @@ impl Proxy {
         &'a self,
         route: &'a RouteRuntime,
         guard: QueueGuard<'a>,
-        parts: http::request::Parts,
-        mut body: ProxyBody,
+        mut req: Call,
         log: &'a mut AccessLog,
-    ) -> impl Future<Output = Result<Request<ProxyBody>, ProxyError>> + 'a {
+    ) -> impl Future<Output = Result<Call, ProxyError>> + 'a {
         async move {
+            // Taken out while it is watched; what was read goes back in front of the rest.
+            let mut body = std::mem::replace(req.body_mut(), crate::body::empty());
             let queued_at = Instant::now();
             let wake = self.limiter.clock().instant(guard.slot());
             // Reading the body while waiting is how a caller that hangs up mid-request is noticed
@@ -517,10 +524,8 @@ impl Proxy {
                 Err(e) => return Err(self.store_failed(route, log, e)),
             }
             let rest = (!ended).then_some(body);
-            Ok(Request::from_parts(
-                parts,
-                Prefixed::new(held.freeze(), trailers.map(|t| *t), rest).boxed(),
-            ))
+            *req.body_mut() = Prefixed::new(held.freeze(), trailers.map(|t| *t), rest).boxed();
+            Ok(req)
         }
     }
 
@@ -529,7 +534,7 @@ impl Proxy {
     /// route here, also when the caller left before the answer came ([`InFlight`]).
     fn forward<'a>(
         self: &'a Arc<Self>,
-        req: Request<ProxyBody>,
+        req: Call,
         limited: Option<(&'a RouteRuntime, Key)>,
         log: &'a mut AccessLog,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
@@ -675,7 +680,7 @@ impl Proxy {
 
     /// The call as it goes to Zoho: the configured upstream's URI, hop-by-hop fields removed,
     /// the body bounded while it streams.
-    fn upstream_request(&self, req: Request<ProxyBody>) -> Request<ProxyBody> {
+    fn upstream_request(&self, req: Call) -> Request<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
@@ -824,13 +829,13 @@ fn refusal_decision(reason: RefusalReason) -> Decision {
 
 /// A call after validation, its body ready to forward (streamed, or the bytes that were read).
 enum Checked {
-    Valid(Request<ProxyBody>),
+    Valid(Call),
     /// Breaks a rule: refused, or (shadow routes) counted and forwarded anyway.
-    Invalid(Request<ProxyBody>, Invalid),
+    Invalid(Call, Invalid),
 }
 
 impl Checked {
-    fn new(req: Request<ProxyBody>, verdict: Result<(), Invalid>) -> Self {
+    fn new(req: Call, verdict: Result<(), Invalid>) -> Self {
         match verdict {
             Ok(()) => Checked::Valid(req),
             Err(invalid) => Checked::Invalid(req, invalid),

@@ -89,14 +89,17 @@ where
 }
 
 /// Serves one caller connection until it closes, fails, or the server stops.
-pub async fn serve_connection<S: Service>(
+///
+/// Not an `async fn`: that would keep its arguments twice, as arguments and as the locals they
+/// are moved into, in a future every connection (and so every queued call) holds.
+pub fn serve_connection<S: Service>(
     stream: TcpStream,
     peer: SocketAddr,
     service: S,
     stopped: watch::Receiver<bool>,
     limits: Limits,
     metrics: Arc<Metrics>,
-) {
+) -> impl Future<Output = ()> {
     let stream = Arc::new(stream);
     let reader = Arc::new(std::sync::Mutex::new(Reader::new(
         stream.clone(),
@@ -116,34 +119,36 @@ pub async fn serve_connection<S: Service>(
         served: 0,
         metrics,
     };
-    match conn.serve(&service, peer, &limits).await {
-        // Bytes the caller sent that were never read would make closing reset the connection,
-        // which can destroy the answer before the caller reads it: drain them first.
-        Ok(Ending::Close) if lock(&conn.reader).has_buffered() => linger(&conn.stream).await,
-        Ok(Ending::Close) => {}
-        Ok(Ending::Linger) => linger(&conn.stream).await,
-        Ok(Ending::H2) => {
-            let Conn {
-                stream,
-                reader,
-                stopped,
-                ..
-            } = conn;
-            drop(stream);
-            let Ok(reader) = Arc::try_unwrap(reader) else {
-                return;
-            };
-            let (stream, preface) = reader
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .into_parts();
-            let Ok(stream) = Arc::try_unwrap(stream) else {
-                return;
-            };
-            // Boxed: hyper's HTTP/2 state would otherwise size every HTTP/1.1 connection's future.
-            Box::pin(serve_h2(stream, preface, peer, service, stopped, &limits)).await;
+    async move {
+        match conn.serve(&service, peer, &limits).await {
+            // Bytes the caller sent that were never read would make closing reset the connection,
+            // which can destroy the answer before the caller reads it: drain them first.
+            Ok(Ending::Close) if lock(&conn.reader).has_buffered() => linger(&conn.stream).await,
+            Ok(Ending::Close) => {}
+            Ok(Ending::Linger) => linger(&conn.stream).await,
+            Ok(Ending::H2) => {
+                let Conn {
+                    stream,
+                    reader,
+                    stopped,
+                    ..
+                } = conn;
+                drop(stream);
+                let Ok(reader) = Arc::try_unwrap(reader) else {
+                    return;
+                };
+                let (stream, preface) = reader
+                    .into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .into_parts();
+                let Ok(stream) = Arc::try_unwrap(stream) else {
+                    return;
+                };
+                // Boxed: hyper's HTTP/2 state would otherwise size every HTTP/1.1 connection's future.
+                Box::pin(serve_h2(stream, preface, peer, service, stopped, &limits)).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "caller connection ended with an error"),
         }
-        Err(e) => tracing::debug!(error = %e, "caller connection ended with an error"),
     }
 }
 
