@@ -288,8 +288,11 @@ impl Entry {
     }
 
     fn next_free(&mut self, policy: &Policy, now: Nanos) -> Nanos {
-        match (&self.history, policy.kind) {
-            (History::Window(log), Kind::Window) => log.next_free(policy.limit, policy.window, now),
+        match (&mut self.history, policy.kind) {
+            (History::Window(log), Kind::Window) => {
+                log.forget_expired(now, policy.window);
+                log.next_free(policy.limit, policy.window, now)
+            }
             (History::Gcra(g), Kind::Gcra { burst, period }) => g.tat.next_free(burst, period, now),
             // The route changed algorithm (config reload): start over with the new one,
             // conservatively treating the key as if it had just used its whole window (a GCRA

@@ -76,6 +76,20 @@ impl SendLog {
         now.max(behind).max(freed_by_window)
     }
 
+    /// Forgets the sends that had left the window by `now`. No send can go before `now` any
+    /// more, so they can never hold one back (nor a reservation, all of which were recorded at
+    /// or after the `now` they were made at), and a reservation given back later finds the log
+    /// as it would have without them. The log then holds what the window holds, not up to
+    /// `limit` times, and the checks that follow stop at its first entry. A hold is kept.
+    pub(super) fn forget_expired(&mut self, now: Nanos, window: Nanos) {
+        while self
+            .oldest()
+            .is_some_and(|oldest| oldest.saturating_add(window) <= now)
+        {
+            self.pop_front();
+        }
+    }
+
     /// Records a send at `at` (from `next_free`), keeping the newest `limit` times plus one per
     /// outstanding reservation. Returns the time recorded: `at` rounded up.
     pub(super) fn record(&mut self, at: Nanos, limit: u32, window: Nanos) -> Nanos {
@@ -340,8 +354,12 @@ impl SendLog {
         }
     }
 
-    /// How many recorded times `before` holds for: a prefix, since the log is sorted.
+    /// How many recorded times `before` holds for: a prefix, since the log is sorted. The oldest
+    /// is looked at first: after [`SendLog::forget_expired`] that is usually the answer.
     fn count_while(&self, before: impl Fn(Nanos) -> bool) -> usize {
+        if !self.oldest().is_some_and(&before) {
+            return 0;
+        }
         let (first, second) = self.runs();
         let n = first.partition_point(|&o| before(self.decode(o)));
         if n < first.len() {
@@ -713,6 +731,50 @@ mod tests {
         assert!(log.next_free(5, MINUTE, MINUTE) >= hold);
     }
 
+    #[test]
+    fn sends_that_left_the_window_are_forgotten_and_change_nothing() {
+        let mut log = log_after(&[0, 10, 20, 30], 10);
+        let before = (log.next_free(3, W, 75), log.view(3, W, 75));
+        log.forget_expired(75, W);
+        assert_eq!(
+            times(&log),
+            vec![20, 30],
+            "0 and 10 left the window at 60 and 70"
+        );
+        assert_eq!((log.next_free(3, W, 75), log.view(3, W, 75)), before);
+        log.forget_expired(80, W);
+        assert_eq!(
+            times(&log),
+            vec![30],
+            "a send whose window ends now is gone"
+        );
+        // A reservation made after forgetting is still found when it is given back.
+        let at = log.next_free(1, W, 90);
+        assert_eq!(at, 90);
+        let slot = log.next_free(2, W, 91);
+        let recorded = log.reserve(slot, 2, W);
+        log.cancel(recorded, W);
+        log.release();
+        assert_eq!(times(&log), vec![30]);
+        // Everything gone: what is left is a free log, or the hold it had.
+        log.forget_expired(1_000, W);
+        assert_eq!(log.next_free(3, W, 1_000), 1_000);
+        let mut held = SendLog::from_times(vec![10], 500);
+        held.forget_expired(100, W);
+        assert_eq!(
+            held.next_free(3, W, 100),
+            500,
+            "the hold outlives the forgotten send"
+        );
+    }
+
+    #[test]
+    fn a_window_of_forever_forgets_nothing() {
+        let mut log = log_after(&[0, 1], 5);
+        log.forget_expired(Nanos::MAX - 1, Nanos::MAX);
+        assert_eq!(log.len, 2);
+    }
+
     /// Largest number of sends inside any half-open window `[t, t + window)`.
     fn max_in_window(sends: &[Nanos], window: Nanos) -> usize {
         let mut sorted = sends.to_vec();
@@ -744,7 +806,8 @@ mod tests {
     proptest! {
         /// With units far coarser than the gaps between calls, reservations, cancellations and
         /// re-encoding as time moves on, the real send times never put more than `limit` in a
-        /// window, and every recorded time is at or after the real one.
+        /// window, and every recorded time is at or after the real one; also when the sends
+        /// that left the window are forgotten before each decision.
         #[test]
         fn rounded_logs_keep_the_bound_for_real_send_times(
             limit in 1u32..6,
@@ -756,6 +819,7 @@ mod tests {
                 5 => any::<bool>().prop_map(|queue| Op::Call { queue }),
                 1 => any::<usize>().prop_map(Op::Cancel),
             ], 1..150),
+            forget in any::<bool>(),
         ) {
             let mut log = SendLog::default();
             let mut now = start;
@@ -778,6 +842,10 @@ mod tests {
                         }
                     }
                     Op::Call { queue } => {
+                        if forget {
+                            // What the memory store does before every decision.
+                            log.forget_expired(now, window);
+                        }
                         let at = log.next_free(limit, window, now);
                         prop_assert!(at >= now);
                         if at == now {
