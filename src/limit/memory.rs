@@ -340,13 +340,17 @@ impl Entry {
     }
 }
 
+/// A map by (route, user) key. The user half is a SHA-256 value, so a fast hasher spreads keys
+/// well; its seed is random per process, so nobody can aim keys at one bucket.
+type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
+
 pub struct MemoryStore {
     /// If set: every key is treated as if its whole quota was used at this time (see
     /// [`MemoryStore::assume_full_at`]).
     floor: AtomicU64,
-    shards: Box<[Mutex<HashMap<Key, Entry>>]>,
+    shards: Box<[Mutex<KeyMap<Entry>>]>,
     /// Locked keys, kept apart so counting active locks never walks every key.
-    locks: Mutex<HashMap<Key, Nanos>>,
+    locks: Mutex<KeyMap<Nanos>>,
     queued_total: AtomicUsize,
     max_queued_total: usize,
     clock: Arc<dyn Clock>,
@@ -354,18 +358,18 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(clock: Arc<dyn Clock>, max_queued_total: usize) -> Self {
-        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        let shards = (0..SHARDS).map(|_| Mutex::new(KeyMap::default())).collect();
         MemoryStore {
             floor: AtomicU64::new(0),
             shards,
-            locks: Mutex::new(HashMap::new()),
+            locks: Mutex::new(KeyMap::default()),
             queued_total: AtomicUsize::new(0),
             max_queued_total,
             clock,
         }
     }
 
-    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Entry>> {
+    fn shard(&self, key: &Key) -> MutexGuard<'_, KeyMap<Entry>> {
         // The user key is already a uniform hash; mix in the route so one user's routes spread.
         let index = (usize::from(key.user.0[0]) ^ (key.route.0 as usize).wrapping_mul(31)) % SHARDS;
         relock(&self.shards[index])
@@ -544,7 +548,7 @@ impl MemoryStore {
 
 /// Makes a shard table four times larger than its keys smaller (see [`SHRINK_MAX_KEYS`]);
 /// returns the old table, for the caller to drop after unlocking.
-fn shrink(map: &mut HashMap<Key, Entry>) -> Option<HashMap<Key, Entry>> {
+fn shrink(map: &mut KeyMap<Entry>) -> Option<KeyMap<Entry>> {
     let (len, capacity) = (map.len(), map.capacity());
     if capacity <= 64 || capacity <= len * 4 || len > SHRINK_MAX_KEYS {
         return None;
@@ -1116,5 +1120,35 @@ mod tests {
             ),
             "floor lifted"
         );
+    }
+
+    #[test]
+    fn a_restored_window_frees_its_calls_once_it_has_passed_not_when_the_key_is_dropped() {
+        let policy = Policy::new(
+            NonZeroU32::new(5).expect("5"),
+            Duration::from_secs(2),
+            Duration::from_millis(200),
+            Algorithm::Window,
+        );
+        let (clock, store, _) = setup();
+        let start = 7_000_000_000;
+        for i in 0..5 {
+            clock.set(start + i * 1_000);
+            let got = store.acquire_now(&policy, key(1), None);
+            assert!(matches!(got, Acquire::Now { .. }), "{got:?}");
+        }
+        let mut snap = store.snapshot();
+        // The state file keeps a key until the longest window of any route has passed.
+        snap[0].idle_at = start + 60_000_000_000;
+        let (clock2, other, _) = setup();
+        other.restore(snap);
+        clock2.set(start + 100_000_000);
+        let got = other.acquire_now(&policy, key(1), None);
+        assert!(matches!(got, Acquire::Refused(_)), "{got:?}");
+        clock2.set(start + 2_500_000_000);
+        for _ in 0..5 {
+            let got = other.acquire_now(&policy, key(1), None);
+            assert!(matches!(got, Acquire::Now { .. }), "{got:?}");
+        }
     }
 }

@@ -76,15 +76,18 @@ impl SendLog {
         now.max(behind).max(freed_by_window)
     }
 
-    /// Forgets the sends that had left the window by `now`. No send can go before `now` any
-    /// more, so they can never hold one back (nor a reservation, all of which were recorded at
-    /// or after the `now` they were made at), and a reservation given back later finds the log
-    /// as it would have without them. The log then holds what the window holds, not up to
-    /// `limit` times, and the checks that follow stop at its first entry. A hold is kept.
+    /// Forgets the sends that had left the window by `now`, but never the newest. No send can
+    /// go before `now` any more, so they can never hold one back (nor a reservation, all of
+    /// which were recorded at or after the `now` they were made at). The log then holds what
+    /// the window holds, not up to `limit` times, and the checks that follow stop at its first
+    /// entry. The newest stays because an empty log means something else: one that lets nothing
+    /// go before its idle time (see [`SendLog::hold_until`]), which for a log with sends is only
+    /// how long it is kept (a restored key's may be the longest window of any route).
     pub(super) fn forget_expired(&mut self, now: Nanos, window: Nanos) {
-        while self
-            .oldest()
-            .is_some_and(|oldest| oldest.saturating_add(window) <= now)
+        while self.len > 1
+            && self
+                .oldest()
+                .is_some_and(|oldest| oldest.saturating_add(window) <= now)
         {
             self.pop_front();
         }
@@ -748,6 +751,8 @@ mod tests {
             vec![30],
             "a send whose window ends now is gone"
         );
+        log.forget_expired(95, W);
+        assert_eq!(times(&log), vec![30], "the newest is kept");
         // A reservation made after forgetting is still found when it is given back.
         let at = log.next_free(1, W, 90);
         assert_eq!(at, 90);
@@ -756,16 +761,18 @@ mod tests {
         log.cancel(recorded, W);
         log.release();
         assert_eq!(times(&log), vec![30]);
-        // Everything gone: what is left is a free log, or the hold it had.
-        log.forget_expired(1_000, W);
-        assert_eq!(log.next_free(3, W, 1_000), 1_000);
-        let mut held = SendLog::from_times(vec![10], 500);
+        // A restored log is kept until its saved idle time, but that does not hold its sends
+        // back once they have left the window, forgotten or not.
+        let mut restored = SendLog::from_times(vec![10, 20], 500);
+        restored.forget_expired(100, W);
+        assert_eq!(times(&restored), vec![20]);
+        assert_eq!(restored.next_free(2, W, 100), 100);
+        assert_eq!(restored.idle_at(), 500);
+        // An empty log that holds still does.
+        let mut held = SendLog::default();
+        held.hold_until(500);
         held.forget_expired(100, W);
-        assert_eq!(
-            held.next_free(3, W, 100),
-            500,
-            "the hold outlives the forgotten send"
-        );
+        assert_eq!(held.next_free(3, W, 100), 500);
     }
 
     #[test]
