@@ -183,6 +183,8 @@ pub(super) struct Conn {
     buf: BytesMut,
     /// The request being written.
     out: Vec<u8>,
+    /// Bounds the wait for an answer's head ([`answer_within`]); made at the first call.
+    answer_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {
@@ -213,6 +215,7 @@ impl Conn {
             runtime: tokio::runtime::Handle::current().id(),
             buf: BytesMut::with_capacity(READ_CHUNK),
             out: Vec::with_capacity(1024),
+            answer_timer: None,
         })
     }
 
@@ -470,6 +473,8 @@ async fn send_on(
         Err(e) => return Err(e),
     };
     // The response timeout runs from here: the request is sent (or the answer has begun).
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut timer = conn.answer_timer.take();
     let reading = async {
         loop {
             if !conn.buf.is_empty() {
@@ -487,13 +492,48 @@ async fn send_on(
             }
         }
     };
-    // Nearly always still on its way: the timer is armed at once (`within` would poll twice).
-    let head = tokio::time::timeout(limit, reading)
-        .await
-        .map_err(|_| ExchangeError::TimedOut("answer"))??;
+    let head = answer_within(&mut timer, deadline, reading).await;
+    conn.answer_timer = timer;
+    let head = head.ok_or(ExchangeError::TimedOut("answer"))??;
     let reusable = head.reusable && sent_whole;
     let body = UpstreamBody::new(conn, head.framing, reusable);
     Ok(head.response.map(|()| body))
+}
+
+/// `work`'s outcome, or `None` if `deadline` comes first. `timer` is the connection's one timer
+/// for this: made at its first call and re-armed only when it fires. A connection's calls come
+/// one after another, so each deadline is later than the one the timer was set for: when the
+/// timer fires, the current deadline is checked and the timer set for it if it has not come. A
+/// call thus costs a clock read, not a timer registered and removed in the runtime's timer
+/// wheel (a deadline earlier than the timer's, after a reload shortened the timeout, resets it).
+async fn answer_within<T>(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: tokio::time::Instant,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    let sleep = match timer {
+        Some(sleep) => {
+            if sleep.deadline() > deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            sleep
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    };
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        loop {
+            ready!(sleep.as_mut().poll(cx));
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(None);
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    })
+    .await
 }
 
 /// `work`'s outcome, or [`ExchangeError::TimedOut`] (`what` the upstream failed to do) if it
@@ -1277,6 +1317,87 @@ mod tests {
         );
         assert!(waited >= limits.response, "{waited:?}");
         assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    /// One connection, three calls: answered at once; answered late but in time, after the
+    /// connection's timer had fired while it sat idle; never answered.
+    #[tokio::test]
+    async fn each_call_on_a_reused_connection_gets_the_whole_response_timeout() {
+        let (origin, accepted) = raw_upstream(|mut stream| async move {
+            let mut calls = 0;
+            while read_request(&mut stream).await.is_some() {
+                calls += 1;
+                match calls {
+                    1 => {}
+                    2 => tokio::time::sleep(Duration::from_millis(200)).await,
+                    _ => tokio::time::sleep(Duration::from_secs(30)).await,
+                }
+                stream.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        let limits = Limits {
+            connect: Duration::from_secs(1),
+            response: Duration::from_millis(300),
+        };
+        let first = exchange(&origin, limits, get("/"), empty()).await.unwrap();
+        assert_eq!(body_of(first).await.unwrap(), "{\"ok\":true}");
+        // Idle past the first call's deadline: the connection's timer fires unobserved.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let started = tokio::time::Instant::now();
+        let second = exchange(&origin, limits, get("/"), empty()).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(body_of(second).await.unwrap(), "{\"ok\":true}");
+        let started = tokio::time::Instant::now();
+        let Err(error) = exchange(&origin, limits, get("/"), empty()).await else {
+            panic!("an answer from an upstream that sent none");
+        };
+        let waited = started.elapsed();
+        assert!(
+            matches!(error, ExchangeError::TimedOut("answer")),
+            "{error}"
+        );
+        assert!(waited >= limits.response, "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_shorter_response_timeout_is_kept_on_a_connection_set_for_a_longer_one() {
+        let (origin, accepted) = raw_upstream(|mut stream| async move {
+            let mut calls = 0;
+            while read_request(&mut stream).await.is_some() {
+                calls += 1;
+                if calls > 1 {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                stream.write_all(OK).await.unwrap();
+            }
+        })
+        .await;
+        let long = Limits {
+            connect: Duration::from_secs(1),
+            response: Duration::from_secs(20),
+        };
+        let first = exchange(&origin, long, get("/"), empty()).await.unwrap();
+        assert_eq!(body_of(first).await.unwrap(), "{\"ok\":true}");
+        // A reload made the timeout shorter: the timer, set 20 s out, is brought forward.
+        let short = Limits {
+            response: Duration::from_millis(150),
+            ..long
+        };
+        let started = tokio::time::Instant::now();
+        let Err(error) = exchange(&origin, short, get("/"), empty()).await else {
+            panic!("an answer from an upstream that sent none");
+        };
+        let waited = started.elapsed();
+        assert!(
+            matches!(error, ExchangeError::TimedOut("answer")),
+            "{error}"
+        );
+        assert!(waited >= short.response, "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
