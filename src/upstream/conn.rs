@@ -19,7 +19,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{header, request, Method, Response};
+use http::{request, Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use rustls::pki_types::ServerName;
@@ -46,6 +46,8 @@ const KEEP_BUFFER: usize = 16 * 1024;
 pub(super) struct Origin {
     /// Tells idle connections apart: the upstream's generation and its scheme://authority.
     key: Arc<str>,
+    /// What a request's `Host` field says: the authority as configured.
+    authority: Arc<str>,
     host: String,
     port: u16,
     tls: Option<(TlsConnector, ServerName<'static>)>,
@@ -77,6 +79,7 @@ impl Origin {
         };
         Ok(Origin {
             key: format!("{generation} {scheme}://{authority}").into(),
+            authority: authority.as_str().into(),
             host,
             port,
             tls,
@@ -176,6 +179,8 @@ impl AsyncWrite for Stream {
 pub(super) struct Conn {
     stream: Stream,
     key: Arc<str>,
+    /// The `Host` of every request on this connection (its origin's authority).
+    authority: Arc<str>,
     /// The runtime whose event loop the socket is registered with: only that runtime's tasks
     /// are woken when it becomes readable, so only they may use it.
     runtime: tokio::runtime::Id,
@@ -212,6 +217,7 @@ impl Conn {
         Ok(Conn {
             stream,
             key: origin.key.clone(),
+            authority: origin.authority.clone(),
             runtime: tokio::runtime::Handle::current().id(),
             buf: BytesMut::with_capacity(READ_CHUNK),
             out: Vec::with_capacity(1024),
@@ -445,21 +451,17 @@ impl Future for Exchange<'_> {
 /// `limit` bounds each write and then the wait for the head ([`Limits::response`]).
 async fn send_on(
     mut conn: Conn,
-    mut parts: request::Parts,
+    parts: request::Parts,
     body: ProxyBody,
     limit: Duration,
 ) -> Result<Response<UpstreamBody>, ExchangeError> {
-    // The framing is cliqgate's to choose for its own hop; `Expect` was answered on the
-    // caller's hop already (the server sends 100 Continue when the body is first read).
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.remove(header::TRANSFER_ENCODING);
-    parts.headers.remove(header::EXPECT);
     let framing = request_framing(&parts.method, &body);
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     wire::encode_request_head(
         &mut conn.out,
         &parts.method,
         target,
+        conn.authority.as_bytes(),
         &parts.headers,
         framing,
     );
@@ -1049,16 +1051,18 @@ mod tests {
             }
         })
         .await;
+        // The caller's Host, Expect and length are this hop's business: replaced or left out.
         let mut parts = post("/m");
         parts
             .headers
-            .insert(header::HOST, "cliq.zoho.com".parse().unwrap());
+            .insert(http::header::HOST, "caller.example".parse().unwrap());
         parts
             .headers
-            .insert(header::EXPECT, "100-continue".parse().unwrap());
+            .insert(http::header::EXPECT, "100-continue".parse().unwrap());
         parts
             .headers
-            .insert(header::CONTENT_LENGTH, "999".parse().unwrap());
+            .insert(http::header::CONTENT_LENGTH, "999".parse().unwrap());
+        let host = format!("host: {}\r\n", origin.authority);
         let response = exchange(
             &origin,
             TEST_LIMITS,
@@ -1070,7 +1074,7 @@ mod tests {
         body_of(response).await.unwrap();
         assert_eq!(
             seen.recv().await.unwrap(),
-            "POST /m HTTP/1.1\r\nhost: cliq.zoho.com\r\ncontent-length: 13\r\n\r\n{\"text\":\"hi\"}"
+            format!("POST /m HTTP/1.1\r\n{host}content-length: 13\r\n\r\n{{\"text\":\"hi\"}}")
         );
 
         let frames = futures_frames(vec![
@@ -1083,14 +1087,17 @@ mod tests {
         body_of(response).await.unwrap();
         assert_eq!(
             seen.recv().await.unwrap(),
-            "POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+            format!("POST /c HTTP/1.1\r\n{host}transfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
         );
 
         let response = exchange(&origin, TEST_LIMITS, get("/g?q=1"), empty())
             .await
             .unwrap();
         body_of(response).await.unwrap();
-        assert_eq!(seen.recv().await.unwrap(), "GET /g?q=1 HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            format!("GET /g?q=1 HTTP/1.1\r\n{host}\r\n")
+        );
     }
 
     /// A body of unknown length made of these frames, each ready at once.

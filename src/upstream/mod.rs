@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response};
+use http::{Request, Response};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
@@ -50,7 +50,6 @@ struct Inner {
     generation: u64,
     origin: Origin,
     tls: Arc<rustls::ClientConfig>,
-    host: HeaderValue,
     limits: Limits,
 }
 
@@ -66,14 +65,11 @@ impl Upstream {
         let target = &config.upstream;
         let origin = Origin::new(generation, &target.scheme, &target.authority, &tls)
             .map_err(UpstreamSetupError::Target)?;
-        let host = HeaderValue::from_str(target.authority.as_str())
-            .map_err(|e| UpstreamSetupError::Target(e.to_string()))?;
         Ok(Upstream {
             inner: Arc::new(Inner {
                 generation,
                 origin,
                 tls,
-                host,
                 limits: Limits {
                     connect: config.timeouts.connect,
                     response: config.timeouts.response,
@@ -89,7 +85,7 @@ impl Upstream {
         req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let inner = &self.inner;
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let (Some(scheme), Some(authority)) = (parts.uri.scheme(), parts.uri.authority()) else {
             tracing::warn!("identity lookup URL is not absolute");
             return Err(ProxyError::UpstreamUnavailable);
@@ -98,9 +94,6 @@ impl Upstream {
             tracing::warn!(error = %e, "identity lookup URL");
             ProxyError::UpstreamUnavailable
         })?;
-        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(header::HOST, host);
-        }
         conn::exchange(&origin, inner.limits, parts, body)
             .await
             .map_err(|e| {
@@ -113,8 +106,7 @@ impl Upstream {
     /// body streams afterwards. Only the path and query of the request's URI are used.
     pub fn send(&self, req: Request<ProxyBody>) -> Sending<'_> {
         let inner = &*self.inner;
-        let (mut parts, body) = req.into_parts();
-        parts.headers.insert(header::HOST, inner.host.clone());
+        let (parts, body) = req.into_parts();
         Sending {
             exchange: Exchange::start(&inner.origin, inner.limits, parts, body),
             timeout: inner.limits.response,

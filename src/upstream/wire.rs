@@ -43,6 +43,7 @@ pub fn encode_request_head(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
+    host: &[u8],
     headers: &HeaderMap,
     framing: RequestFraming,
 ) {
@@ -50,12 +51,17 @@ pub fn encode_request_head(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    // `Host` first (RFC 9110 7.2), then the rest in the caller's order.
-    if let Some(host) = headers.get(header::HOST) {
-        encode_field(out, b"host", host.as_bytes());
-    }
+    // `Host` first (RFC 9110 7.2): the upstream's, whatever the caller's said. Then the rest in
+    // the caller's order, less what this hop decides: the framing is cliqgate's to choose, and
+    // `Expect` was answered on the caller's hop (100 Continue when the body is first read).
+    // Left out here rather than removed from the map: no lookups, one pass.
+    encode_field(out, b"host", host);
     for (name, value) in headers {
-        if name == header::HOST {
+        if name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+        {
             continue;
         }
         encode_field(out, name.as_str().as_bytes(), value.as_bytes());
@@ -436,39 +442,53 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Zoho-oauthtoken t"),
         );
-        headers.insert(header::HOST, HeaderValue::from_static("cliq.zoho.com"));
+        // What the caller said of the host, the framing and Expect is left out.
+        headers.insert(header::HOST, HeaderValue::from_static("caller.example"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         let mut out = Vec::new();
         let target = "/api/v3/chats/C1/message?x=1";
         encode_request_head(
             &mut out,
             &Method::POST,
             target,
+            b"cliq.zoho.com",
             &headers,
             RequestFraming::Length(20),
         );
         assert_eq!(
             out,
             b"POST /api/v3/chats/C1/message?x=1 HTTP/1.1\r\nhost: cliq.zoho.com\r\n\
-              authorization: Zoho-oauthtoken t\r\ncontent-length: 20\r\n\r\n"
+              authorization: Zoho-oauthtoken t\r\naccept: */*\r\ncontent-length: 20\r\n\r\n"
         );
         out.clear();
         encode_request_head(
             &mut out,
             &Method::GET,
             "/",
+            b"h",
             &HeaderMap::new(),
             RequestFraming::Empty,
         );
-        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(out, b"GET / HTTP/1.1\r\nhost: h\r\n\r\n");
         out.clear();
         encode_request_head(
             &mut out,
             &Method::PUT,
             "/",
+            b"h",
             &HeaderMap::new(),
             RequestFraming::Chunked,
         );
-        assert_eq!(out, b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(
+            out,
+            b"PUT / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
     }
 
     #[test]
