@@ -61,6 +61,13 @@ pub struct KeyStatus {
     pub queued: u32,
 }
 
+/// Whether the assumed-full floor (see [`MemoryStore::assume_full_at`]; 0: unset) still holds
+/// anything back at `now`: a window after it, it does not, whatever the key's log says (a log
+/// that forgot its old sends would otherwise read as untouched since the floor).
+fn floor_open(floor: Nanos, policy: &Policy, now: Nanos) -> bool {
+    floor > 0 && floor.saturating_add(policy.window) > now
+}
+
 /// A key's status from its parts, at `now`. `floor`: see [`MemoryStore::assume_full_at`] (0: unset).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn key_status(
@@ -82,14 +89,15 @@ pub(super) fn key_status(
                 .count();
             let view = log.view(policy.limit, policy.window, now);
             let next_free = log.next_free(policy.limit, policy.window, now);
-            let applies = floor > 0 && log.count_since(floor) < policy.limit as usize;
+            let applies =
+                floor_open(floor, policy, now) && log.count_since(floor) < policy.limit as usize;
             (calls as u64, view, next_free, applies)
         }
         (History::Gcra(GcraState { tat, .. }), Kind::Gcra { burst, period }) => {
             let cells = tat.0.saturating_sub(now).div_ceil(period.max(1));
             let view = tat.view(burst, period, now);
             let next_free = tat.next_free(burst, period, now);
-            let applies = floor > 0 && tat.0 <= floor;
+            let applies = floor_open(floor, policy, now) && tat.0 <= floor;
             let calls = cells.saturating_sub(u64::from(queued));
             (calls, view, next_free, applies)
         }
@@ -341,7 +349,8 @@ impl Entry {
 }
 
 /// A map by (route, user) key. The user half is a SHA-256 value, so a fast hasher spreads keys
-/// well; its seed is random per process, so nobody can aim keys at one bucket.
+/// well; its seed is random per process, which makes aiming keys at one bucket hard (foldhash is
+/// not a keyed cryptographic hash, but no caller sees the seed or the table).
 type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
 
 pub struct MemoryStore {
@@ -578,7 +587,9 @@ impl MemoryStore {
         }
         let slot = entry.next_free(policy, now);
         let floor = self.floor.load(Ordering::Acquire);
-        let slot = if floor > 0 && entry.sends_since(policy, floor) < policy.limit as usize {
+        let slot = if floor_open(floor, policy, now)
+            && entry.sends_since(policy, floor) < policy.limit as usize
+        {
             slot.max(floor.saturating_add(policy.window))
         } else {
             slot
@@ -1032,6 +1043,40 @@ mod tests {
         assert!(
             matches!(refused, Acquire::Refused(r) if r.retry_at == 100),
             "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_floor_a_window_old_holds_nothing_back_in_the_status_either() {
+        let (clock, store, _) = setup();
+        let policy = Policy::new(
+            NonZeroU32::new(3).expect("3"),
+            Duration::from_nanos(100),
+            Duration::from_nanos(1_000),
+            Algorithm::Window,
+        );
+        store.assume_full_at(Some(1));
+        for t in [150, 151, 152] {
+            clock.set(t);
+            let got = store.acquire_now(&policy, key(1), None);
+            assert!(matches!(got, Acquire::Now { .. }), "{got:?}");
+        }
+        // The first two leave the window by 260 and are forgotten by the next decision, which
+        // leaves fewer sends since the floor than the limit.
+        clock.set(260);
+        assert!(matches!(
+            store.acquire_now(&policy, key(1), None),
+            Acquire::Now { .. }
+        ));
+        let status = store.status(|r| (r == RouteId(0)).then_some(policy));
+        assert_eq!(
+            (
+                status[0].calls_in_window,
+                status[0].remaining,
+                status[0].next_free_in
+            ),
+            (1, 2, 0),
+            "the floor ended at 101"
         );
     }
 

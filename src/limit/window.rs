@@ -6,7 +6,8 @@
 //! recorded time of the first, which is no earlier than when the first really went. Only the last
 //! `limit + pending reservations` times are ever needed: whichever reservations are cancelled, the
 //! `limit` most recent remaining times are still held, and removing times from a valid log leaves
-//! it valid.
+//! it valid. Of those, the times that have left the window are dropped too while no reservation
+//! is out ([`SendLog::forget_expired`]): they cannot hold back any send from now on.
 //!
 //! ## Encoding: 4 bytes a send, rounded up
 //!
@@ -76,15 +77,20 @@ impl SendLog {
         now.max(behind).max(freed_by_window)
     }
 
-    /// Forgets the sends that had left the window by `now`, but never the newest. No send can
-    /// go before `now` any more, so they can never hold one back (nor a reservation, all of
-    /// which were recorded at or after the `now` they were made at). The log then holds what
-    /// the window holds, not up to `limit` times, and the checks that follow stop at its first
-    /// entry. The newest stays because an empty log means something else: one that lets nothing
-    /// go before its idle time (see [`SendLog::hold_until`]), which for a log with sends is only
-    /// how long it is kept (a restored key's may be the longest window of any route).
+    /// Forgets the sends that had left the window by `now`, but never the newest, and only while
+    /// no reservation is out. No send can go before `now` any more, so these can never hold one
+    /// back: every decision stays exactly what it would have been. The log then holds what the
+    /// window holds, not up to `limit` times, and the checks that follow stop at its first entry.
+    ///
+    /// The two exceptions keep the log from ever being left empty by this: an empty log means
+    /// something else, one that lets nothing go before its idle time ([`SendLog::hold_until`]).
+    /// For a log with sends that time is only how long it is kept (a restored key's may be the
+    /// longest window of any route), and a reservation given back from a log holding nothing
+    /// else makes a hold until its slot ([`SendLog::cancel`]); with the newest send kept and no
+    /// reservation out, neither can follow from forgetting.
     pub(super) fn forget_expired(&mut self, now: Nanos, window: Nanos) {
         while self.len > 1
+            && self.queued == 0
             && self
                 .oldest()
                 .is_some_and(|oldest| oldest.saturating_add(window) <= now)
@@ -136,8 +142,9 @@ impl SendLog {
             if self.len > 0 {
                 self.set_idle_after(window);
             } else {
-                // Only a hold or an assumed-full floor lets a log hold nothing but reservations:
-                // keep holding until just before the slot given back (no earlier than the hold).
+                // Only a hold or an assumed-full floor lets a log hold nothing but reservations
+                // (forgetting never empties a log, nor runs while one is out): keep holding
+                // until just before the slot given back (no earlier than the hold).
                 self.idle = offset.saturating_sub(1).max(1);
             }
         }
@@ -878,6 +885,69 @@ mod tests {
             sent.extend(pending.iter().map(|&(slot, _)| slot));
             let worst = max_in_window(&sent, window);
             prop_assert!(worst <= limit as usize, "{} in one window of {}: {:?}", worst, window, sent);
+        }
+
+        /// A log that forgets before every decision and one that never does, driven through the
+        /// same calls, reservations, cancellations and sends, decide every call alike (windows
+        /// short enough for a unit of 1 ns, so rounding cannot tell them apart).
+        #[test]
+        fn forgetting_changes_no_decision(
+            limit in 1u32..6,
+            window in 1u64..5_000,
+            start in 0u64..1_000_000_000,
+            ops in prop::collection::vec(prop_oneof![
+                3 => (0u64..=1_000).prop_map(Op::Advance),
+                1 => (0u64..64).prop_map(Op::Nudge),
+                5 => any::<bool>().prop_map(|queue| Op::Call { queue }),
+                1 => any::<usize>().prop_map(Op::Cancel),
+            ], 1..150),
+        ) {
+            let (mut forgetting, mut keeping) = (SendLog::default(), SendLog::default());
+            let mut now = start;
+            let mut pending: Vec<(Nanos, Nanos)> = Vec::new(); // (slot, recorded)
+            for op in ops {
+                let advances = matches!(op, Op::Advance(_) | Op::Nudge(_));
+                match op {
+                    Op::Advance(per_mille) => now += window * per_mille / 1_000 + per_mille % 7,
+                    Op::Nudge(ns) => now += ns,
+                    Op::Call { queue } => {
+                        forgetting.forget_expired(now, window);
+                        let at = forgetting.next_free(limit, window, now);
+                        prop_assert_eq!(at, keeping.next_free(limit, window, now), "at {}", now);
+                        prop_assert_eq!(
+                            forgetting.view(limit, window, now),
+                            keeping.view(limit, window, now)
+                        );
+                        if at == now {
+                            let recorded = forgetting.record(at, limit, window);
+                            prop_assert_eq!(recorded, keeping.record(at, limit, window));
+                        } else if queue {
+                            let recorded = forgetting.reserve(at, limit, window);
+                            prop_assert_eq!(recorded, keeping.reserve(at, limit, window));
+                            pending.push((at, recorded));
+                        }
+                    }
+                    Op::Cancel(n) => {
+                        if !pending.is_empty() {
+                            let (_, recorded) = pending.remove(n % pending.len());
+                            for log in [&mut forgetting, &mut keeping] {
+                                log.cancel(recorded, window);
+                                log.release();
+                            }
+                        }
+                    }
+                }
+                if advances {
+                    // Reservations whose slot came are sent: no longer outstanding.
+                    let (due, waiting): (Vec<_>, Vec<_>) =
+                        pending.into_iter().partition(|&(slot, _)| slot <= now);
+                    pending = waiting;
+                    for _ in due {
+                        forgetting.release();
+                        keeping.release();
+                    }
+                }
+            }
         }
     }
 }

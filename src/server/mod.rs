@@ -91,7 +91,8 @@ where
 /// Serves one caller connection until it closes, fails, or the server stops.
 ///
 /// Not an `async fn`: that would keep its arguments twice, as arguments and as the locals they
-/// are moved into, in a future every connection (and so every queued call) holds.
+/// are moved into, in a future every connection (and so every queued call) holds. The state is
+/// built when this is called, on the accepting task (same runtime, same thread).
 pub fn serve_connection<S: Service>(
     stream: TcpStream,
     peer: SocketAddr,

@@ -346,7 +346,7 @@ pub(super) fn close_idle() {
 }
 
 /// Sends one request on a kept or new connection and reads the response head. `parts` holds no
-/// hop-by-hop field; its `Host` is already the upstream's.
+/// hop-by-hop field; the head goes out with the origin's `Host` and this hop's own framing.
 pub(super) async fn exchange(
     origin: &Origin,
     limits: Limits,
@@ -507,7 +507,12 @@ async fn send_on(
 /// one after another, so each deadline is later than the one the timer was set for: when the
 /// timer fires, the current deadline is checked and the timer set for it if it has not come. A
 /// call thus costs a clock read, not a timer registered and removed in the runtime's timer
-/// wheel (a deadline earlier than the timer's, after a reload shortened the timeout, resets it).
+/// wheel. A deadline earlier than the timer's resets it; nothing makes one today (a reload that
+/// changes the timeout makes a new upstream, whose connections are new), it is a safeguard.
+///
+/// While its connection sits idle, the timer keeps the waker of the last task that waited on
+/// it until it fires (within a response timeout): that task's memory is kept that long, at
+/// most one task per idle connection, and a task still running gets one spurious wake-up.
 async fn answer_within<T>(
     timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
     deadline: tokio::time::Instant,
@@ -1375,7 +1380,8 @@ mod tests {
         };
         let first = exchange(&origin, long, get("/"), empty()).await.unwrap();
         assert_eq!(body_of(first).await.unwrap(), "{\"ok\":true}");
-        // A reload made the timeout shorter: the timer, set 20 s out, is brought forward.
+        // A shorter timeout on the same connection (a safeguard: a reload that changes the
+        // timeout makes new connections): the timer, set 20 s out, is brought forward.
         let short = Limits {
             response: Duration::from_millis(150),
             ..long

@@ -37,8 +37,8 @@ pub enum RequestFraming {
     Empty,
 }
 
-/// Writes the request line and fields. `headers` holds no hop-by-hop field and no framing field
-/// (those are the proxy's own); `Host` is among them.
+/// Writes the request line and fields: `host` first, then `headers` (which hold no hop-by-hop
+/// field), less any `Host`, framing field or `Expect` among them, then this hop's framing.
 pub fn encode_request_head(
     out: &mut Vec<u8>,
     method: &Method,
