@@ -823,14 +823,17 @@ mod tests {
     fn setup() -> (Arc<ManualClock>, MemoryStore, Policy) {
         let clock = Arc::new(ManualClock::new());
         let store = MemoryStore::new(clock.clone(), 100);
-        let limit = NonZeroU32::new(2).expect("2");
-        let policy = Policy::new(
-            limit,
+        (clock, store, window_policy(2))
+    }
+
+    /// `limit` per 100 ns (lock 1,000 ns), `window` algorithm.
+    fn window_policy(limit: u32) -> Policy {
+        Policy::new(
+            NonZeroU32::new(limit).expect("a limit above 0"),
             Duration::from_nanos(100),
             Duration::from_nanos(1_000),
             Algorithm::Window,
-        );
-        (clock, store, policy)
+        )
     }
 
     /// `setup()`'s quota (2 per 100) under GCRA with a burst of 2.
@@ -1049,12 +1052,7 @@ mod tests {
     #[test]
     fn a_floor_a_window_old_holds_nothing_back_in_the_status_either() {
         let (clock, store, _) = setup();
-        let policy = Policy::new(
-            NonZeroU32::new(3).expect("3"),
-            Duration::from_nanos(100),
-            Duration::from_nanos(1_000),
-            Algorithm::Window,
-        );
+        let policy = window_policy(3);
         store.assume_full_at(Some(1));
         for t in [150, 151, 152] {
             clock.set(t);
@@ -1083,12 +1081,7 @@ mod tests {
     #[test]
     fn status_reports_calls_remaining_locks_and_queue() {
         let (clock, store, _) = setup();
-        let policy = Policy::new(
-            NonZeroU32::new(5).expect("5"),
-            Duration::from_nanos(100),
-            Duration::from_nanos(1_000),
-            Algorithm::Window,
-        );
+        let policy = window_policy(5);
         for _ in 0..3 {
             store.acquire_now(&policy, key(1), None);
         }

@@ -817,6 +817,19 @@ mod tests {
         Cancel(usize),
     }
 
+    /// Up to 150 steps of time, calls, and callers leaving the queue.
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                3 => (0u64..=1_000).prop_map(Op::Advance),
+                1 => (0u64..64).prop_map(Op::Nudge),
+                5 => any::<bool>().prop_map(|queue| Op::Call { queue }),
+                1 => any::<usize>().prop_map(Op::Cancel),
+            ],
+            1..150,
+        )
+    }
+
     proptest! {
         /// With units far coarser than the gaps between calls, reservations, cancellations and
         /// re-encoding as time moves on, the real send times never put more than `limit` in a
@@ -827,12 +840,7 @@ mod tests {
             limit in 1u32..6,
             window in prop_oneof![1u64..5_000, 1_000_000u64..100_000_000_000, Just(40 * DAY)],
             start in 0u64..1_000_000_000_000,
-            ops in prop::collection::vec(prop_oneof![
-                3 => (0u64..=1_000).prop_map(Op::Advance),
-                1 => (0u64..64).prop_map(Op::Nudge),
-                5 => any::<bool>().prop_map(|queue| Op::Call { queue }),
-                1 => any::<usize>().prop_map(Op::Cancel),
-            ], 1..150),
+            ops in ops(),
             forget in any::<bool>(),
         ) {
             let mut log = SendLog::default();
@@ -895,12 +903,7 @@ mod tests {
             limit in 1u32..6,
             window in 1u64..5_000,
             start in 0u64..1_000_000_000,
-            ops in prop::collection::vec(prop_oneof![
-                3 => (0u64..=1_000).prop_map(Op::Advance),
-                1 => (0u64..64).prop_map(Op::Nudge),
-                5 => any::<bool>().prop_map(|queue| Op::Call { queue }),
-                1 => any::<usize>().prop_map(Op::Cancel),
-            ], 1..150),
+            ops in ops(),
         ) {
             let (mut forgetting, mut keeping) = (SendLog::default(), SendLog::default());
             let mut now = start;
