@@ -511,21 +511,28 @@ async fn head_answer_has_no_body_so_the_next_pipelined_answer_parses() {
 
 // ---- 2. HTTP/1.0 ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_1_0_without_keep_alive_is_answered_then_closed() {
+/// An HTTP/1.0 GET from alice with `fields` (before her Authorization) is forwarded once and
+/// answered 200, and the connection then closes (RFC 9112 section 9.3: an HTTP/1.0 connection
+/// without keep-alive closes after the answer).
+async fn http_1_0_get_is_answered_then_closed(fields: &str) -> RawResponse {
     let (stub, running) = stub_and_proxy("").await;
     let mut wire = Wire::connect(running.proxy_addr).await;
     wire.send(format!(
-        "GET {ME} HTTP/1.0\r\nHost: cliq\r\nAuthorization: Zoho-oauthtoken alice\r\n\r\n"
+        "GET {ME} HTTP/1.0\r\n{fields}Authorization: Zoho-oauthtoken alice\r\n\r\n"
     ))
     .await;
     let answer = wire.answer("GET").await;
     assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(answer.json()["ok"], true);
-    // RFC 9112 section 9.3: an HTTP/1.0 connection without keep-alive closes after the answer.
     wire.closes_silently().await;
     assert_eq!(stub.arrivals().len(), 1);
     running.shutdown().await;
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_without_keep_alive_is_answered_then_closed() {
+    let answer = http_1_0_get_is_answered_then_closed("Host: cliq\r\n").await;
+    assert_eq!(answer.json()["ok"], true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -822,18 +829,8 @@ async fn http_1_1_request_without_host_is_400_and_never_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_1_0_request_without_host_is_still_forwarded() {
-    let (stub, running) = stub_and_proxy("").await;
-    let mut wire = Wire::connect(running.proxy_addr).await;
     // HTTP/1.0 had no Host field: RFC 9112 section 3.2 requires it of HTTP/1.1 only.
-    wire.send(format!(
-        "GET {ME} HTTP/1.0\r\nAuthorization: Zoho-oauthtoken alice\r\n\r\n"
-    ))
-    .await;
-    let answer = wire.answer("GET").await;
-    assert_eq!(answer.status, 200, "{answer:?}");
-    wire.closes_silently().await;
-    assert_eq!(stub.arrivals().len(), 1);
-    running.shutdown().await;
+    http_1_0_get_is_answered_then_closed("").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1375,6 +1372,16 @@ fn trickle() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, Trickle) {
     (tx, Trickle(Some(rx)))
 }
 
+/// A body that has [`SENT_BEFORE_STALL`] bytes ready and then nothing more (while the sender
+/// is kept).
+fn stalled_trickle() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, Trickle) {
+    let (pieces, body) = trickle();
+    pieces
+        .send(Bytes::from(vec![b'x'; SENT_BEFORE_STALL]))
+        .expect("the body is open");
+    (pieces, body)
+}
+
 type H2Sender = hyper::client::conn::http2::SendRequest<Trickle>;
 
 /// A new h2c connection (prior knowledge) to the proxy, whose streams are opened through the
@@ -1423,17 +1430,9 @@ async fn h2_exchange(sender: &mut H2Sender, request: http::Request<Trickle>) -> 
             .await
             .expect("the connection takes a new stream");
         let response = sender.send_request(request).await.expect("an answer");
-        let (parts, body) = response.into_parts();
-        let body = http_body_util::BodyExt::collect(body)
+        TestResponse::read(response)
             .await
             .expect("the whole answer body")
-            .to_bytes();
-        TestResponse {
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-        }
     };
     tokio::time::timeout(READ_TIMEOUT, exchange)
         .await
@@ -1475,10 +1474,7 @@ async fn stalled_h2_body_is_408_after_client_body_and_zoho_never_gets_a_whole_ca
     let (stub, running) = stub_and_proxy(&client_body_yaml()).await;
     let addr = running.proxy_addr;
     let mut h2 = h2c_connection(addr).await;
-    let (pieces, body) = trickle();
-    pieces
-        .send(Bytes::from(vec![b'x'; SENT_BEFORE_STALL]))
-        .expect("the body is open");
+    let (pieces, body) = stalled_trickle();
     let sent = Instant::now();
     let answer = h2_exchange(&mut h2, h2_post(addr, body)).await;
     assert_h2_timed_out(&answer, sent);
@@ -1504,10 +1500,7 @@ async fn h2c_connection_serves_other_streams_while_and_after_one_stalls_its_body
     let (stub, running) = stub_and_proxy(&client_body_yaml()).await;
     let addr = running.proxy_addr;
     let mut h2 = h2c_connection(addr).await;
-    let (pieces, body) = trickle();
-    pieces
-        .send(Bytes::from(vec![b'x'; SENT_BEFORE_STALL]))
-        .expect("the body is open");
+    let (pieces, body) = stalled_trickle();
     let sent = Instant::now();
     let mut stalled_stream = h2.clone();
     let stalled =

@@ -1107,18 +1107,8 @@ mod tests {
 
     /// A body of unknown length made of these frames, each ready at once.
     fn futures_frames(frames: Vec<Frame<Bytes>>) -> ProxyBody {
-        struct Frames(std::collections::VecDeque<Frame<Bytes>>);
-        impl Body for Frames {
-            type Data = Bytes;
-            type Error = BoxError;
-            fn poll_frame(
-                mut self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-                Poll::Ready(self.0.pop_front().map(Ok))
-            }
-        }
-        Frames(frames.into()).boxed()
+        let frames = frames.into_iter().map(Ok::<_, BoxError>);
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
     }
 
     #[tokio::test]

@@ -32,6 +32,20 @@ pub struct TestResponse {
 }
 
 impl TestResponse {
+    /// Reads a response whole (any client's: the pooled one here, or a test's own connection).
+    pub async fn read<B: http_body::Body>(
+        response: http::Response<B>,
+    ) -> Result<TestResponse, B::Error> {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(TestResponse {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+        })
+    }
+
     /// A header's value as text (`None` if absent or not visible ASCII).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
@@ -116,14 +130,9 @@ impl Client {
                 .request(request)
                 .await
                 .map_err(ClientError::Request)?;
-            let (parts, body) = response.into_parts();
-            let body = body.collect().await.map_err(ClientError::Body)?.to_bytes();
-            Ok(TestResponse {
-                status: parts.status,
-                version: parts.version,
-                headers: parts.headers,
-                body,
-            })
+            TestResponse::read(response)
+                .await
+                .map_err(ClientError::Body)
         };
         tokio::time::timeout(CLIENT_TIMEOUT, exchange)
             .await
