@@ -540,7 +540,7 @@ impl Proxy {
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
         // The upstream request is built before the future, which then holds only the send.
         let mut in_flight = InFlight {
-            sending: Some(self.upstream.send(self.upstream_request(req))),
+            sending: Some(self.upstream_send(req)),
             reading: None,
             limited: limited.map(|(route, key)| (self, route.index, key)),
             started: Instant::now(),
@@ -678,13 +678,13 @@ impl Proxy {
         }
     }
 
-    /// The call as it goes to Zoho: the configured upstream's URI, hop-by-hop fields removed,
-    /// the body bounded while it streams.
-    fn upstream_request(&self, req: Call) -> Request<ProxyBody> {
+    /// Starts the call to Zoho: the configured upstream's URI, hop-by-hop fields removed, the
+    /// body bounded while it streams.
+    fn upstream_send(&self, req: Call) -> Sending<'_> {
         let (mut parts, body) = req.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
-        Request::from_parts(parts, body)
+        self.upstream.send(parts, body)
     }
 
     /// Zoho locked this user out of this route: stop sending for the lock period (or Zoho's

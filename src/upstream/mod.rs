@@ -104,9 +104,8 @@ impl Upstream {
 
     /// Starts one call; [`Sending::response`] waits (bounded) for the response head, and the
     /// body streams afterwards. Only the path and query of the request's URI are used.
-    pub fn send(&self, req: Request<ProxyBody>) -> Sending<'_> {
+    pub fn send(&self, parts: http::request::Parts, body: ProxyBody) -> Sending<'_> {
         let inner = &*self.inner;
-        let (parts, body) = req.into_parts();
         Sending {
             exchange: Exchange::start(&inner.origin, inner.limits, parts, body),
             timeout: inner.limits.response,
