@@ -2,9 +2,10 @@
 //!
 //! Threads: the proxy listener is served by `workers` threads, each with its own single-threaded
 //! tokio runtime, its own `SO_REUSEPORT` listener on the same address (the kernel spreads new
-//! connections over them) and its own idle upstream connections, so a call never leaves the thread
-//! that accepted it (nginx's worker model; measured in benches/load/RESULTS.md: a third less CPU
-//! per call than one work-stealing runtime, whose cross-thread wake-ups dominate a proxy's cost).
+//! connections over them, evened out by [`crate::server::spread`]) and its own idle upstream
+//! connections, so a call never leaves the thread that serves its connection (nginx's worker
+//! model; measured in benches/load/RESULTS.md: a third less CPU per call than one work-stealing
+//! runtime, whose cross-thread wake-ups dominate a proxy's cost).
 //! The limiter store, metrics and config are shared by all of them. The admin listener, the
 //! sweeper, the Redis prober and signals run on the runtime that called [`start`].
 //!
@@ -34,6 +35,7 @@ use crate::limit::{
 };
 use crate::metrics::Metrics;
 use crate::proxy::{Drain, Proxy};
+use crate::server::spread::{self, Open, Share};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// How often idle limiter keys are swept: memory follows active users within this delay.
@@ -190,7 +192,12 @@ pub async fn start_with_workers(
     let (stop, stopped) = watch::channel(false);
 
     let mut worker_done = Vec::with_capacity(listeners.len());
-    for (index, listener) in listeners.into_iter().enumerate() {
+    let shares = spread::shares(
+        (0..listeners.len())
+            .map(|index| shared.metrics.worker_connections(index))
+            .collect(),
+    );
+    for (index, (listener, share)) in listeners.into_iter().zip(shares).enumerate() {
         let limits = server_limits(&proxy.config);
         // The drain is bounded by the shutdown timeout of the config current when it begins (a
         // reload may have changed it): queued calls are promised a send before that deadline.
@@ -222,8 +229,9 @@ pub async fn start_with_workers(
             .spawn(move || {
                 runtime.block_on(async {
                     let mut stop = stopped.clone();
-                    let serving =
-                        crate::server::serve(listener, service, stopped, limits, &drain, metrics);
+                    let serving = crate::server::serve(
+                        listener, share, service, stopped, limits, &drain, metrics,
+                    );
                     let deadline = async {
                         until_stopped(&mut stop).await;
                         tokio::time::Instant::now() + drain()
@@ -455,7 +463,11 @@ async fn serve<S, F>(
 {
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
-    accept_until_stopped(listener, &mut stopped, &mut connections, |stream, peer| {
+    let accepting = Accepting {
+        listener,
+        share: None,
+    };
+    accept_until_stopped(accepting, &mut stopped, &mut connections, |stream, peer| {
         let service = service.clone();
         let service = service_fn(move |req| service(req, peer));
         let conn = builder
@@ -472,10 +484,42 @@ async fn serve<S, F>(
     close_within(drain(), connections, graceful.shutdown()).await;
 }
 
+/// Where connections come from: a listener, and for the proxy's workers their share of the
+/// connections (a worker with more open than another hands new ones over, and takes those
+/// handed to it).
+pub(crate) struct Accepting {
+    pub listener: TcpListener,
+    pub share: Option<Share>,
+}
+
+impl Accepting {
+    /// The next connection to serve here, with its place in the worker's count.
+    async fn next(&mut self) -> std::io::Result<(TcpStream, SocketAddr, Option<Open>)> {
+        let Some(share) = self.share.as_mut() else {
+            let (stream, peer) = self.listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            return Ok((stream, peer, None));
+        };
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = accepted?;
+                    // Before a hand-over: the option goes with the socket.
+                    let _ = stream.set_nodelay(true);
+                    if let Some((stream, open)) = share.place(stream, peer) {
+                        return Ok((stream, peer, Some(open)));
+                    }
+                }
+                (stream, peer, open) = share.handed() => return Ok((stream, peer, Some(open))),
+            }
+        }
+    }
+}
+
 /// Accepts connections until told to stop, each served by `serve` on a task of its own in
 /// `connections` (which forgets them as they end). The listener is closed on return.
 pub(crate) async fn accept_until_stopped<F>(
-    listener: TcpListener,
+    mut accepting: Accepting,
     stopped: &mut watch::Receiver<bool>,
     connections: &mut JoinSet<()>,
     mut serve: impl FnMut(TcpStream, SocketAddr) -> F,
@@ -486,8 +530,8 @@ pub(crate) async fn accept_until_stopped<F>(
         tokio::select! {
             // Forget connections as they end, so the set holds only open ones.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
+            accepted = accepting.next() => {
+                let (stream, peer, open) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -496,8 +540,12 @@ pub(crate) async fn accept_until_stopped<F>(
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                connections.spawn(serve(stream, peer));
+                let serving = serve(stream, peer);
+                connections.spawn(async move {
+                    // Counted while served: the task ends (or is aborted) with the connection.
+                    let _open = open;
+                    serving.await
+                });
             }
             () = until_stopped(stopped) => return,
         }

@@ -26,6 +26,7 @@ pub const LIMITER_KEYS: &str = "cliqgate_limiter_keys";
 pub const IDENTITY_CACHE: &str = "cliqgate_identity_cache";
 pub const IDENTITY_LOOKUPS: &str = "cliqgate_identity_lookups";
 pub const CALLER_ERRORS: &str = "cliqgate_caller_errors";
+pub const WORKER_CONNECTIONS: &str = "cliqgate_worker_connections";
 
 /// The route label of calls that match no route.
 pub const UNMATCHED_ROUTE: &str = "(none)";
@@ -135,6 +136,11 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -217,6 +223,7 @@ pub struct Metrics {
     identity_cache: Family<ResultLabel, Counter>,
     identity_lookups: Family<OutcomeLabel, Counter>,
     caller_errors: Family<ReasonLabel, Counter>,
+    worker_connections: Family<WorkerLabel, Gauge>,
     pub limiter_keys: Gauge,
 }
 
@@ -245,6 +252,7 @@ impl Metrics {
             identity_cache: Family::default(),
             identity_lookups: Family::default(),
             caller_errors: Family::default(),
+            worker_connections: Family::default(),
             registry: Registry::default(),
         };
         registry.register(REQUESTS, "Calls by route and decision", m.requests.clone());
@@ -307,6 +315,11 @@ impl Metrics {
             CALLER_ERRORS,
             "Calls and connections ended for what the caller sent or did not send in time, by reason",
             m.caller_errors.clone(),
+        );
+        registry.register(
+            WORKER_CONNECTIONS,
+            "Caller connections open on each proxy worker thread",
+            m.worker_connections.clone(),
         );
         // Series that exist from the start, so `increase()` sees their first event (a series
         // born at 1 looks like no change to Prometheus).
@@ -372,6 +385,13 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    /// The open-connection count of proxy worker `index`.
+    pub fn worker_connections(&self, index: usize) -> Gauge {
+        let worker = u32::try_from(index).unwrap_or(u32::MAX);
+        self.worker_connections
+            .get_or_create_owned(&WorkerLabel { worker })
     }
 
     pub fn config_reload(&self, result: &'static str) {

@@ -102,3 +102,75 @@ async fn a_second_proxy_cannot_join_the_port() {
     assert_eq!(successor.proxy_addr, taken);
     successor.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_evenly_over_the_workers() {
+    let stub = ZohoStub::start(vec![StubRoute::new(Method::POST, CHAT, LIMIT, PER, LOCK)]).await;
+    let running = start(&stub.url()).await;
+    let url = format!("{}/api/v3/chats/C1/message", base_url(&running));
+    let per_worker = |metrics: &str| -> Vec<f64> {
+        (0..WORKERS.get())
+            .map(|w| {
+                metric_value(
+                    metrics,
+                    "cliqgate_worker_connections",
+                    &[("worker", &w.to_string())],
+                )
+                .expect("a connection count per worker")
+            })
+            .collect()
+    };
+
+    // One kept-alive connection per client, opened one after another: each is accepted (and
+    // answered) before the next connects. The kernel picks a worker's listener by a hash of
+    // the addresses; left to it, the shares drift apart within a few connections. Every third
+    // connection is HTTP/2 (h2c), which is handed over the same way.
+    let connections = 32;
+    let mut clients = Vec::new();
+    for n in 0..connections {
+        let client = if n % 3 == 0 {
+            Client::h2c()
+        } else {
+            Client::new()
+        };
+        let answer = client.post(&url, &format!("user{n}"), "{}").await;
+        assert_eq!(answer.status, StatusCode::OK, "a call on connection {n}");
+        clients.push(client);
+        let shares = per_worker(&scrape(running.admin_addr).await);
+        let (fewest, most) = (
+            shares.iter().copied().fold(f64::MAX, f64::min),
+            shares.iter().copied().fold(0.0, f64::max),
+        );
+        assert!(
+            most - fewest <= 1.0,
+            "after {} connections: {shares:?}",
+            n + 1
+        );
+        assert_eq!(
+            shares.iter().sum::<f64>(),
+            f64::from(n + 1),
+            "every connection counted once"
+        );
+    }
+
+    // Every connection still works where it ended up, handed over or not.
+    for (n, client) in clients.iter().enumerate() {
+        let answer = client.post(&url, &format!("user{n}"), "{}").await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "a second call on connection {n}"
+        );
+    }
+    assert_eq!(stub.violations(), 0);
+
+    // Closed connections are no longer counted.
+    drop(clients);
+    wait_for(
+        "every worker's count back to 0",
+        Duration::from_secs(5),
+        || async { per_worker(&scrape(running.admin_addr).await) == vec![0.0; WORKERS.get()] },
+    )
+    .await;
+    running.shutdown().await;
+}

@@ -20,6 +20,7 @@
 //! h2c alike.
 
 mod reader;
+pub mod spread;
 mod wire;
 
 use std::convert::Infallible;
@@ -640,8 +641,10 @@ impl AsyncWrite for Rewind {
 
 /// Accepts caller connections until told to stop, then lets them drain for at most `drain()`
 /// (read when the drain begins): idle ones close at once, busy ones after their answer.
+/// Connections are spread over the workers by `share` (see [`spread`]).
 pub async fn serve<S: Service>(
     listener: tokio::net::TcpListener,
+    share: spread::Share,
     service: S,
     mut stopped: watch::Receiver<bool>,
     limits: Limits,
@@ -650,7 +653,11 @@ pub async fn serve<S: Service>(
 ) {
     let mut connections = tokio::task::JoinSet::new();
     let each = stopped.clone();
-    crate::app::accept_until_stopped(listener, &mut stopped, &mut connections, |stream, peer| {
+    let accepting = crate::app::Accepting {
+        listener,
+        share: Some(share),
+    };
+    crate::app::accept_until_stopped(accepting, &mut stopped, &mut connections, |stream, peer| {
         serve_connection(
             stream,
             peer,
