@@ -467,19 +467,25 @@ async fn serve<S, F>(
         listener,
         share: None,
     };
-    accept_until_stopped(accepting, &mut stopped, &mut connections, |stream, peer| {
-        let service = service.clone();
-        let service = service_fn(move |req| service(req, peer));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+    // No share: the admin listener has one thread, and nothing counts its connections.
+    accept_until_stopped(
+        accepting,
+        &mut stopped,
+        &mut connections,
+        |stream, peer, _| {
+            let service = service.clone();
+            let service = service_fn(move |req| service(req, peer));
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     close_within(drain(), connections, graceful.shutdown()).await;
 }
@@ -517,12 +523,14 @@ impl Accepting {
 }
 
 /// Accepts connections until told to stop, each served by `serve` on a task of its own in
-/// `connections` (which forgets them as they end). The listener is closed on return.
+/// `connections` (which forgets them as they end). `serve` keeps the connection's place in its
+/// worker's count (`Open`, with a share) as long as it serves it. The listener is closed on
+/// return.
 pub(crate) async fn accept_until_stopped<F>(
     mut accepting: Accepting,
     stopped: &mut watch::Receiver<bool>,
     connections: &mut JoinSet<()>,
-    mut serve: impl FnMut(TcpStream, SocketAddr) -> F,
+    mut serve: impl FnMut(TcpStream, SocketAddr, Option<Open>) -> F,
 ) where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -540,12 +548,7 @@ pub(crate) async fn accept_until_stopped<F>(
                         continue;
                     }
                 };
-                let serving = serve(stream, peer);
-                connections.spawn(async move {
-                    // Counted while served: the task ends (or is aborted) with the connection.
-                    let _open = open;
-                    serving.await
-                });
+                connections.spawn(serve(stream, peer, open));
             }
             () = until_stopped(stopped) => return,
         }

@@ -47,6 +47,7 @@ use crate::error::ProxyError;
 use crate::metrics::{CallerError, Metrics};
 use crate::upstream::wire::{encode_chunk_size, encode_last_chunk};
 use reader::{lock, Head, HeadFailure, PatientBody, Reader, SharedReader};
+use spread::Open;
 use wire::{encode_response_head, ResponseFraming};
 
 /// How long an idle keep-alive connection is kept (nginx's `keepalive_timeout` default). Apps'
@@ -101,6 +102,7 @@ pub fn serve_connection<S: Service>(
     stopped: watch::Receiver<bool>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    open: Option<Open>,
 ) -> impl Future<Output = ()> {
     let stream = Arc::new(stream);
     let reader = Arc::new(std::sync::Mutex::new(Reader::new(
@@ -120,6 +122,7 @@ pub fn serve_connection<S: Service>(
         patience: Patience::new(limits.client_header),
         served: 0,
         metrics,
+        _open: open,
     };
     async move {
         match conn.serve(&service, peer, &limits).await {
@@ -133,6 +136,7 @@ pub fn serve_connection<S: Service>(
                     stream,
                     reader,
                     stopped,
+                    _open,
                     ..
                 } = conn;
                 drop(stream);
@@ -178,6 +182,8 @@ struct Conn {
     served: u64,
     /// Counts the connections this server ends for the caller's fault.
     metrics: Arc<Metrics>,
+    /// This connection in its worker's count, while it lives (an h2c connection's too).
+    _open: Option<Open>,
 }
 
 impl Conn {
@@ -657,16 +663,22 @@ pub async fn serve<S: Service>(
         listener,
         share: Some(share),
     };
-    crate::app::accept_until_stopped(accepting, &mut stopped, &mut connections, |stream, peer| {
-        serve_connection(
-            stream,
-            peer,
-            service.clone(),
-            each.clone(),
-            limits,
-            metrics.clone(),
-        )
-    })
+    crate::app::accept_until_stopped(
+        accepting,
+        &mut stopped,
+        &mut connections,
+        |stream, peer, open| {
+            serve_connection(
+                stream,
+                peer,
+                service.clone(),
+                each.clone(),
+                limits,
+                metrics.clone(),
+                open,
+            )
+        },
+    )
     .await;
     // Idle connections close as they see the stop; busy ones after their answer.
     crate::app::close_within(drain(), connections, std::future::ready(())).await;
