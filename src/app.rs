@@ -35,7 +35,7 @@ use crate::limit::{
 };
 use crate::metrics::Metrics;
 use crate::proxy::{Drain, Proxy};
-use crate::server::spread::{self, Open, Share};
+use crate::server::spread::{self, Placed, Share};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// How often idle limiter keys are swept: memory follows active users within this delay.
@@ -499,8 +499,17 @@ pub(crate) struct Accepting {
 }
 
 impl Accepting {
+    /// Stops taking connections from other workers; those already handed to this one, to be
+    /// served like the rest as the worker stops.
+    async fn close(&mut self) -> Vec<(TcpStream, SocketAddr, Placed)> {
+        match self.share.as_mut() {
+            Some(share) => share.close().await,
+            None => Vec::new(),
+        }
+    }
+
     /// The next connection to serve here, with its place in the worker's count.
-    async fn next(&mut self) -> std::io::Result<(TcpStream, SocketAddr, Option<Open>)> {
+    async fn next(&mut self) -> std::io::Result<(TcpStream, SocketAddr, Option<Placed>)> {
         let Some(share) = self.share.as_mut() else {
             let (stream, peer) = self.listener.accept().await?;
             let _ = stream.set_nodelay(true);
@@ -512,11 +521,11 @@ impl Accepting {
                     let (stream, peer) = accepted?;
                     // Before a hand-over: the option goes with the socket.
                     let _ = stream.set_nodelay(true);
-                    if let Some((stream, open)) = share.place(stream, peer) {
-                        return Ok((stream, peer, Some(open)));
+                    if let Some((stream, placed)) = share.place(stream, peer) {
+                        return Ok((stream, peer, Some(placed)));
                     }
                 }
-                (stream, peer, open) = share.handed() => return Ok((stream, peer, Some(open))),
+                (stream, peer, placed) = share.handed() => return Ok((stream, peer, Some(placed))),
             }
         }
     }
@@ -524,13 +533,13 @@ impl Accepting {
 
 /// Accepts connections until told to stop, each served by `serve` on a task of its own in
 /// `connections` (which forgets them as they end). `serve` keeps the connection's place in its
-/// worker's count (`Open`, with a share) as long as it serves it. The listener is closed on
-/// return.
+/// worker's count ([`Placed`], with a share) as long as it serves it. The listener is closed on
+/// return; connections already handed to this worker are in `connections` by then.
 pub(crate) async fn accept_until_stopped<F>(
     mut accepting: Accepting,
     stopped: &mut watch::Receiver<bool>,
     connections: &mut JoinSet<()>,
-    mut serve: impl FnMut(TcpStream, SocketAddr, Option<Open>) -> F,
+    mut serve: impl FnMut(TcpStream, SocketAddr, Option<Placed>) -> F,
 ) where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -550,7 +559,12 @@ pub(crate) async fn accept_until_stopped<F>(
                 };
                 connections.spawn(serve(stream, peer, open));
             }
-            () = until_stopped(stopped) => return,
+            () = until_stopped(stopped) => {
+                for (stream, peer, placed) in accepting.close().await {
+                    connections.spawn(serve(stream, peer, Some(placed)));
+                }
+                return;
+            }
         }
     }
 }

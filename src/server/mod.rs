@@ -47,7 +47,7 @@ use crate::error::ProxyError;
 use crate::metrics::{CallerError, Metrics};
 use crate::upstream::wire::{encode_chunk_size, encode_last_chunk};
 use reader::{lock, Head, HeadFailure, PatientBody, Reader, SharedReader};
-use spread::Open;
+use spread::Placed;
 use wire::{encode_response_head, ResponseFraming};
 
 /// How long an idle keep-alive connection is kept (nginx's `keepalive_timeout` default). Apps'
@@ -102,14 +102,14 @@ pub fn serve_connection<S: Service>(
     stopped: watch::Receiver<bool>,
     limits: Limits,
     metrics: Arc<Metrics>,
-    open: Option<Open>,
+    placed: Option<Placed>,
 ) -> impl Future<Output = ()> {
     let stream = Arc::new(stream);
-    let reader = Arc::new(std::sync::Mutex::new(Reader::new(
-        stream.clone(),
-        limits.head_limit,
-        limits.client_body,
-    )));
+    let mut reader = Reader::new(stream.clone(), limits.head_limit, limits.client_body);
+    if placed.as_ref().is_some_and(Placed::handed_over) {
+        reader.try_before_waiting();
+    }
+    let reader = Arc::new(std::sync::Mutex::new(reader));
     let stop = {
         let mut stopped = stopped.clone();
         Box::pin(async move { crate::app::until_stopped(&mut stopped).await })
@@ -122,7 +122,7 @@ pub fn serve_connection<S: Service>(
         patience: Patience::new(limits.client_header),
         served: 0,
         metrics,
-        _open: open,
+        _placed: placed,
     };
     async move {
         match conn.serve(&service, peer, &limits).await {
@@ -136,7 +136,7 @@ pub fn serve_connection<S: Service>(
                     stream,
                     reader,
                     stopped,
-                    _open,
+                    _placed,
                     ..
                 } = conn;
                 drop(stream);
@@ -183,7 +183,7 @@ struct Conn {
     /// Counts the connections this server ends for the caller's fault.
     metrics: Arc<Metrics>,
     /// This connection in its worker's count, while it lives (an h2c connection's too).
-    _open: Option<Open>,
+    _placed: Option<Placed>,
 }
 
 impl Conn {
@@ -667,7 +667,7 @@ pub async fn serve<S: Service>(
         accepting,
         &mut stopped,
         &mut connections,
-        |stream, peer, open| {
+        |stream, peer, placed| {
             serve_connection(
                 stream,
                 peer,
@@ -675,7 +675,7 @@ pub async fn serve<S: Service>(
                 each.clone(),
                 limits,
                 metrics.clone(),
-                open,
+                placed,
             )
         },
     )

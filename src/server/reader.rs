@@ -93,6 +93,9 @@ pub struct Reader {
     mark_drained: bool,
     /// Bounds the pauses of the current request's body (`timeouts.client_body`).
     body_patience: BodyPatience,
+    /// This event loop knows nothing yet of the socket's readiness (a connection handed over
+    /// from another worker): the next read for a head is tried before waiting for an event.
+    unready: bool,
 }
 
 pub type SharedReader = Arc<Mutex<Reader>>;
@@ -118,7 +121,17 @@ impl Reader {
                 handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
             }),
             body_patience: BodyPatience::new(client_body),
+            unready: false,
         }
+    }
+
+    /// For a socket registered with this event loop after it was accepted elsewhere (handed
+    /// over from another worker): tokio marks only the sockets it accepted itself as ready, so
+    /// the caller's first request, usually already waiting, would otherwise be read only after
+    /// a turn of the event loop, and its wait would arm the head timer for the connection's
+    /// life.
+    pub fn try_before_waiting(&mut self) {
+        self.unready = true;
     }
 
     /// Bytes of an unfinished head (or a pipelined request) are buffered.
@@ -168,18 +181,17 @@ impl Reader {
     /// One read towards a head.
     fn poll_read_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Read>> {
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
+            if !self.unready {
+                ready!(self.stream.poll_read_ready(cx))?;
+            }
             let read = if self.buf.is_empty() {
                 SCRATCH.with(|scratch| self.read_into_scratch(&mut scratch.borrow_mut()))
             } else {
                 self.buf.reserve(READ_SIZE);
-                read_drained(&self.stream, &mut self.buf, self.mark_drained).map(|n| {
-                    if n == 0 {
-                        Read::Eof
-                    } else {
-                        Read::Buffered
-                    }
-                })
+                let mut buf = std::mem::take(&mut self.buf);
+                let read = self.read_head_bytes(&mut buf);
+                self.buf = buf;
+                read.map(|n| if n == 0 { Read::Eof } else { Read::Buffered })
             };
             match read {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -194,7 +206,7 @@ impl Reader {
     fn read_into_scratch(&mut self, scratch: &mut BytesMut) -> io::Result<Read> {
         scratch.clear();
         scratch.reserve(READ_SIZE);
-        if read_drained(&self.stream, scratch, self.mark_drained)? == 0 {
+        if self.read_head_bytes(scratch)? == 0 {
             return Ok(Read::Eof);
         }
         Ok(match classify(scratch, self.seq, self.head_limit) {
@@ -213,6 +225,14 @@ impl Reader {
             }
             Err(failure) => Read::Parsed(Err(failure)),
         })
+    }
+
+    /// One read towards a head, into `buf`.
+    fn read_head_bytes(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        if std::mem::take(&mut self.unready) {
+            return read_unready(&self.stream, buf);
+        }
+        read_drained(&self.stream, buf, self.mark_drained)
     }
 
     /// Begins a request: its body (if it did not come whole) now streams from this reader.
@@ -403,6 +423,19 @@ fn read_drained(stream: &TcpStream, buf: &mut BytesMut, mark: bool) -> io::Resul
         });
     }
     Ok(n)
+}
+
+/// One read that does not ask the event loop first, for a socket it has reported no readiness
+/// for yet ([`Reader::try_before_waiting`]): `WouldBlock` if nothing is waiting. Done through
+/// the socket itself, as tokio's reads refuse to try a socket not known to be ready. The read
+/// needs initialised bytes, so `buf`'s spare room is zeroed first (once per such connection).
+fn read_unready(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    use std::io::Read;
+    let start = buf.len();
+    buf.resize(buf.capacity(), 0);
+    let read = (&*socket2::SockRef::from(stream)).read(&mut buf[start..]);
+    buf.truncate(start + read.as_ref().map_or(0, |n| *n));
+    read
 }
 
 /// The head (or preface, or failure) at the front of `buf`, without consuming anything.
@@ -816,6 +849,54 @@ mod tests {
         assert_eq!(whole.size_hint().exact(), Some(0));
         assert!(whole.frame().await.is_none());
         assert!(whole.patience.timer.is_none());
+    }
+
+    /// A socket accepted on this event loop, with `request` already waiting in it, taken out
+    /// and registered again, as a worker takes a connection another worker accepted.
+    async fn handed_over(request: &[u8]) -> (Reader, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut caller = tokio::net::TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        caller.write_all(request).await.expect("write");
+        let moved = accepted.into_std().expect("out of the event loop");
+        // Until the request is in the socket (on loopback it is once the write returns).
+        for _ in 0..1000 {
+            if request.is_empty() || moved.peek(&mut [0]).is_ok_and(|n| n == 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let again = TcpStream::from_std(moved).expect("registered again");
+        (Reader::new(Arc::new(again), 16 * 1024, PERIOD), caller)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_handed_over_socket_is_read_before_its_first_event() {
+        let request = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut cx = Context::from_waker(Waker::noop());
+
+        // As tokio registers it, the socket is not known to be readable: a head read that
+        // asks the event loop first waits a turn (and would arm the connection's head timer).
+        let (mut waits, _caller) = handed_over(request).await;
+        assert!(waits.poll_head(&mut cx).is_pending());
+
+        // Tried first, the request is read at once.
+        let (mut reader, _caller) = handed_over(request).await;
+        reader.try_before_waiting();
+        match reader.poll_head(&mut cx) {
+            Poll::Ready(Ok(Head::Request(parsed))) => assert_eq!(parsed.head_len, request.len()),
+            other => panic!("expected the request at once, got {other:?}"),
+        }
+
+        // Nothing waiting: the try finds nothing, and the read waits for the event loop.
+        let (mut idle, _caller) = handed_over(b"").await;
+        idle.try_before_waiting();
+        assert!(idle.poll_head(&mut cx).is_pending());
+        assert!(!idle.unready);
     }
 
     #[test]
