@@ -1218,7 +1218,7 @@ fn check_distinct_listeners(top: &Section, listen: SocketAddr, admin: SocketAddr
     }
 }
 
-/// `upstream`: the one origin cliqgate dials. Only scheme and host[:port] are meaningful: a path,
+/// `upstream`: the one origin cliqgate dials. Only scheme and `host[:port]` are meaningful: a path,
 /// query or credentials here would be silently dropped or leaked, so they are refused.
 fn upstream(f: &Field, cx: &mut Ctx) -> Option<UpstreamTarget> {
     let text = string(f, "a URL like \"https://cliq.zoho.com\"", cx)?;

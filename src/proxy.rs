@@ -165,7 +165,7 @@ impl Proxy {
     /// Handles one call from an app. Never fails: every outcome is a response.
     ///
     /// This future is what every call in flight holds, queued ones included, so its size is
-    /// memory per call. The request is boxed here ([`Call`]). Written as a function returning an
+    /// memory per call. The request is boxed here (`Call`). Written as a function returning an
     /// `async move` block, here and in `pipeline` and `wait_for_slot`: an `async fn` keeps a
     /// second copy of each argument it moves into a local.
     #[allow(clippy::manual_async_fn)] // see `handle`: not an `async fn`, on purpose
@@ -810,7 +810,7 @@ impl Drain {
         runtime.spawn(self.tasks.track_future(work))
     }
 
-    /// Resolves once the work started with [`Drain::spawn`] has finished, including work started
+    /// Resolves once the work started with `Drain::spawn` has finished, including work started
     /// after this is first awaited (a call in flight whose caller leaves during the drain).
     pub async fn settled(&self) {
         self.tasks.close();

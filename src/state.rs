@@ -110,7 +110,7 @@ pub fn write(
     write_at(path, store, route_name, SystemTime::now())
 }
 
-/// [`write`] at a given wall time (tests).
+/// [`write()`] at a given wall time (tests).
 pub(crate) fn write_at(
     path: &Path,
     store: &MemoryStore,

@@ -1,6 +1,6 @@
 //! What `GET /admin/limits` shows for the Redis store: the keys this replica can see cheaply.
 //!
-//! One bounded `SCAN` over `{prefix}{*` (at most [`MAX_SCAN_CALLS`] calls and the caller's key
+//! One bounded `SCAN` over `{prefix}{*` (at most `MAX_SCAN_CALLS` calls and the caller's key
 //! budget), then one pipeline: `TIME` and, per (route, user), `ZRANGE ... WITHSCORES` of the send
 //! log, `GET` of the TAT and `GET` of the lock. Statuses are computed by the same code as the
 //! embedded store's, on Redis's clock. The answer is marked partial when the scan stopped early;

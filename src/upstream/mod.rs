@@ -4,7 +4,7 @@
 //! with the caller's path and query (no open proxy). Requests are never retried: a POST that may
 //! have reached Zoho must not be sent twice.
 //!
-//! HTTP/1.1 to the upstream is cliqgate's own ([`wire`], [`conn`]): Zoho's API is plain
+//! HTTP/1.1 to the upstream is cliqgate's own (`wire`, `conn`): Zoho's API is plain
 //! request/response over keep-alive connections, and a call that writes its request and reads
 //! its answer on its own task, with connections kept per thread, costs a fraction of a general
 //! client's channels, connection tasks and pool locks (benches/load/RESULTS.md).
@@ -114,7 +114,7 @@ impl Upstream {
 }
 
 /// One call on its way to the upstream. It is part of every call's state: a box and the
-/// response timeout (the exchange keeps to it, [`conn::Limits`]).
+/// response timeout (the exchange keeps to it, `conn::Limits`).
 pub struct Sending<'a> {
     exchange: Exchange<'a>,
     timeout: Duration,
