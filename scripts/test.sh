@@ -36,6 +36,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+echo "== cargo doc (broken or private links in doc comments fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --document-private-items --locked
+
 echo "== cargo test"
 cargo test --all-targets --locked
 
