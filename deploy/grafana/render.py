@@ -8,8 +8,9 @@ What it runs, all on 127.0.0.1 with ports chosen by the kernel:
     evaluating deploy/prometheus/alerts.yml (so the recording rules the dashboard reads exist);
   - a load of a few minutes: steady calls from several users, two bursts on the chat route (an
     "alert storm", which queues; callers that give up while queued; calls beyond max_wait), calls
-    without a token, and one throttle answer from the stand-in (another client used the quota),
-    which locks that user out of the route.
+    without a token, clients sending heads cliqgate cannot read or that are too large, and one
+    throttle answer from the stand-in (another client used the quota), which locks that user out
+    of the route.
 Then it asks Prometheus for every panel's queries exactly as they are in cliqgate.json (Grafana's
 variables filled in: $job=cliqgate, $route=.*, $__rate_interval=20s, $__range=the run) and draws
 the panels where the dashboard's gridPos puts them, with the same titles, in Grafana's dark theme.
@@ -221,6 +222,23 @@ def run_load(base, stub, seconds, reload):
         "GET", "/api/v2/chats/CT_1/messages", "carol", 5)))
     threads.append(threading.Thread(target=steady, daemon=True, args=(
         "POST", "/api/v3/chats/CT_1/message", None, 2)))  # no token: 401 invalid
+
+    def broken_client(head, per_minute):
+        # A client that sends a head cliqgate cannot read (400), or one larger than its head
+        # buffer (max_header_bytes and 16 KiB of slack: 431); both are caller errors.
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        while not stop.is_set():
+            try:
+                with socket.create_connection((host, int(port)), timeout=5) as s:
+                    s.sendall(head)
+                    s.recv(4096)
+            except OSError:
+                pass
+            stop.wait(random.expovariate(per_minute / 60.0))
+    threads.append(threading.Thread(target=broken_client, daemon=True, args=(
+        b"GET /api/v2/me HTTP/1.1\r\nHost: cliq\r\nBad Field: x\r\n\r\n", 3)))
+    threads.append(threading.Thread(target=broken_client, daemon=True, args=(
+        b"GET /api/v2/me HTTP/1.1\r\nHost: cliq\r\nX-Big: " + b"a" * 100000 + b"\r\n\r\n", 1)))
     for t in threads:
         t.start()
     # An alert storm on one user's chat route (20 per minute): 30 calls a minute for 40% of the
