@@ -180,6 +180,18 @@ impl ProxyError {
         }
     }
 
+    /// The `cliqgate_caller_errors_total` reason of a refusal for what the caller sent, or did
+    /// not send in time, on a call that reached the proxy (the server counts those it refuses
+    /// before).
+    pub fn caller_error(&self) -> Option<crate::metrics::CallerError> {
+        use crate::metrics::CallerError;
+        match self {
+            ProxyError::HeadersTooLarge { .. } => Some(CallerError::HeadersTooLarge),
+            ProxyError::BodyTimeout { .. } => Some(CallerError::BodyTimeout),
+            _ => None,
+        }
+    }
+
     /// The body's shape: Zoho's for the endpoint when the answer stands in for Zoho's own.
     fn envelope(&self) -> Envelope {
         match self {

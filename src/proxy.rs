@@ -25,7 +25,7 @@ use crate::limit::{
     Acquire, Key, Limiter, LockReason, Nanos, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
     Reservation, RouteId, RouteNames, Store, StoreError, UserKey,
 };
-use crate::metrics::{CallerError, Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
+use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
 use crate::resolve::{ResolveError, Resolver};
 use crate::route::RouteTable;
 use crate::throttle::{self, StatusSignal};
@@ -182,8 +182,8 @@ impl Proxy {
             let response = match self.pipeline(req, peer, &mut log).await {
                 Ok(response) => response,
                 Err(error) => {
-                    if let ProxyError::BodyTimeout { .. } = error {
-                        self.metrics.caller_error(CallerError::BodyTimeout);
+                    if let Some(reason) = error.caller_error() {
+                        self.metrics.caller_error(reason);
                     }
                     error.to_response()
                 }

@@ -675,6 +675,13 @@ async fn header_fields_over_max_header_bytes_are_431_and_never_forwarded() {
         "headers_too_large",
     );
     assert!(stub.arrivals().is_empty(), "{:?}", stub.arrivals());
+    // A caller error, as when the head is too large for the server to read at all.
+    let metrics = scrape(running.admin_addr).await;
+    let reason = [("reason", "headers_too_large")];
+    assert_eq!(
+        metric_value(&metrics, "cliqgate_caller_errors_total", &reason),
+        Some(1.0)
+    );
     running.shutdown().await;
 }
 
