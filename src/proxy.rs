@@ -935,19 +935,16 @@ fn add_ratelimit_headers(
 ) {
     let reset_secs = Duration::from_nanos(view.reset_in).as_secs_f64().ceil() as u64;
     // Built once per call into one buffer of exactly its length (this runs on every forwarded
-    // call): `Bytes` takes over a full `Vec` as it is, where a partly used one costs a second
-    // allocation.
+    // call; `concat` sizes it from the parts): `Bytes` takes over a full `Vec` as it is, where a
+    // partly used one costs a second allocation.
     let (mut remaining, mut reset) = (itoa::Buffer::new(), itoa::Buffer::new());
-    let (remaining, reset) = (
+    let value = [
+        &route.ratelimit_prefix[..],
         remaining.format(view.remaining).as_bytes(),
+        b";t=",
         reset.format(reset_secs).as_bytes(),
-    );
-    let mut value =
-        Vec::with_capacity(route.ratelimit_prefix.len() + remaining.len() + 3 + reset.len());
-    value.extend_from_slice(&route.ratelimit_prefix);
-    value.extend_from_slice(remaining);
-    value.extend_from_slice(b";t=");
-    value.extend_from_slice(reset);
+    ]
+    .concat();
     let headers = response.headers_mut();
     headers.insert(RATELIMIT_POLICY, route.policy_header.clone());
     if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {

@@ -188,9 +188,12 @@ impl Reader {
                 SCRATCH.with(|scratch| self.read_into_scratch(&mut scratch.borrow_mut()))
             } else {
                 self.buf.reserve(READ_SIZE);
-                let mut buf = std::mem::take(&mut self.buf);
-                let read = self.read_head_bytes(&mut buf);
-                self.buf = buf;
+                let read = read_head_bytes(
+                    &self.stream,
+                    &mut self.unready,
+                    self.mark_drained,
+                    &mut self.buf,
+                );
                 read.map(|n| if n == 0 { Read::Eof } else { Read::Buffered })
             };
             match read {
@@ -206,7 +209,7 @@ impl Reader {
     fn read_into_scratch(&mut self, scratch: &mut BytesMut) -> io::Result<Read> {
         scratch.clear();
         scratch.reserve(READ_SIZE);
-        if self.read_head_bytes(scratch)? == 0 {
+        if read_head_bytes(&self.stream, &mut self.unready, self.mark_drained, scratch)? == 0 {
             return Ok(Read::Eof);
         }
         Ok(match classify(scratch, self.seq, self.head_limit) {
@@ -225,14 +228,6 @@ impl Reader {
             }
             Err(failure) => Read::Parsed(Err(failure)),
         })
-    }
-
-    /// One read towards a head, into `buf`.
-    fn read_head_bytes(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        if std::mem::take(&mut self.unready) {
-            return read_unready(&self.stream, buf);
-        }
-        read_drained(&self.stream, buf, self.mark_drained)
     }
 
     /// Begins a request: its body (if it did not come whole) now streams from this reader.
@@ -423,6 +418,20 @@ fn read_drained(stream: &TcpStream, buf: &mut BytesMut, mark: bool) -> io::Resul
         });
     }
     Ok(n)
+}
+
+/// One read towards a head, into `buf`: straight from the socket if its readiness is unknown
+/// (`unready`, then cleared), else as [`read_drained`].
+fn read_head_bytes(
+    stream: &TcpStream,
+    unready: &mut bool,
+    mark: bool,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    if std::mem::take(unready) {
+        return read_unready(stream, buf);
+    }
+    read_drained(stream, buf, mark)
 }
 
 /// One read that does not ask the event loop first, for a socket it has reported no readiness
