@@ -321,6 +321,7 @@ fn redis() -> Option<&'static RedisEnv> {
             prefix: "cliqgate:".into(),
             routes: cliqgate::limit::RouteNames::new(ROUTES.iter().map(|r| r.to_string())),
             max_window: Duration::from_secs(61),
+            max_wait: Duration::from_secs(30),
             max_queued_total: 10_000,
             injected_time: false,
         };

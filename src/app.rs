@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::{Config, ConfigErrors, StoreConfig};
+use crate::config::{Config, ConfigErrors, OnLimit, StoreConfig};
 use crate::limit::{
     Limiter, MemoryStore, RedisOptions, RedisStore, RouteNames, Store, StoreError, TokioClock,
 };
@@ -128,6 +128,7 @@ fn open_store(
         .max()
         .unwrap_or_default();
     let clock = Arc::new(TokioClock::with_history(max_window));
+    let max_wait = longest_queue_wait(config);
     let store = match &config.store {
         StoreConfig::Memory => Store::Memory(MemoryStore::new(clock, config.queue.max_total)),
         StoreConfig::Redis(redis) => {
@@ -140,6 +141,7 @@ fn open_store(
                 prefix: REDIS_PREFIX.to_string(),
                 routes: names.clone(),
                 max_window,
+                max_wait,
                 max_queued_total: config.queue.max_total,
                 injected_time: false,
             };
@@ -152,6 +154,17 @@ fn open_store(
         }
     };
     Ok(Arc::new(store))
+}
+
+/// The longest `max_wait` of any route that queues: how far ahead a slot may be promised.
+fn longest_queue_wait(config: &Config) -> Duration {
+    config
+        .routes
+        .iter()
+        .filter(|r| r.on_limit == OnLimit::Queue)
+        .map(|r| r.max_wait)
+        .max()
+        .unwrap_or_default()
 }
 
 /// The number of proxy worker threads when none is given: one per CPU the process may use.
@@ -318,6 +331,9 @@ impl Running {
         } else {
             Upstream::new(&config)?
         };
+        if let Store::Redis(redis) = self.shared.limiter.as_ref() {
+            redis.queue_waits_up_to(longest_queue_wait(&config));
+        }
         let routes = config.routes.len();
         self.current
             .store(Arc::new(self.shared.proxy(config, upstream)));

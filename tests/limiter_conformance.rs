@@ -52,6 +52,7 @@ impl Backends {
                     prefix: format!("t{}:", PREFIX.fetch_add(1, Ordering::Relaxed)),
                     routes: cliqgate::limit::RouteNames::new(["route".to_string()]),
                     max_window: Duration::from_secs(1),
+                    max_wait: Duration::from_secs(5),
                     max_queued_total: 10_000,
                     injected_time: true,
                 };

@@ -18,13 +18,13 @@ use super::{
 };
 use std::future::{ready, Future};
 
-/// A key's recent history, relative to now (see [`MemoryStore::recent`]).
+/// A key's recent history on the store's clock (see [`MemoryStore::recent`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recent {
-    /// How long ago each send went (negative: a reservation still ahead).
-    Sends(Vec<i128>),
-    /// The TAT minus now.
-    Tat(i128),
+    /// When each send went, oldest first (later than now: a reservation still ahead).
+    Sends(Vec<Nanos>),
+    /// The theoretical arrival time.
+    Tat(Nanos),
 }
 
 /// One key's state, for carrying it over a restart ([`MemoryStore::snapshot`] and
@@ -418,20 +418,22 @@ impl MemoryStore {
         }
     }
 
-    /// Each key's recorded send times within the window ending now, as offsets before now
-    /// (window keys), or its TAT as an offset from now (GCRA keys).
-    pub fn recent(&self) -> Vec<(Key, Recent)> {
-        let now = self.clock.now();
+    /// Each key's recorded send times (window keys) or TAT (GCRA keys), for the keys touched at
+    /// or after `since` (0: every key): a key with a send, a reservation or a TAT at or after it.
+    pub fn recent(&self, since: Nanos) -> Vec<(Key, Recent)> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             for (key, entry) in relock(shard).iter() {
                 let recent = match &entry.history {
-                    History::Window(log) => Recent::Sends(
-                        log.iter()
-                            .map(|t| i128::from(now) - i128::from(t))
-                            .collect(),
-                    ),
-                    History::Gcra(g) => Recent::Tat(i128::from(g.tat.0) - i128::from(now)),
+                    History::Window(log) => {
+                        let sends: Vec<Nanos> = log.iter().collect();
+                        if sends.last().is_none_or(|&newest| newest < since) {
+                            continue;
+                        }
+                        Recent::Sends(sends)
+                    }
+                    History::Gcra(g) if g.tat.0 >= since => Recent::Tat(g.tat.0),
+                    History::Gcra(_) => continue,
                 };
                 out.push((*key, recent));
             }

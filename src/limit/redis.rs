@@ -11,10 +11,12 @@
 //! `local` decides in this process with `limit / replicas` of every quota. Either way a probe
 //! brings it back to Redis by itself. The hand-overs are conservative, so the fleet stays under
 //! every threshold across an outage:
-//! - going local, every key starts as if its (local share of the) quota was used at that moment,
-//!   since what the fleet sent just before is unknown;
-//! - coming back, this replica first adds its local sends to Redis, and for one window decides
-//!   with headroom for replicas that have not yet come back (`limit - (replicas - 1) x share`);
+//! - going local, every key starts as if its (local share of the) quota was used at the last slot
+//!   Redis may have promised (calls queued there still go at their slot), since what the fleet
+//!   sent just before is unknown; locks Redis told this replica about are kept locally;
+//! - coming back, this replica first adds its local sends to Redis (holding new decisions for
+//!   the last of them), and for one window decides with headroom for replicas that have not yet
+//!   come back (`limit - (replicas - 1) x share`);
 //! - a Redis that lost its data (restart without persistence) is noticed through an epoch key:
 //!   in its first window every key is treated as if its whole quota went when the data began.
 
@@ -58,6 +60,9 @@ pub struct RedisOptions {
     pub routes: Arc<RouteNames>,
     /// The longest `per + safety_margin` of any route: how long hand-overs stay conservative.
     pub max_window: Duration,
+    /// The longest `max_wait` of any queueing route: how far ahead Redis may have promised slots
+    /// (see [`RedisStore::queue_waits_up_to`]).
+    pub max_wait: Duration,
     pub max_queued_total: usize,
     /// Tests only: decide on the local (fake) clock instead of Redis's `TIME`.
     pub injected_time: bool,
@@ -68,6 +73,10 @@ enum Health {
     Up,
     /// Unreachable since this local time.
     Down {
+        since: Nanos,
+    },
+    /// Back, and adding what this replica sent alone to Redis; decisions wait for it to finish.
+    Merging {
         since: Nanos,
     },
     /// Back, deciding with headroom until this local time.
@@ -114,6 +123,10 @@ pub struct RedisStore {
     queued: AtomicUsize,
     /// Locks this process learned or was told about, for the `locks_active` gauge.
     locks_seen: Mutex<HashMap<Key, Nanos>>,
+    /// The longest queue wait Redis may have granted (nanoseconds; only grows).
+    longest_wait: AtomicU64,
+    /// Wakes the decisions waiting for a merge ([`Health::Merging`]) to end.
+    merged: tokio::sync::Notify,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -144,6 +157,8 @@ impl RedisStore {
             fallback,
             queued: AtomicUsize::new(0),
             locks_seen: Mutex::new(HashMap::new()),
+            longest_wait: AtomicU64::new(clock::nanos(options.max_wait)),
+            merged: tokio::sync::Notify::new(),
             metrics,
             clock,
             options,
@@ -153,6 +168,14 @@ impl RedisStore {
     /// False while Redis is unreachable (`/readyz`).
     pub fn ready(&self) -> bool {
         !matches!(self.health(), Health::Down { .. })
+    }
+
+    /// A reload may let routes queue longer: slots Redis promises can then lie further ahead,
+    /// and an outage must hold local sends back past them. Never shrinks (slots promised under
+    /// the old, longer wait may still be outstanding).
+    pub fn queue_waits_up_to(&self, max_wait: Duration) {
+        self.longest_wait
+            .fetch_max(clock::nanos(max_wait), Ordering::AcqRel);
     }
 
     fn health(&self) -> Health {
@@ -255,13 +278,27 @@ impl RedisStore {
         }
         let now = self.clock.now();
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if !matches!(*health, Health::Down { .. }) {
-            *health = Health::Down { since: now };
-            drop(health);
-            self.fallback.clear();
-            self.fallback.assume_full_at(Some(now));
-            tracing::warn!(op, error = %error, on_error = ?self.options.on_error,
-                "Redis store unavailable; deciding per on_error until it is back");
+        match *health {
+            Health::Down { .. } => {}
+            // The merge failed half-way: this replica's local history is still its own, and
+            // the floor set when the outage began still holds.
+            Health::Merging { since } => {
+                *health = Health::Down { since };
+                drop(health);
+                self.merged.notify_waiters();
+            }
+            Health::Up | Health::Recovering { .. } => {
+                *health = Health::Down { since: now };
+                drop(health);
+                self.fallback.clear();
+                // Every key is full until a window after the last slot Redis may have promised:
+                // calls queued in Redis before the outage still go when their slot comes (their
+                // slot was reserved there), up to the longest queue wait from now.
+                let promised = now.saturating_add(self.longest_wait.load(Ordering::Acquire));
+                self.fallback.assume_full_at(Some(promised));
+                tracing::warn!(op, error = %error, on_error = ?self.options.on_error,
+                    "Redis store unavailable; deciding per on_error until it is back");
+            }
         }
     }
 
@@ -299,9 +336,28 @@ impl RedisStore {
         }
     }
 
+    /// Hands decisions back to Redis. With `on_error: local`, what this replica sent alone goes
+    /// to Redis first, in two passes: every key while local decisions go on, then, with
+    /// decisions held ([`Health::Merging`]), the keys touched since the first pass began. A send
+    /// decided locally is therefore in Redis before Redis decides for its key again. A failure
+    /// on the way leaves the replica local; the next probe starts over (adding a send twice is
+    /// harmless: its member is derived from the send itself).
     async fn come_back(&self) {
-        if self.options.on_error == OnStoreError::Local && !self.merge_local_sends().await {
-            return; // stay local; the next probe tries again
+        if self.options.on_error == OnStoreError::Local {
+            let first_pass = self.clock.now();
+            if !self.merge_local_sends(0).await {
+                return; // stay local; the next probe tries again
+            }
+            {
+                let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                let Health::Down { since } = *health else {
+                    return;
+                };
+                *health = Health::Merging { since };
+            }
+            if !self.merge_local_sends(first_pass).await {
+                return; // `failed` went back to Down and woke the waiting decisions
+            }
         }
         if !self.restore_locks().await {
             return;
@@ -311,6 +367,7 @@ impl RedisStore {
             .now()
             .saturating_add(clock::nanos(self.options.max_window));
         self.set_health(Health::Recovering { until });
+        self.merged.notify_waiters();
         self.fallback.assume_full_at(None);
         tracing::info!("Redis store is back; deciding with headroom for one window");
     }
@@ -342,45 +399,46 @@ impl RedisStore {
         true
     }
 
-    /// Adds what this replica sent on its own during the outage to the shared state.
-    async fn merge_local_sends(&self) -> bool {
-        for (key, recent) in self.fallback.recent() {
+    /// Adds what this replica sent on its own during the outage to the shared state: the keys
+    /// touched at or after `since` (0: every key). Each send's member is derived from its time,
+    /// so adding a send again (a second pass, a retried merge) changes nothing.
+    async fn merge_local_sends(&self, since: Nanos) -> bool {
+        let window = self.units(clock::nanos(self.options.max_window));
+        for (key, recent) in self.fallback.recent(since) {
             let base = self.key_base(&key);
+            // Ages count from a `now` read once per key, before the script runs: Redis's clock
+            // is read later, so every send lands at its true time or later (the safe side).
+            let now = self.clock.now();
             let mut invocation = self.scripts.merge.prepare_invoke();
-            let window = self.units(clock::nanos(self.options.max_window));
             match recent {
-                Recent::Sends(ages) => {
+                Recent::Sends(sends) => {
                     invocation
                         .key(format!("{base}:w"))
-                        .arg(self.now_arg(self.clock.now()))
+                        .arg(self.now_arg(now))
                         .arg("window")
                         .arg(window)
                         .arg(self.units_per_ms());
-                    for age in ages {
-                        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                        let age = i64::try_from(age).unwrap_or(0);
-                        let units = if self.options.injected_time {
-                            age
-                        } else {
-                            age / 1_000
-                        };
-                        invocation.arg(units).arg(self.member(seq));
+                    let mut previous = None;
+                    let mut same = 0u32;
+                    for at in sends {
+                        same = if previous == Some(at) { same + 1 } else { 0 };
+                        previous = Some(at);
+                        let age = i128::from(now) - i128::from(at);
+                        invocation
+                            .arg(self.age_units(age))
+                            .arg(format!("{:016x}:m{at:x}.{same:x}", self.replica));
                     }
                 }
-                Recent::Tat(offset) => {
-                    let offset = i64::try_from(offset).unwrap_or(0);
-                    let units = if self.options.injected_time {
-                        offset
-                    } else {
-                        offset.div_euclid(1_000) + 1
-                    };
+                Recent::Tat(tat) => {
+                    // A TAT ahead of now is an offset into the future: rounded up.
+                    let offset = i128::from(tat) - i128::from(now);
                     invocation
                         .key(format!("{base}:g"))
-                        .arg(self.now_arg(self.clock.now()))
+                        .arg(self.now_arg(now))
                         .arg("gcra")
                         .arg(window)
                         .arg(self.units_per_ms())
-                        .arg(units);
+                        .arg(self.age_units(-offset).saturating_neg());
                 }
             }
             if self.run::<i64>("merge", invocation).await.is_err() {
@@ -388,6 +446,17 @@ impl RedisStore {
             }
         }
         true
+    }
+
+    /// An age (now minus a time, nanoseconds) in script units, rounded down, so that the time
+    /// it stands for is never moved earlier.
+    fn age_units(&self, age: i128) -> i64 {
+        let units = if self.options.injected_time {
+            age
+        } else {
+            age.div_euclid(1_000)
+        };
+        i64::try_from(units).unwrap_or(if units < 0 { i64::MIN } else { i64::MAX })
     }
 
     // ---- decisions ----
@@ -574,10 +643,15 @@ impl RedisStore {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
+    /// A lock Redis told this replica about (another replica learned it): kept locally too, so
+    /// the replica still honours it if Redis goes away before the lock ends.
     fn saw_lock(&self, key: Key, until: Nanos) {
-        let mut seen = self.locks_seen.lock().unwrap_or_else(|p| p.into_inner());
-        let held = seen.entry(key).or_insert(0);
-        *held = (*held).max(until);
+        {
+            let mut seen = self.locks_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let held = seen.entry(key).or_insert(0);
+            *held = (*held).max(until);
+        }
+        self.fallback.lock_now(key, until);
     }
 
     pub(super) async fn acquire(
@@ -586,13 +660,41 @@ impl RedisStore {
         key: Key,
         queue: Option<QueueRule>,
     ) -> Result<Acquire, StoreError> {
-        if matches!(self.health(), Health::Down { .. }) {
-            return self.local_acquire(policy, key, queue);
+        if let Some(local) = self.decide_if_down(policy, key, queue).await {
+            return local;
         }
         match self.shared_acquire(policy, key, queue).await {
             Ok(answer) => Ok(answer),
             // The store is now down: decide as on_error says (a pessimistic local start).
-            Err(_) => self.local_acquire(policy, key, queue),
+            Err(_) => self
+                .decide_if_down(policy, key, queue)
+                .await
+                .unwrap_or_else(|| self.local_acquire(policy, key, queue)),
+        }
+    }
+
+    /// Decides locally if Redis is down, or `None` if Redis decides. Waits while local sends are
+    /// being added to Redis. A local decision is made holding the health lock, so it is either
+    /// recorded before a merge's second pass looks, or made after the hand-over, by Redis.
+    async fn decide_if_down(
+        &self,
+        policy: &Policy,
+        key: Key,
+        queue: Option<QueueRule>,
+    ) -> Option<Result<Acquire, StoreError>> {
+        loop {
+            let merged = self.merged.notified();
+            tokio::pin!(merged);
+            merged.as_mut().enable();
+            {
+                let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                match *health {
+                    Health::Down { .. } => return Some(self.local_acquire(policy, key, queue)),
+                    Health::Up | Health::Recovering { .. } => return None,
+                    Health::Merging { .. } => {}
+                }
+            }
+            merged.await;
         }
     }
 
@@ -644,9 +746,8 @@ impl RedisStore {
     }
 
     pub(super) async fn lock(&self, key: Key, until: Nanos) -> Result<(), StoreError> {
-        self.saw_lock(key, until);
         // Always kept locally too: if Redis is away, this replica still honours it.
-        self.fallback.lock_now(key, until);
+        self.saw_lock(key, until);
         if matches!(self.health(), Health::Down { .. }) {
             return Ok(());
         }

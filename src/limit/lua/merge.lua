@@ -7,12 +7,16 @@ local now = clock(ARGV[1])
 local window = tonumber(ARGV[3])
 local units_per_ms = tonumber(ARGV[4])
 if ARGV[2] == 'window' then
-  local newest = now
   for i = 5, #ARGV, 2 do
     local at = now - tonumber(ARGV[i])
     redis.call('ZADD', KEYS[1], at, ARGV[i + 1])
   end
-  redis.call('PEXPIRE', KEYS[1], ttl_ms(window, units_per_ms))
+  -- Kept until a window after the newest send or reservation, whoever recorded it: never
+  -- shortened below what another replica's reservation needs.
+  local newest = now
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  if last[2] and tonumber(last[2]) > newest then newest = tonumber(last[2]) end
+  redis.call('PEXPIRE', KEYS[1], ttl_ms(newest - now + window, units_per_ms))
   return 1
 end
 local tat = now + tonumber(ARGV[5])

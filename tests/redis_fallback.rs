@@ -1,0 +1,243 @@
+//! The Redis store's hand-overs with `on_error: local`, on a fake clock against a real
+//! redis-server: going local, coming back, and the locks a replica holds across both. Each test
+//! replays one sequence in which the fleet could otherwise have sent more than a quota in one
+//! window, or sent into a lock.
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cliqgate::config::{Algorithm, OnStoreError};
+use cliqgate::limit::{
+    Acquire, Key, Limiter, LockReason, ManualClock, Nanos, Policy, QueueRule, RedisOptions,
+    RedisStore, RefusalReason, RouteId, RouteNames, Store, UserKey,
+};
+use support::RedisServer;
+
+const SEC: Nanos = 1_000_000_000;
+/// The shipped routes' window: one minute plus the one-second safety margin.
+const WINDOW: Nanos = 61 * SEC;
+/// The shipped `max_wait`.
+const MAX_WAIT: Nanos = 30 * SEC;
+
+fn open(redis: &RedisServer, clock: &Arc<ManualClock>, replicas: u32) -> Arc<RedisStore> {
+    let options = RedisOptions {
+        url: redis.url(),
+        // Generous: a loaded CI machine must not turn into a spurious store error.
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_millis(500),
+        on_error: OnStoreError::Local,
+        replicas,
+        prefix: "t:".into(),
+        routes: RouteNames::new(["route".to_string()]),
+        max_window: Duration::from_nanos(WINDOW),
+        max_wait: Duration::from_nanos(MAX_WAIT),
+        max_queued_total: 10_000,
+        injected_time: true,
+    };
+    Arc::new(RedisStore::open(options, clock.clone(), None).expect("valid options"))
+}
+
+fn policy(limit: u32) -> Policy {
+    Policy::new(
+        NonZeroU32::new(limit).expect("limit >= 1"),
+        Duration::from_nanos(WINDOW),
+        Duration::from_secs(600),
+        Algorithm::Window,
+    )
+}
+
+fn user(n: u16) -> Key {
+    let mut bytes = [0u8; 16];
+    bytes[..2].copy_from_slice(&n.to_be_bytes());
+    Key {
+        route: RouteId(0),
+        user: UserKey(bytes),
+    }
+}
+
+/// Largest number of sends inside any half-open window `[t, t + window)`.
+fn max_in_window(sends: &[Nanos], window: Nanos) -> usize {
+    let mut sends = sends.to_vec();
+    sends.sort_unstable();
+    let mut start = 0;
+    let mut most = 0;
+    for end in 0..sends.len() {
+        while sends[end] - sends[start] >= window {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+/// Calls queued in Redis just before it fails still go at their slot (the slot was reserved
+/// there). Local sends must not start until a window after the last slot Redis may have
+/// promised, or both land in one of Zoho's windows.
+#[tokio::test(flavor = "current_thread")]
+async fn local_sends_wait_for_the_slots_redis_promised_before_the_outage() {
+    let mut redis = RedisServer::start().await;
+    let clock = Arc::new(ManualClock::new());
+    let lone = open(&redis, &clock, 1);
+    let store = Store::Redis(lone.clone());
+    let policy = policy(20);
+    let key = user(7);
+    let queue = Some(QueueRule {
+        max_wait: MAX_WAIT,
+        max_per_user: 1_000,
+    });
+    let mut sent = Vec::new();
+
+    clock.set(100 * SEC);
+    for _ in 0..20 {
+        match store
+            .acquire(&policy, key, queue)
+            .await
+            .expect("Redis answers")
+        {
+            Acquire::Now { at, .. } => sent.push(at),
+            other => panic!("a burst of the limit goes at once: {other:?}"),
+        }
+    }
+    // 20 more, queued for 161 s (one window after the burst, 30 s ahead: within max_wait).
+    clock.set(131 * SEC);
+    let mut queued = Vec::new();
+    for _ in 0..20 {
+        match store
+            .acquire(&policy, key, queue)
+            .await
+            .expect("Redis answers")
+        {
+            Acquire::Reserved { reservation, .. } => queued.push(reservation),
+            other => panic!("queued in Redis: {other:?}"),
+        }
+    }
+    assert!(queued.iter().all(|r| r.slot == 161 * SEC));
+
+    redis.kill().await;
+    clock.set(131 * SEC + 1);
+    lone.probe().await;
+    assert!(!store.ready(), "the replica noticed the outage");
+
+    // The queued calls go at their slot: Redis cannot be asked, the slot was reserved there.
+    clock.set(161 * SEC);
+    for reservation in &queued {
+        store
+            .redeem(&policy, reservation)
+            .await
+            .expect("on_error: local decides")
+            .expect("a slot reserved in Redis is kept");
+        sent.push(reservation.slot);
+    }
+    // From a window after the outage was noticed until well past the promised slots' window,
+    // local calls ask every second.
+    for second in 192..=260 {
+        clock.set(second * SEC);
+        while let Acquire::Now { at, .. } = store.acquire(&policy, key, None).await.expect("local")
+        {
+            sent.push(at);
+        }
+    }
+    assert!(
+        sent.iter().any(|&at| at >= 192 * SEC),
+        "local sends resume once the promised slots' window is over"
+    );
+    let most = max_in_window(&sent, WINDOW);
+    assert!(most <= 20, "{most} sends in one window (limit 20)");
+}
+
+/// Coming back, a replica adds its local sends to Redis. Calls decided locally while it does so
+/// must reach Redis too, or Redis hands their quota out again.
+#[tokio::test(flavor = "current_thread")]
+async fn sends_decided_while_coming_back_reach_redis() {
+    let mut redis = RedisServer::start().await;
+    let clock = Arc::new(ManualClock::new());
+    let lone = open(&redis, &clock, 1);
+    let store = Arc::new(Store::Redis(lone.clone()));
+    let policy = policy(4);
+    let key = user(60_000);
+
+    clock.set(100 * SEC);
+    redis.kill().await;
+    lone.probe().await;
+    assert!(!store.ready());
+    // Once the outage's first window is over, 2,000 other users send locally: enough keys that
+    // adding them to Redis takes many round trips.
+    clock.set(100 * SEC + MAX_WAIT + WINDOW + SEC);
+    for n in 0..2_000 {
+        let answer = store.acquire(&policy, user(n), None).await.expect("local");
+        assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
+    }
+    redis.restart().await;
+    let probing = tokio::spawn({
+        let lone = lone.clone();
+        async move { lone.probe().await }
+    });
+    // Once the merge has begun, the user sends its whole quota (locally, or after the merge).
+    while redis
+        .command(&["DBSIZE"])
+        .await
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+        < 10
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut sent = 0;
+    for _ in 0..4 {
+        let store = store.clone();
+        let answer = store.acquire(&policy, key, None).await.expect("decided");
+        sent += usize::from(matches!(answer, Acquire::Now { .. }));
+    }
+    probing.await.expect("the probe ends");
+    assert!(store.ready(), "back on Redis");
+    clock.advance(Duration::from_secs(1));
+    for _ in 0..4 {
+        let answer = store
+            .acquire(&policy, key, None)
+            .await
+            .expect("Redis answers");
+        sent += usize::from(matches!(answer, Acquire::Now { .. }));
+    }
+    assert_eq!(sent, 4, "sends of one user within 2 s (limit 4 per 61 s)");
+}
+
+/// A lock one replica learned from Zoho reaches the others through Redis; one that was told
+/// about it must still honour it if Redis then goes away.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lock_told_by_redis_holds_through_an_outage() {
+    let mut redis = RedisServer::start().await;
+    let clock = Arc::new(ManualClock::new());
+    let (a, b) = (open(&redis, &clock, 2), open(&redis, &clock, 2));
+    let (store_a, store_b) = (Store::Redis(a), Store::Redis(b.clone()));
+    let policy = policy(20);
+    let key = user(9);
+
+    clock.set(100 * SEC);
+    store_a
+        .lock(&policy, key, 700 * SEC, LockReason::UpstreamThrottle)
+        .await
+        .expect("stored in Redis");
+    let answer = store_b
+        .acquire(&policy, key, None)
+        .await
+        .expect("Redis answers");
+    assert!(
+        matches!(answer, Acquire::Refused(r) if r.reason == RefusalReason::Locked),
+        "{answer:?}"
+    );
+
+    redis.kill().await;
+    b.probe().await;
+    assert!(!store_b.ready());
+    // Past the outage's strict first window, with the lock still running.
+    clock.set(100 * SEC + MAX_WAIT + WINDOW + SEC);
+    let answer = store_b.acquire(&policy, key, None).await.expect("local");
+    assert!(
+        matches!(answer, Acquire::Refused(r) if r.reason == RefusalReason::Locked && r.retry_at == 700 * SEC),
+        "replica B must not send into the lock it was told about: {answer:?}"
+    );
+}
