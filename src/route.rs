@@ -81,25 +81,53 @@ impl RouteTable {
     /// Finds the route for a call. `path` is the raw request path (never the query).
     ///
     /// Matching errs on the side of limiting: literal segments compare after percent-decoding and
-    /// ignoring ASCII case, and empty segments (`//`, a trailing `/`) are skipped, so a caller
-    /// cannot dodge a quota with a spelling that Zoho would still route to the same endpoint.
+    /// ignoring ASCII case, empty segments (`//`, a trailing `/`) are skipped, and dot segments
+    /// are resolved (`/a/./b` is `/a/b`, `/a/x/../b` is `/a/b`, RFC 3986 section 5.2.4, also
+    /// percent-encoded), so a caller cannot dodge a quota with a spelling that Zoho's front end
+    /// could still route to the same endpoint.
     pub fn find(&self, method: &Method, path: &str) -> Option<RouteId> {
         let mut segments: [&str; MAX_SEGMENTS] = [""; MAX_SEGMENTS];
-        let mut n = 0;
+        // How deep the resolved path is. Positions past the array are not kept: a path that
+        // ends deeper than any Cliq endpoint matches nothing, and `..` only ever pops the
+        // deepest segment, so every kept position holds its latest segment.
+        let mut depth = 0usize;
         for segment in path.split('/').filter(|s| !s.is_empty()) {
-            if n == segments.len() {
-                return None; // deeper than any Cliq endpoint
+            match dot_segment(segment) {
+                Some(Dots::One) => {}
+                Some(Dots::Two) => depth = depth.saturating_sub(1),
+                None => {
+                    if let Some(slot) = segments.get_mut(depth) {
+                        *slot = segment;
+                    }
+                    depth += 1;
+                }
             }
-            segments[n] = segment;
-            n += 1;
         }
-        let segments = &segments[..n];
+        let segments = segments.get(..depth)?;
         self.entries
             .iter()
             .find(|c| {
                 c.method.as_ref().is_none_or(|m| m == method) && matches(&c.segments, segments)
             })
             .map(|c| c.id)
+    }
+}
+
+enum Dots {
+    One,
+    Two,
+}
+
+/// Whether a raw path segment is `.` or `..`, written plainly or percent-encoded (`%2e`).
+fn dot_segment(raw: &str) -> Option<Dots> {
+    if raw.len() > 6 || !(raw.starts_with('.') || raw.starts_with('%')) {
+        return None;
+    }
+    let decoded: Vec<u8> = percent_decode_str(raw).collect();
+    match decoded.as_slice() {
+        b"." => Some(Dots::One),
+        b".." => Some(Dots::Two),
+        _ => None,
     }
 }
 
@@ -217,6 +245,34 @@ mod tests {
         assert_eq!(
             t.find(&Method::POST, "//api/v3/%63hats/C1/message"),
             Some(RouteId(0))
+        );
+    }
+
+    #[test]
+    fn dot_segments_cannot_dodge_a_quota() {
+        let t = table();
+        for path in [
+            "/api/v3/./chats/C1/message",
+            "/api/v3/chats/C1/x/../message",
+            "/api/v3/chats/C1/message/.",
+            "/api/v3/chats/C1/message/x/..",
+            "/api/v3/%2e/chats/C1/message",
+            "/api/v3/chats/C1/x/%2E%2e/message",
+            "/api/v3/chats/C1/x/.%2e/message",
+            "/../api/v3/chats/C1/message",
+            "/api/v3/chats/C1/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/../../../../../../../../../../../../../../../../../message",
+        ] {
+            assert_eq!(t.find(&Method::POST, path), Some(RouteId(0)), "{path}");
+        }
+        assert_eq!(
+            t.find(&Method::POST, "/api/v3/chats/C1/message/x/../.."),
+            None,
+            "resolved to /api/v3/chats/C1"
+        );
+        assert_eq!(
+            t.find(&Method::POST, "/api/v3/chats/.../message"),
+            Some(RouteId(0)),
+            "three dots are a chat id like any other"
         );
     }
 
