@@ -608,6 +608,78 @@ async fn a_body_sent_slower_than_the_response_timeout_still_gets_its_answer() {
     running.shutdown().await;
 }
 
+/// An upstream that answers `100 Continue` as soon as it has a request's head (servers may,
+/// without `Expect`), then reads the whole body and answers with the number of body bytes.
+async fn continue_early_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("bound address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if stream
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let Some(len) = read_request(&mut stream, &mut buf).await else {
+                    return;
+                };
+                let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+                let body = format!("{}", len - head_end - 4);
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A `100 Continue` that comes while the body is still on its way is an interim answer: the
+/// rest of the body is sent, and the final answer is the one the caller gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_answer_during_the_body_does_not_cut_the_body_off() {
+    let addr = continue_early_upstream().await;
+    let running = start_proxy(&config_yaml(&format!("http://{addr}"), &routes_yaml())).await;
+    let head = "POST /api/v3/chats/C1/message HTTP/1.1\r\nHost: cliq.zoho.com\r\n\
+         Authorization: Zoho-oauthtoken alice\r\nContent-Length: 100\r\n\
+         Connection: close\r\n\r\n";
+    let mut stream = tokio::net::TcpStream::connect(running.proxy_addr)
+        .await
+        .expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream.write_all(&[b'x'; 10]).await.expect("the first part");
+    // The upstream's 100 Continue arrives while the rest of the body is still with the caller.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.write_all(&[b'x'; 90]).await.expect("the rest");
+    let mut answer = Vec::new();
+    tokio::time::timeout(CLIENT_TIMEOUT, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\n100"),
+        "the upstream got the whole body: {answer}"
+    );
+    running.shutdown().await;
+}
+
 // ---- 5. size limits ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -602,9 +602,11 @@ async fn send_body(
             tokio::select! {
                 biased;
                 frame = body.frame() => frame,
-                read = stream.read_buf(buf) => return match read? {
-                    0 => Err(ExchangeError::Closed),
-                    _ => Ok(Sent::AnsweredEarly),
+                read = stream.read_buf(buf) => match read? {
+                    0 => return Err(ExchangeError::Closed),
+                    // `100 Continue` and the like: the upstream still wants the body.
+                    _ if wire::drop_interim_answers(buf) == wire::EarlyAnswer::Interim => continue,
+                    _ => return Ok(Sent::AnsweredEarly),
                 },
             }
         } else {

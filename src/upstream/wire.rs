@@ -143,6 +143,33 @@ pub struct Head {
     pub reusable: bool,
 }
 
+/// What the start of an answer that arrived while the request was still being sent holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EarlyAnswer {
+    /// Only interim answers (`100 Continue`, `103 Early Hints`), now dropped from `buf`, and
+    /// perhaps the start of another head: the upstream still expects the rest of the request.
+    Interim,
+    /// A final answer (or something that is not an answer): sending stops and it is read.
+    Final,
+}
+
+/// Drops the complete interim answers at the start of `buf` ([`EarlyAnswer`]). A server may send
+/// them at any time (RFC 9110 section 15.2), not only after `Expect: 100-continue`.
+pub fn drop_interim_answers(buf: &mut BytesMut) -> EarlyAnswer {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => match parsed.code {
+                Some(code) if (100..200).contains(&code) && code != 101 => buf.advance(len),
+                _ => return EarlyAnswer::Final,
+            },
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return EarlyAnswer::Interim,
+            _ => return EarlyAnswer::Final,
+        }
+    }
+}
+
 /// Parses a response head from the front of `buf`, consuming it (and any interim 1xx answers
 /// before it). `Ok(None)`: more bytes are needed.
 pub fn parse_response_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
@@ -429,6 +456,37 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, WireError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn interim_answers_before_the_request_is_sent_are_dropped() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 10"[..]);
+        assert_eq!(drop_interim_answers(&mut buf), EarlyAnswer::Interim);
+        assert_eq!(
+            &buf[..],
+            b"HTTP/1.1 10",
+            "the start of the next head is kept"
+        );
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Too Large\r\n\r\n"[..]);
+        assert_eq!(drop_interim_answers(&mut buf), EarlyAnswer::Final);
+        assert!(
+            buf.starts_with(b"HTTP/1.1 413"),
+            "the final answer stays to be read"
+        );
+        for early in [
+            &b"HTTP/1.1 101 Switching\r\n\r\n"[..],
+            b"garbage\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(early);
+            assert_eq!(
+                drop_interim_answers(&mut buf),
+                EarlyAnswer::Final,
+                "{early:?}"
+            );
+            assert_eq!(&buf[..], early, "left to be read as the answer");
+        }
+    }
+
     use super::*;
 
     fn parse(bytes: &[u8]) -> Result<Option<Head>, WireError> {
