@@ -116,7 +116,8 @@ pub(super) struct Limits {
     /// Each address's TCP connect, then the TLS handshake.
     pub connect: Duration,
     /// Each write of the request (an upstream that stops reading), then the answer's head,
-    /// counted from when the request has been sent (`timeouts.response`). The caller's own
+    /// counted from when the request has been sent (`timeouts.response`), then each pause in the
+    /// answer's body. The caller's own
     /// pauses while its body streams are bounded by the server (`timeouts.client_body`).
     pub response: Duration,
 }
@@ -498,7 +499,7 @@ async fn send_on(
     conn.answer_timer = timer;
     let head = head.ok_or(ExchangeError::TimedOut("answer"))??;
     let reusable = head.reusable && sent_whole;
-    let body = UpstreamBody::new(conn, head.framing, reusable);
+    let body = UpstreamBody::new(conn, head.framing, reusable, limit);
     Ok(head.response.map(|()| body))
 }
 
@@ -688,6 +689,10 @@ struct Streaming {
     conn: Conn,
     framing: Framing,
     reusable: bool,
+    /// The longest the upstream may pause in its body (`timeouts.response`).
+    idle: Duration,
+    /// While waiting for more of the body: when that wait runs out.
+    pause_ends: Option<tokio::time::Instant>,
 }
 
 enum Framing {
@@ -697,7 +702,7 @@ enum Framing {
 }
 
 impl UpstreamBody {
-    fn new(mut conn: Conn, framing: BodyFraming, reusable: bool) -> UpstreamBody {
+    fn new(mut conn: Conn, framing: BodyFraming, reusable: bool, idle: Duration) -> UpstreamBody {
         let framing = match framing {
             BodyFraming::None => {
                 if reusable {
@@ -723,6 +728,8 @@ impl UpstreamBody {
                 conn,
                 framing,
                 reusable,
+                idle,
+                pause_ends: None,
             })),
         }
     }
@@ -739,6 +746,31 @@ impl UpstreamBody {
     fn fail(&mut self, error: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.kind = Kind::Done;
         Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Streaming {
+    /// Whether the upstream, which has nothing more to read now, has paused its body longer
+    /// than `idle` since this wait began. The connection's answer timer serves (its calls come
+    /// one after another, and the body is the last stage of one). Time the caller takes to take
+    /// what was read does not count: a wait begins only when a read finds nothing.
+    fn paused_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let ends = *self
+            .pause_ends
+            .get_or_insert_with(|| tokio::time::Instant::now() + self.idle);
+        let timer = match &mut self.conn.answer_timer {
+            Some(timer) => {
+                if timer.deadline() != ends {
+                    timer.as_mut().reset(ends);
+                }
+                timer
+            }
+            None => self
+                .conn
+                .answer_timer
+                .insert(Box::pin(tokio::time::sleep_until(ends))),
+        };
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -797,7 +829,12 @@ impl Body for UpstreamBody {
             buf.reserve(READ_CHUNK);
             let stream = Pin::new(&mut streaming.conn.stream);
             match tokio_util::io::poll_read_buf(stream, cx, buf) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if streaming.paused_too_long(cx) {
+                        return this.fail("the upstream paused its answer's body too long".into());
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return this.fail(e.into()),
                 Poll::Ready(Ok(0)) => {
                     if matches!(streaming.framing, Framing::UntilClose) {
@@ -806,7 +843,7 @@ impl Body for UpstreamBody {
                     }
                     return this.fail("the upstream closed the connection mid-body".into());
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => streaming.pause_ends = None,
             }
         }
     }
@@ -1315,6 +1352,46 @@ mod tests {
             }
         })
         .await
+    }
+
+    /// An answer whose body stops coming ends in an error once the pause outlasts
+    /// `limits.response`, instead of holding the caller and the connection for ever; pauses
+    /// shorter than that, one after another, do not add up.
+    #[tokio::test]
+    async fn a_body_that_pauses_longer_than_the_response_timeout_fails() {
+        let (origin, _) = raw_upstream(|mut stream| async move {
+            if read_request(&mut stream).await.is_none() {
+                return;
+            }
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n";
+            stream.write_all(head).await.unwrap();
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                stream.write_all(b"2\r\ncd\r\n").await.unwrap();
+            }
+            // Then nothing: the connection stays open.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let limits = Limits {
+            connect: Duration::from_secs(1),
+            response: Duration::from_millis(250),
+        };
+        let response = exchange(&origin, limits, get("/"), empty()).await.unwrap();
+        let mut body = response.into_body();
+        let started = tokio::time::Instant::now();
+        let mut got = Vec::new();
+        let error = loop {
+            match tokio::time::timeout(Duration::from_secs(5), body.frame()).await {
+                Err(_) => panic!("the body hung after {got:?}"),
+                Ok(Some(Ok(frame))) => got.extend_from_slice(&frame.into_data().unwrap()),
+                Ok(Some(Err(error))) => break error,
+                Ok(None) => panic!("the body ended cleanly after {got:?}"),
+            }
+        };
+        assert_eq!(got, b"abcdcdcd", "pauses of 100 ms are within 250 ms each");
+        assert!(error.to_string().contains("paused"), "{error}");
+        assert!(started.elapsed() >= Duration::from_millis(300 + 250));
     }
 
     /// A call that gets no answer ends in the answer timeout, after `limits.response`.
