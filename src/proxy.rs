@@ -587,7 +587,11 @@ impl Proxy {
     fn signal(&self, parts: &http::response::Parts, body: UpstreamBody) -> Signal {
         match throttle::classify_status(parts.status) {
             StatusSignal::Inspect => {
-                Signal::ToRead(self.reading(body), throttle::retry_after(&parts.headers))
+                let encoding = parts.headers.get(header::CONTENT_ENCODING).cloned();
+                Signal::ToRead(
+                    self.reading(body, encoding),
+                    throttle::retry_after(&parts.headers),
+                )
             }
             StatusSignal::Throttled => Signal::Known(
                 body.map_err(Into::into).boxed(),
@@ -598,14 +602,20 @@ impl Proxy {
     }
 
     /// Reads the start of an error answer's body (bounded by the response timeout), where a
-    /// throttle code would be. Boxed: it is what a call holds while the caller may leave.
-    fn reading(&self, body: UpstreamBody) -> Reading {
+    /// throttle code would be, and looks for it (decoding the answer's `Content-Encoding`).
+    /// Boxed: it is what a call holds while the caller may leave.
+    fn reading(&self, body: UpstreamBody, encoding: Option<HeaderValue>) -> Reading {
         let timeout = self.config.timeouts.response;
         Box::pin(async move {
-            tokio::time::timeout(timeout, read_prefix(body, throttle::MAX_ERROR_PREFIX))
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-                .map_err(|_| ProxyError::UpstreamUnavailable)
+            let prefix =
+                tokio::time::timeout(timeout, read_prefix(body, throttle::MAX_ERROR_PREFIX))
+                    .await
+                    .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+                    .map_err(|_| ProxyError::UpstreamUnavailable)?;
+            let complete = prefix.2.is_none();
+            let throttled =
+                throttle::encoded_body_signals_throttle(encoding.as_ref(), &prefix.0, complete);
+            Ok(ErrorStart { prefix, throttled })
         })
     }
 
@@ -1056,18 +1066,23 @@ impl Drop for AccessLog {
 
 /// The start of an error answer's body (bounded), its trailers if it ended there, and the rest.
 type Prefix = (Bytes, Option<http::HeaderMap>, Option<UpstreamBody>);
-/// The reading of a [`Prefix`], boxed so that a call whose caller leaves can hand it over.
-type Reading = Pin<Box<dyn Future<Output = Result<Prefix, ProxyError>> + Send>>;
+/// The start of an error answer, read, and whether it holds a throttle code.
+struct ErrorStart {
+    prefix: Prefix,
+    throttled: bool,
+}
+
+/// The reading of an [`ErrorStart`], boxed so that a call whose caller leaves can hand it over.
+type Reading = Pin<Box<dyn Future<Output = Result<ErrorStart, ProxyError>> + Send>>;
 
 /// The answer's body and, if its start holds a throttle code, the Retry-After to lock for.
 fn prefix_signal(
-    prefix: Prefix,
+    read: ErrorStart,
     retry_after: Option<Duration>,
 ) -> (ProxyBody, Option<Option<Duration>>) {
-    let (prefix, trailers, rest) = prefix;
-    let throttled = throttle::body_signals_throttle(&prefix, rest.is_none());
+    let (prefix, trailers, rest) = read.prefix;
     let body = Prefixed::new(prefix, trailers, rest).boxed();
-    (body, throttled.then_some(retry_after))
+    (body, read.throttled.then_some(retry_after))
 }
 
 /// What an answer to a limited call says about a throttle ([`Proxy::signal`]).
@@ -1105,7 +1120,7 @@ impl InFlight<'_> {
         response
     }
 
-    async fn read(&mut self) -> Result<Prefix, ProxyError> {
+    async fn read(&mut self) -> Result<ErrorStart, ProxyError> {
         let Some((reading, _)) = self.reading.as_mut() else {
             return Err(ProxyError::UpstreamUnavailable);
         };

@@ -283,7 +283,11 @@ impl Resolver {
         let complete = rest.is_none();
         let throttled = match throttle::classify_status(parts.status) {
             StatusSignal::Throttled => true,
-            StatusSignal::Inspect => throttle::body_signals_throttle(&bytes, complete),
+            StatusSignal::Inspect => throttle::encoded_body_signals_throttle(
+                parts.headers.get(header::CONTENT_ENCODING),
+                &bytes,
+                complete,
+            ),
             StatusSignal::NotThrottled => false,
         };
         if throttled {

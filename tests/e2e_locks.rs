@@ -11,6 +11,7 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use http::header::{self, HeaderValue};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -249,6 +250,59 @@ async fn request_limit_exceeded_400_locks_the_user_out_of_the_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn url_throttles_limit_exceeded_400_locks_the_user_out_of_the_route() {
     lock_is_honoured(ThrottleShape::Http400UrlThrottle).await;
+}
+
+/// Clients ask for gzip by default (python-requests, Node's fetch), and a server that compresses
+/// its JSON sends the throttle answer gzip-encoded: its code must still be found, and the answer
+/// passed on as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_encoded_throttle_answer_locks_the_user_out() {
+    let shape = ThrottleShape::Http400RequestLimit;
+    let stub = ZohoStub::start(vec![StubRoute::new(
+        Method::POST,
+        CHAT,
+        STUB_LIMIT,
+        STUB_PER,
+        STUB_LOCK,
+    )
+    .signal(shape)
+    .gzip()])
+    .await;
+    let running = start_proxy(&proxy_yaml(&stub.url(), LOCK)).await;
+    let base = base_url(&running);
+    let client = Client::new();
+    let gzip_post = |url: String| {
+        let mut req = request(Method::POST, &url, Some("alice"), Bytes::from_static(b"{}"));
+        req.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip, deflate"),
+        );
+        req
+    };
+    for _ in 0..STUB_LIMIT {
+        let direct = client.send(gzip_post(chat_url(&stub.url(), "C1"))).await;
+        assert_eq!(direct.status, StatusCode::OK, "{}", direct.text());
+    }
+
+    let throttled = client.send(gzip_post(chat_url(&base, "C1"))).await;
+    assert_eq!(throttled.status, shape.status());
+    assert_eq!(throttled.header("content-encoding"), Some("gzip"));
+    assert_eq!(
+        throttled.body,
+        gzipped(shape.body().as_bytes()),
+        "passed on as it came"
+    );
+    let arrivals_at_lock = stub.count_for(CHAT, "alice");
+
+    let refused = client.send(gzip_post(chat_url(&base, "C2"))).await;
+    assert_local_refusal(&refused, ceil_secs(LOCK));
+    assert_eq!(
+        stub.count_for(CHAT, "alice"),
+        arrivals_at_lock,
+        "sent into the lock"
+    );
+    assert_eq!(stub.rejected_while_locked(), 0);
+    running.shutdown().await;
 }
 
 /// How long the stub (as Zoho) takes to answer in the hang-up tests: long enough for the caller

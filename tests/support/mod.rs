@@ -31,8 +31,8 @@ pub use metrics::{metric_sum, metric_value, parse_sample, Sample};
 pub use proxy::{base_url, config_yaml, start_proxy};
 pub use redis::RedisServer;
 pub use stub::{
-    credential, Arrival, FixedResponse, Outcome, Responder, StubRoute, ThrottleShape, UserKey,
-    UserKeyFn, ZohoStub,
+    credential, gzipped, Arrival, FixedResponse, Outcome, Responder, StubRoute, ThrottleShape,
+    UserKey, UserKeyFn, ZohoStub,
 };
 pub use window::{max_in_any_window, template_matches, Quota, Verdict};
 

@@ -102,6 +102,9 @@ pub struct StubRoute {
     pub signal: ThrottleShape,
     /// Sent as `Retry-After: <secs>` on throttle answers. Zoho documents none, hence the default.
     pub retry_after: Option<u64>,
+    /// Throttle answers are gzip-encoded for requests that accept gzip, as a server that
+    /// compresses its JSON would send them.
+    pub gzip: bool,
 }
 
 impl StubRoute {
@@ -121,7 +124,13 @@ impl StubRoute {
             lock,
             signal: ThrottleShape::Http429Plain,
             retry_after: None,
+            gzip: false,
         }
+    }
+
+    pub fn gzip(mut self) -> Self {
+        self.gzip = true;
+        self
     }
 
     pub fn any_method(mut self) -> Self {
@@ -553,7 +562,7 @@ struct Plan {
     fixed: Option<FixedResponse>,
     responder: Option<Responder>,
     echo: bool,
-    throttle: Option<(ThrottleShape, Option<u64>)>,
+    throttle: Option<(ThrottleShape, Option<u64>, bool)>,
 }
 
 /// One call: read it whole, judge and record it, then answer.
@@ -620,7 +629,10 @@ fn judge(shared: &Shared, parts: http::request::Parts, body: Result<Bytes, hyper
     };
     state.arrivals.push(arrival.clone());
     let throttle = match outcome {
-        Outcome::Violation | Outcome::Locked => route.map(|r| (r.signal, r.retry_after)),
+        Outcome::Violation | Outcome::Locked => route.map(|r| {
+            let gzip = r.gzip && accepts_gzip(&arrival.headers);
+            (r.signal, r.retry_after, gzip)
+        }),
         _ => None,
     };
     Plan {
@@ -639,9 +651,14 @@ fn respond(plan: Plan) -> Response<Full<Bytes>> {
     if let Some(fixed) = plan.fixed {
         return fixed.into_response();
     }
-    if let Some((shape, retry_after)) = plan.throttle {
-        let mut fixed =
-            FixedResponse::new(shape.status(), shape.body()).header("content-type", ZOHO_JSON);
+    if let Some((shape, retry_after, gzip)) = plan.throttle {
+        let mut fixed = if gzip {
+            FixedResponse::new(shape.status(), gzipped(shape.body().as_bytes()))
+                .header("content-encoding", "gzip")
+        } else {
+            FixedResponse::new(shape.status(), shape.body())
+        }
+        .header("content-type", ZOHO_JSON);
         if let Some(secs) = retry_after {
             fixed.headers.push((RETRY_AFTER, HeaderValue::from(secs)));
         }
@@ -673,6 +690,22 @@ fn respond(plan: Plan) -> Response<Full<Bytes>> {
         serde_json::json!({"ok": true, "seq": plan.arrival.seq})
     };
     FixedResponse::json(StatusCode::OK, &body).into_response()
+}
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("gzip"))
+}
+
+/// `body` gzip-encoded.
+pub fn gzipped(body: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(body).expect("gzip into memory");
+    Bytes::from(encoder.finish().expect("gzip into memory"))
 }
 
 fn echo_body(arrival: &Arrival) -> serde_json::Value {
