@@ -104,9 +104,21 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ParsedRequest>, HeadError> {
                 length = Some(n);
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            // Only the last coding matters: the body is chunked if and only if it is `chunked`.
-            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // `chunked` once, and no other coding: cliqgate could neither decode another coding
+            // (to check the body) nor tell Zoho about it (the field is hop-by-hop), and a coding
+            // applied twice is invalid (RFC 9112 6.1). Fields add up to one list.
+            for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if coding.is_empty() {
+                    continue;
+                }
+                if !coding.eq_ignore_ascii_case(b"chunked") || chunked.is_some() {
+                    return Err(HeadError::Malformed(
+                        "The only transfer coding supported is chunked, once.",
+                    ));
+                }
+                chunked = Some(true);
+            }
+            chunked.get_or_insert(false);
         } else if name.eq_ignore_ascii_case("connection") {
             for token in value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -466,7 +478,7 @@ mod tests {
             Ok((Chunked, true))
         );
         assert_eq!(
-            framing("Transfer-Encoding: gzip, Chunked\r\n"),
+            framing("Transfer-Encoding: Chunked\r\n"),
             Ok((Chunked, true))
         );
         // Both framings: chunked wins and the connection closes afterwards.
@@ -474,9 +486,21 @@ mod tests {
             framing("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n"),
             Ok((Chunked, false))
         );
-        let not_chunked = malformed("A request body's last transfer coding must be chunked.");
-        assert_eq!(framing("Transfer-Encoding: chunked, gzip\r\n"), not_chunked);
-        assert_eq!(framing("Transfer-Encoding: identity\r\n"), not_chunked);
+        // Any other coding: its body could not be checked, nor Zoho told of it.
+        let unsupported = malformed("The only transfer coding supported is chunked, once.");
+        for codings in [
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+            "Transfer-Encoding: chunked, chunked\r\n",
+        ] {
+            assert_eq!(framing(codings), unsupported, "{codings:?}");
+        }
+        assert_eq!(
+            framing("Transfer-Encoding: \r\n"),
+            malformed("A request body's last transfer coding must be chunked.")
+        );
         assert_eq!(
             parse("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n").map(|r| r.is_some()),
             Err(HeadError::Malformed(

@@ -271,24 +271,25 @@ fn framing(
     {
         return Ok((BodyFraming::None, true));
     }
-    if let Some(last) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let chunked = last
-            .as_bytes()
-            .rsplit(|&b| b == b',')
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Only `chunked`, once: a body under another coding (gzip as a transfer coding) would
+        // reach the caller undecoded with nothing saying so (the field is hop-by-hop).
+        let mut codings = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty());
+        let chunked = codings
             .next()
-            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        if !chunked || codings.next().is_some() {
+            return Err(WireError::Head("a transfer coding other than chunked"));
+        }
         // Both fields at once is how request smuggling starts: the body is read as chunked (RFC
         // 9112 6.3) and the connection is not used again.
         let both = headers.contains_key(header::CONTENT_LENGTH);
-        return Ok(if chunked {
-            (BodyFraming::Chunked, !both)
-        } else {
-            (BodyFraming::UntilClose, false)
-        });
+        return Ok((BodyFraming::Chunked, !both));
     }
     let mut length: Option<u64> = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -645,7 +646,7 @@ mod tests {
         );
         assert_eq!(
             framing_of(
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n",
                 Method::GET
             ),
             (BodyFraming::Chunked, true)
@@ -656,13 +657,6 @@ mod tests {
                 Method::GET
             ),
             (BodyFraming::Chunked, false)
-        );
-        assert_eq!(
-            framing_of(
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
-                Method::GET
-            ),
-            (BodyFraming::UntilClose, false)
         );
         assert_eq!(
             framing_of(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET),
@@ -694,7 +688,12 @@ mod tests {
             (BodyFraming::Length(1), true)
         );
         for bad in [
-            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n"[..],
+            // Transfer codings other than chunked once: the body could not be passed on.
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
