@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::{Config, ConfigErrors, OnLimit, StoreConfig};
+use crate::config::{Config, ConfigErrors, IdentityConfig, OnLimit, StoreConfig};
 use crate::limit::{
     Limiter, MemoryStore, RedisOptions, RedisStore, RouteNames, Store, StoreError, TokioClock,
 };
@@ -154,6 +154,16 @@ fn open_store(
         }
     };
     Ok(Arc::new(store))
+}
+
+/// What a user key is derived from ([`crate::identity::identify`]): a change moves every
+/// caller to a new key. Trusted networks, caches and timeouts do not.
+fn user_key_scheme(identity: &IdentityConfig) -> (u8, Option<&http::HeaderName>) {
+    match identity {
+        IdentityConfig::Token => (0, None),
+        IdentityConfig::Header { name, .. } => (1, Some(name)),
+        IdentityConfig::Resolve(_) => (2, None),
+    }
 }
 
 /// The longest `max_wait` of any route that queues: how far ahead a slot may be promised.
@@ -334,9 +344,31 @@ impl Running {
         if let Store::Redis(redis) = self.shared.limiter.as_ref() {
             redis.queue_waits_up_to(longest_queue_wait(&config));
         }
+        let rekeyed = user_key_scheme(&config.identity) != user_key_scheme(&old.config.identity);
         let routes = config.routes.len();
-        self.current
-            .store(Arc::new(self.shared.proxy(config, upstream)));
+        let proxy = Arc::new(self.shared.proxy(config, upstream));
+        if rekeyed {
+            // What users sent before is recorded under keys their calls no longer map to: without
+            // a hold, each would get a second quota in the window around the reload.
+            tracing::warn!(
+                "identity changed: users' calls count under new keys; every key is held for one \
+                 window as if its quota had just been used"
+            );
+            match self.shared.limiter.as_ref() {
+                Store::Memory(memory) => memory.raise_floor(Limiter::clock(memory).now()),
+                Store::Redis(redis) => {
+                    // The new config takes calls once Redis holds every key, fleet-wide.
+                    let (redis, current) = (redis.clone(), self.current.clone());
+                    tokio::spawn(async move {
+                        redis.restart_epoch().await;
+                        current.store(proxy);
+                        tracing::info!(routes, "config reloaded");
+                    });
+                    return Ok(());
+                }
+            }
+        }
+        self.current.store(proxy);
         tracing::info!(routes, "config reloaded");
         Ok(())
     }

@@ -320,6 +320,48 @@ async fn reload_keeps_the_quota_a_user_used_just_before_it() {
     running.shutdown().await;
 }
 
+/// A reload that changes how users are told apart moves every caller to a new key: what they
+/// sent before is under the old one. Every key is then held for one window, so nobody gets a
+/// second quota around the reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_that_changes_the_identity_holds_every_key_for_a_window() {
+    let stub = ZohoStub::start(vec![StubRoute::new(Method::POST, CHAT, LIMIT, PER, LOCK)]).await;
+    let chat = [route(CHAT_ROUTE, CHAT, LIMIT, PER, &["on_limit: reject"])];
+    let running = start_proxy(&config(&stub, "", &chat)).await;
+    let client = Client::new();
+    let url = chat_url(&running);
+    assert_eq!(
+        statuses(&client, &url, "alice", LIMIT as usize).await,
+        ok_then_429(LIMIT as usize, 0)
+    );
+
+    let by_header = "identity:\n  mode: header\n  header: \"X-Cliq-User\"\n";
+    running
+        .reload(parse(&config(&stub, by_header, &chat)))
+        .expect("reload");
+    let as_alice = || {
+        let mut req = request(Method::POST, &url, Some("alice"), Bytes::from_static(b"{}"));
+        req.headers_mut()
+            .insert("x-cliq-user", http::HeaderValue::from_static("alice"));
+        req
+    };
+    // Her calls before the reload count under her token's key, not her header's.
+    let refused = client.send(as_alice()).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.text()
+    );
+    assert_eq!(stub.count_for(CHAT, "alice"), LIMIT as usize);
+    // A window later her new key has its quota.
+    tokio::time::sleep(PER + MARGIN * 2).await;
+    let later = client.send(as_alice()).await;
+    assert_eq!(later.status, StatusCode::OK, "{}", later.text());
+    assert_eq!(stub.violations(), 0);
+    running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_with_a_new_limit_applies_it_to_new_calls() {
     const HIGH: u32 = 5;

@@ -1,7 +1,7 @@
 //! The Redis store's hand-overs with `on_error: local`, on a fake clock against a real
-//! redis-server: going local, coming back, and the locks a replica holds across both. Each test
-//! replays one sequence in which the fleet could otherwise have sent more than a quota in one
-//! window, or sent into a lock.
+//! redis-server: going local, coming back, and the locks a replica holds across both; and the
+//! fleet-wide hold when callers move to new keys. Each test replays one sequence in which the
+//! fleet could otherwise have sent more than a quota in one window, or sent into a lock.
 
 mod support;
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 use cliqgate::config::{Algorithm, OnStoreError};
 use cliqgate::limit::{
     Acquire, Key, Limiter, LockReason, ManualClock, Nanos, Policy, QueueRule, RedisOptions,
-    RedisStore, RefusalReason, RouteId, RouteNames, Store, UserKey,
+    RedisStore, RefusalReason, RouteId, RouteNames, Store, TokioClock, UserKey,
 };
 use support::RedisServer;
 
@@ -240,4 +240,47 @@ async fn a_lock_told_by_redis_holds_through_an_outage() {
         matches!(answer, Acquire::Refused(r) if r.reason == RefusalReason::Locked && r.retry_at == 700 * SEC),
         "replica B must not send into the lock it was told about: {answer:?}"
     );
+}
+
+/// A reload that changes the identity scheme restarts Redis's epoch: every replica then treats
+/// every key as full for one window (on Redis's own clock), keys it has never seen included.
+#[tokio::test(flavor = "current_thread")]
+async fn restarting_the_epoch_holds_every_key_on_every_replica() {
+    let redis = RedisServer::start().await;
+    let open_real = || {
+        let options = RedisOptions {
+            url: redis.url(),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_millis(500),
+            on_error: OnStoreError::Reject,
+            replicas: 2,
+            prefix: "t:".into(),
+            routes: RouteNames::new(["route".to_string()]),
+            max_window: Duration::from_nanos(WINDOW),
+            max_wait: Duration::from_nanos(MAX_WAIT),
+            max_queued_total: 10_000,
+            injected_time: false,
+        };
+        let store = RedisStore::open(options, Arc::new(TokioClock::new()), None);
+        Arc::new(store.expect("valid options"))
+    };
+    let (a, b) = (open_real(), open_real());
+    let (store_a, store_b) = (Store::Redis(a.clone()), Store::Redis(b));
+    let policy = policy(20);
+    // Nothing was sent before this test: skip the first deployment's wait (README).
+    redis.command(&["SET", "t:epoch", "1"]).await;
+    let answer = store_b
+        .acquire(&policy, user(1), None)
+        .await
+        .expect("Redis");
+    assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
+
+    a.restart_epoch().await;
+    for (store, n) in [(&store_a, 2), (&store_b, 3)] {
+        let answer = store.acquire(&policy, user(n), None).await.expect("Redis");
+        let Acquire::Refused(refusal) = answer else {
+            panic!("a key held since the epoch restart went: {answer:?}");
+        };
+        assert_eq!(refusal.reason, RefusalReason::Limited);
+    }
 }

@@ -403,6 +403,11 @@ impl MemoryStore {
         self.floor.store(floor, Ordering::Release);
     }
 
+    /// [`MemoryStore::assume_full_at`], unless a later time is already assumed.
+    pub fn raise_floor(&self, at: Nanos) {
+        self.floor.fetch_max(at.max(1), Ordering::AcqRel);
+    }
+
     /// Forgets every key's sends (they are elsewhere now), keeping locks still running: a lock
     /// learned from Zoho holds whichever store decides.
     pub fn clear(&self) {

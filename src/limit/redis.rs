@@ -92,6 +92,7 @@ struct Scripts {
     check_lock: Script,
     lock: Script,
     merge: Script,
+    restart_epoch: Script,
 }
 
 impl Scripts {
@@ -104,6 +105,7 @@ impl Scripts {
             check_lock: with_prelude(include_str!("lua/check_lock.lua")),
             lock: with_prelude(include_str!("lua/lock.lua")),
             merge: with_prelude(include_str!("lua/merge.lua")),
+            restart_epoch: with_prelude(include_str!("lua/restart_epoch.lua")),
         }
     }
 }
@@ -168,6 +170,22 @@ impl RedisStore {
     /// False while Redis is unreachable (`/readyz`).
     pub fn ready(&self) -> bool {
         !matches!(self.health(), Health::Down { .. })
+    }
+
+    /// Starts Redis's epoch now, so every replica treats every key as full for one window
+    /// (the epoch guard, as after a Redis that lost its data), and holds the local fallback the
+    /// same way. For a change that moves callers to new keys (the identity scheme). Failing to
+    /// reach Redis leaves the hold to the epoch the fallback keeps.
+    pub async fn restart_epoch(&self) {
+        self.fallback.raise_floor(self.clock.now());
+        if matches!(self.health(), Health::Down { .. }) {
+            return;
+        }
+        let mut invocation = self.scripts.restart_epoch.prepare_invoke();
+        invocation
+            .key(self.epoch_key())
+            .arg(self.now_arg(self.clock.now()));
+        let _ = self.run::<i64>("epoch", invocation).await;
     }
 
     /// A reload may let routes queue longer: slots Redis promises can then lie further ahead,
