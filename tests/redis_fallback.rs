@@ -205,6 +205,59 @@ async fn sends_decided_while_coming_back_reach_redis() {
     assert_eq!(sent, 4, "sends of one user within 2 s (limit 4 per 61 s)");
 }
 
+/// Decisions wait while the last local sends are added to Redis. If that merge is stopped
+/// half-way (its task cancelled, as at shutdown), they must not wait for ever.
+#[tokio::test(flavor = "current_thread")]
+async fn a_merge_stopped_half_way_releases_the_waiting_decisions() {
+    let mut redis = RedisServer::start().await;
+    let clock = Arc::new(ManualClock::new());
+    let lone = open(&redis, &clock, 1);
+    let store = Arc::new(Store::Redis(lone.clone()));
+    let policy = policy(4);
+
+    clock.set(100 * SEC);
+    redis.kill().await;
+    lone.probe().await;
+    clock.set(100 * SEC + MAX_WAIT + WINDOW + SEC);
+    for n in 0..1_000 {
+        store.acquire(&policy, user(n), None).await.expect("local");
+    }
+    redis.restart().await;
+    clock.advance(Duration::from_secs(1));
+    let probing = tokio::spawn({
+        let lone = lone.clone();
+        async move { lone.probe().await }
+    });
+    while redis
+        .command(&["DBSIZE"])
+        .await
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+        < 10
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Sends decided now go to Redis in the second pass, with decisions held: many of them, so
+    // that pass lasts.
+    for n in 1_000..5_000 {
+        store.acquire(&policy, user(n), None).await.expect("local");
+    }
+    while !store.ready() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    probing.abort();
+    let _ = probing.await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.acquire(&policy, user(60_000), None),
+    )
+    .await
+    .expect("a decision after a merge was stopped half-way")
+    .expect("decided");
+    assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
+}
+
 /// A lock one replica learned from Zoho reaches the others through Redis; one that was told
 /// about it must still honour it if Redis then goes away.
 #[tokio::test(flavor = "current_thread")]

@@ -132,6 +132,21 @@ pub struct RedisStore {
     metrics: Option<Arc<Metrics>>,
 }
 
+/// Leaves [`Health::Merging`] for `Down` if a merge stops half-way without an error (its task
+/// was cancelled), so that decisions waiting for the merge do not wait for ever.
+struct MergeGuard<'a>(&'a RedisStore);
+
+impl Drop for MergeGuard<'_> {
+    fn drop(&mut self) {
+        let mut health = self.0.health.lock().unwrap_or_else(|p| p.into_inner());
+        if let Health::Merging { since } = *health {
+            *health = Health::Down { since };
+            drop(health);
+            self.0.merged.notify_waiters();
+        }
+    }
+}
+
 impl RedisStore {
     /// Opens the store. The connection is made lazily: the proxy starts (and serves according to
     /// `on_error`) even while Redis is down.
@@ -373,11 +388,14 @@ impl RedisStore {
                 };
                 *health = Health::Merging { since };
             }
+            let _stopped_half_way = MergeGuard(self);
             if !self.merge_local_sends(first_pass).await {
                 return; // `failed` went back to Down and woke the waiting decisions
             }
-        }
-        if !self.restore_locks().await {
+            if !self.restore_locks().await {
+                return;
+            }
+        } else if !self.restore_locks().await {
             return;
         }
         let until = self
