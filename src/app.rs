@@ -17,6 +17,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// The proxy of the current config; a reload swaps it, calls in flight keep theirs.
     current: Arc<ArcSwap<Proxy>>,
+    /// Reloads so far: one applied later (after Redis holds every key) checks it is the newest.
+    reloads: Arc<AtomicU64>,
     /// What outlives a reload: limiter state (route ids by name), metrics, the drain signal.
     shared: Shared,
     stop: watch::Sender<bool>,
@@ -158,11 +161,13 @@ fn open_store(
 
 /// What a user key is derived from ([`crate::identity::identify`]): a change moves every
 /// caller to a new key. Trusted networks, caches and timeouts do not.
-fn user_key_scheme(identity: &IdentityConfig) -> (u8, Option<&http::HeaderName>) {
+fn user_key_scheme(
+    identity: &IdentityConfig,
+) -> (u8, Option<&http::HeaderName>, Option<(&http::Uri, &str)>) {
     match identity {
-        IdentityConfig::Token => (0, None),
-        IdentityConfig::Header { name, .. } => (1, Some(name)),
-        IdentityConfig::Resolve(_) => (2, None),
+        IdentityConfig::Token => (0, None, None),
+        IdentityConfig::Header { name, .. } => (1, Some(name), None),
+        IdentityConfig::Resolve(r) => (2, None, Some((&r.url, r.user_field.as_str()))),
     }
 }
 
@@ -301,6 +306,7 @@ pub async fn start_with_workers(
         proxy_addr,
         admin_addr,
         current,
+        reloads: Arc::new(AtomicU64::new(0)),
         shared,
         stop,
         workers: worker_done,
@@ -345,24 +351,35 @@ impl Running {
             redis.queue_waits_up_to(longest_queue_wait(&config));
         }
         let rekeyed = user_key_scheme(&config.identity) != user_key_scheme(&old.config.identity);
+        // Calls queued under the old keys still go at their slots, up to the longest wait ahead.
+        let promised = longest_queue_wait(&old.config).max(longest_queue_wait(&config));
         let routes = config.routes.len();
         let proxy = Arc::new(self.shared.proxy(config, upstream));
+        let generation = self.reloads.fetch_add(1, Ordering::AcqRel) + 1;
         if rekeyed {
             // What users sent before is recorded under keys their calls no longer map to: without
             // a hold, each would get a second quota in the window around the reload.
             tracing::warn!(
-                "identity changed: users' calls count under new keys; every key is held for one \
-                 window as if its quota had just been used"
+                "identity changed: users' calls count under new keys; every key is held until a \
+                 window after the last queued call's slot, as if its quota had just been used"
             );
             match self.shared.limiter.as_ref() {
-                Store::Memory(memory) => memory.raise_floor(Limiter::clock(memory).now()),
+                Store::Memory(memory) => {
+                    let now = Limiter::clock(memory).now();
+                    memory.raise_floor(now.saturating_add(crate::limit::nanos(promised)));
+                }
                 Store::Redis(redis) => {
-                    // The new config takes calls once Redis holds every key, fleet-wide.
+                    // The new config takes calls once Redis holds every key, fleet-wide (or, if
+                    // Redis cannot be told now, once the local fallback does; Redis is told
+                    // before it decides again). A later reload meanwhile wins.
                     let (redis, current) = (redis.clone(), self.current.clone());
+                    let reloads = self.reloads.clone();
                     tokio::spawn(async move {
-                        redis.restart_epoch().await;
-                        current.store(proxy);
-                        tracing::info!(routes, "config reloaded");
+                        redis.restart_epoch(promised).await;
+                        if reloads.load(Ordering::Acquire) == generation {
+                            current.store(proxy);
+                            tracing::info!(routes, "config reloaded");
+                        }
                     });
                     return Ok(());
                 }

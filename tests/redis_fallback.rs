@@ -295,45 +295,89 @@ async fn a_lock_told_by_redis_holds_through_an_outage() {
     );
 }
 
-/// A reload that changes the identity scheme restarts Redis's epoch: every replica then treats
-/// every key as full for one window (on Redis's own clock), keys it has never seen included.
+fn open_real(redis: &RedisServer, timeout: Duration) -> Arc<RedisStore> {
+    let options = RedisOptions {
+        url: redis.url(),
+        timeout,
+        connect_timeout: Duration::from_millis(500),
+        on_error: OnStoreError::Reject,
+        replicas: 2,
+        prefix: "t:".into(),
+        routes: RouteNames::new(["route".to_string()]),
+        max_window: Duration::from_nanos(WINDOW),
+        max_wait: Duration::from_nanos(MAX_WAIT),
+        max_queued_total: 10_000,
+        injected_time: false,
+    };
+    let store = RedisStore::open(options, Arc::new(TokioClock::new()), None);
+    Arc::new(store.expect("valid options"))
+}
+
+/// The refusal of a call for a key nobody has used yet, and how long it is told to wait.
+async fn held_for(store: &Store, n: u16) -> Duration {
+    let answer = store
+        .acquire(&policy(20), user(n), None)
+        .await
+        .expect("Redis");
+    let Acquire::Refused(refusal) = answer else {
+        panic!("a key held since the epoch moved went: {answer:?}");
+    };
+    assert_eq!(refusal.reason, RefusalReason::Limited);
+    let now = Limiter::clock(store).now();
+    Duration::from_nanos(refusal.retry_at.saturating_sub(now))
+}
+
+/// A reload that changes the identity scheme moves Redis's epoch: every replica then treats
+/// every key as full until a window after it (on Redis's own clock), keys it has never seen
+/// included. The epoch lies as far ahead as calls queued under the old keys may still go.
 #[tokio::test(flavor = "current_thread")]
 async fn restarting_the_epoch_holds_every_key_on_every_replica() {
     let redis = RedisServer::start().await;
-    let open_real = || {
-        let options = RedisOptions {
-            url: redis.url(),
-            timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_millis(500),
-            on_error: OnStoreError::Reject,
-            replicas: 2,
-            prefix: "t:".into(),
-            routes: RouteNames::new(["route".to_string()]),
-            max_window: Duration::from_nanos(WINDOW),
-            max_wait: Duration::from_nanos(MAX_WAIT),
-            max_queued_total: 10_000,
-            injected_time: false,
-        };
-        let store = RedisStore::open(options, Arc::new(TokioClock::new()), None);
-        Arc::new(store.expect("valid options"))
-    };
-    let (a, b) = (open_real(), open_real());
+    let (a, b) = (
+        open_real(&redis, Duration::from_secs(5)),
+        open_real(&redis, Duration::from_secs(5)),
+    );
     let (store_a, store_b) = (Store::Redis(a.clone()), Store::Redis(b));
-    let policy = policy(20);
     // Nothing was sent before this test: skip the first deployment's wait (README).
     redis.command(&["SET", "t:epoch", "1"]).await;
     let answer = store_b
-        .acquire(&policy, user(1), None)
+        .acquire(&policy(20), user(1), None)
         .await
         .expect("Redis");
     assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
 
-    a.restart_epoch().await;
+    a.restart_epoch(Duration::from_nanos(MAX_WAIT)).await;
     for (store, n) in [(&store_a, 2), (&store_b, 3)] {
-        let answer = store.acquire(&policy, user(n), None).await.expect("Redis");
-        let Acquire::Refused(refusal) = answer else {
-            panic!("a key held since the epoch restart went: {answer:?}");
-        };
-        assert_eq!(refusal.reason, RefusalReason::Limited);
+        let held = held_for(store, n).await;
+        let until = Duration::from_nanos(MAX_WAIT + WINDOW);
+        assert!(
+            held > until - Duration::from_secs(2) && held <= until,
+            "{held:?}"
+        );
     }
+}
+
+/// An epoch asked for while Redis cannot be reached is written before Redis decides again.
+#[tokio::test(flavor = "current_thread")]
+async fn an_epoch_asked_for_while_redis_is_away_is_written_when_it_is_back() {
+    let redis = RedisServer::start().await;
+    let lone = open_real(&redis, Duration::from_millis(200));
+    let store = Store::Redis(lone.clone());
+    redis.command(&["SET", "t:epoch", "1"]).await;
+    let answer = store
+        .acquire(&policy(20), user(1), None)
+        .await
+        .expect("Redis");
+    assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
+
+    // A slow Redis (its data kept): the probe times out and the replica goes local.
+    redis.pause(Duration::from_millis(1_500)).await;
+    lone.probe().await;
+    assert!(!store.ready(), "down while Redis is paused");
+    lone.restart_epoch(Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    lone.probe().await;
+    assert!(store.ready(), "back");
+    let held = held_for(&store, 2).await;
+    assert!(held > Duration::from_secs(55), "{held:?}");
 }

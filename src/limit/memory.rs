@@ -431,11 +431,10 @@ impl MemoryStore {
             for (key, entry) in relock(shard).iter() {
                 let recent = match &entry.history {
                     History::Window(log) => {
-                        let sends: Vec<Nanos> = log.iter().collect();
-                        if sends.last().is_none_or(|&newest| newest < since) {
+                        if log.iter().last().is_none_or(|newest| newest < since) {
                             continue;
                         }
-                        Recent::Sends(sends)
+                        Recent::Sends(log.iter().collect())
                     }
                     History::Gcra(g) if g.tat.0 >= since => Recent::Tat(g.tat.0),
                     History::Gcra(_) => continue,

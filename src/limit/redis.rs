@@ -127,6 +127,8 @@ pub struct RedisStore {
     locks_seen: Mutex<HashMap<Key, Nanos>>,
     /// The longest queue wait Redis may have granted (nanoseconds; only grows).
     longest_wait: AtomicU64,
+    /// An epoch Redis has yet to be given ([`RedisStore::restart_epoch`]; 0: none).
+    epoch_due: AtomicU64,
     /// Wakes the decisions waiting for a merge ([`Health::Merging`]) to end.
     merged: tokio::sync::Notify,
     metrics: Option<Arc<Metrics>>,
@@ -175,6 +177,7 @@ impl RedisStore {
             queued: AtomicUsize::new(0),
             locks_seen: Mutex::new(HashMap::new()),
             longest_wait: AtomicU64::new(clock::nanos(options.max_wait)),
+            epoch_due: AtomicU64::new(0),
             merged: tokio::sync::Notify::new(),
             metrics,
             clock,
@@ -187,20 +190,41 @@ impl RedisStore {
         !matches!(self.health(), Health::Down { .. })
     }
 
-    /// Starts Redis's epoch now, so every replica treats every key as full for one window
-    /// (the epoch guard, as after a Redis that lost its data), and holds the local fallback the
-    /// same way. For a change that moves callers to new keys (the identity scheme). Failing to
-    /// reach Redis leaves the hold to the epoch the fallback keeps.
-    pub async fn restart_epoch(&self) {
-        self.fallback.raise_floor(self.clock.now());
-        if matches!(self.health(), Health::Down { .. }) {
-            return;
+    /// Moves Redis's epoch to `ahead` from now, so every replica treats every key as full until
+    /// a window after that (the epoch guard, as after a Redis that lost its data), and holds the
+    /// local fallback the same way. For a change that moves callers to new keys (the identity
+    /// scheme); `ahead` covers the slots already promised under the old keys. If Redis cannot
+    /// be told now, it is told before it decides again ([`RedisStore::come_back`]).
+    pub async fn restart_epoch(&self, ahead: Duration) {
+        let at = self.clock.now().saturating_add(clock::nanos(ahead));
+        self.fallback.raise_floor(at);
+        self.epoch_due.fetch_max(at, Ordering::AcqRel);
+        if !matches!(self.health(), Health::Down { .. } | Health::Merging { .. }) {
+            let _ = self.send_epoch().await;
         }
+    }
+
+    /// Writes the epoch [`RedisStore::restart_epoch`] asked for, if any is still due. The epoch
+    /// is given as an offset from now: Redis's clock is not this process's.
+    async fn send_epoch(&self) -> bool {
+        let due = self.epoch_due.load(Ordering::Acquire);
+        if due == 0 {
+            return true;
+        }
+        let now = self.clock.now();
         let mut invocation = self.scripts.restart_epoch.prepare_invoke();
         invocation
             .key(self.epoch_key())
-            .arg(self.now_arg(self.clock.now()));
-        let _ = self.run::<i64>("epoch", invocation).await;
+            .arg(self.now_arg(now))
+            .arg(self.units(due.saturating_sub(now)));
+        if self.run::<i64>("epoch", invocation).await.is_err() {
+            return false;
+        }
+        // A later restart asked meanwhile stays due.
+        let _ = self
+            .epoch_due
+            .compare_exchange(due, 0, Ordering::AcqRel, Ordering::Acquire);
+        true
     }
 
     /// A reload may let routes queue longer: slots Redis promises can then lie further ahead,
@@ -321,14 +345,15 @@ impl RedisStore {
                 self.merged.notify_waiters();
             }
             Health::Up | Health::Recovering { .. } => {
-                *health = Health::Down { since: now };
-                drop(health);
-                self.fallback.clear();
                 // Every key is full until a window after the last slot Redis may have promised:
                 // calls queued in Redis before the outage still go when their slot comes (their
-                // slot was reserved there), up to the longest queue wait from now.
+                // slot was reserved there), up to the longest queue wait from now. Set before
+                // the health lock is let go: a local decision never sees Down without it.
+                self.fallback.clear();
                 let promised = now.saturating_add(self.longest_wait.load(Ordering::Acquire));
                 self.fallback.assume_full_at(Some(promised));
+                *health = Health::Down { since: now };
+                drop(health);
                 tracing::warn!(op, error = %error, on_error = ?self.options.on_error,
                     "Redis store unavailable; deciding per on_error until it is back");
             }
@@ -376,35 +401,46 @@ impl RedisStore {
     /// on the way leaves the replica local; the next probe starts over (adding a send twice is
     /// harmless: its member is derived from the send itself).
     async fn come_back(&self) {
-        if self.options.on_error == OnStoreError::Local {
-            let first_pass = self.clock.now();
+        let merging = self.options.on_error == OnStoreError::Local;
+        let first_pass = self.clock.now();
+        if merging {
             if !self.merge_local_sends(0).await {
                 return; // stay local; the next probe tries again
             }
-            {
-                let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-                let Health::Down { since } = *health else {
-                    return;
-                };
-                *health = Health::Merging { since };
-            }
-            let _stopped_half_way = MergeGuard(self);
-            if !self.merge_local_sends(first_pass).await {
-                return; // `failed` went back to Down and woke the waiting decisions
-            }
-            if !self.restore_locks().await {
+            let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            let Health::Down { since } = *health else {
                 return;
-            }
-        } else if !self.restore_locks().await {
+            };
+            *health = Health::Merging { since };
+        }
+        // From here to the switch below: a merge stopped half-way goes back to Down.
+        let _stopped_half_way = MergeGuard(self);
+        if merging && !self.merge_local_sends(first_pass).await {
+            return; // `failed` went back to Down and woke the waiting decisions
+        }
+        if !self.restore_locks().await || !self.send_epoch().await {
             return;
         }
         let until = self
             .clock
             .now()
             .saturating_add(clock::nanos(self.options.max_window));
-        self.set_health(Health::Recovering { until });
+        {
+            let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            // Anything that failed meanwhile (a redeem's or a lock's call to Redis) went back to
+            // Down, and decisions made locally since then are in no pass: start over.
+            let expected = if merging {
+                matches!(*health, Health::Merging { .. })
+            } else {
+                matches!(*health, Health::Down { .. })
+            };
+            if !expected {
+                return;
+            }
+            *health = Health::Recovering { until };
+            self.fallback.assume_full_at(None);
+        }
         self.merged.notify_waiters();
-        self.fallback.assume_full_at(None);
         tracing::info!("Redis store is back; deciding with headroom for one window");
     }
 
@@ -719,9 +755,6 @@ impl RedisStore {
         queue: Option<QueueRule>,
     ) -> Option<Result<Acquire, StoreError>> {
         loop {
-            let merged = self.merged.notified();
-            tokio::pin!(merged);
-            merged.as_mut().enable();
             {
                 let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
                 match *health {
@@ -730,7 +763,14 @@ impl RedisStore {
                     Health::Merging { .. } => {}
                 }
             }
-            merged.await;
+            // Registered before the state is looked at again, so the end of the merge is not
+            // missed between the two.
+            let merged = self.merged.notified();
+            tokio::pin!(merged);
+            merged.as_mut().enable();
+            if matches!(self.health(), Health::Merging { .. }) {
+                merged.await;
+            }
         }
     }
 
