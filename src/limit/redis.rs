@@ -194,7 +194,7 @@ impl RedisStore {
     /// a window after that (the epoch guard, as after a Redis that lost its data), and holds the
     /// local fallback the same way. For a change that moves callers to new keys (the identity
     /// scheme); `ahead` covers the slots already promised under the old keys. If Redis cannot
-    /// be told now, it is told before it decides again ([`RedisStore::come_back`]).
+    /// be told now, it is told before it decides again (when the store comes back).
     pub async fn restart_epoch(&self, ahead: Duration) {
         let at = self.clock.now().saturating_add(clock::nanos(ahead));
         self.fallback.raise_floor(at);
