@@ -14,7 +14,7 @@ use cliqgate::limit::{
     Acquire, Key, Limiter, LockReason, ManualClock, Nanos, Policy, QueueRule, RedisOptions,
     RedisStore, RefusalReason, RouteId, RouteNames, Store, TokioClock, UserKey,
 };
-use support::RedisServer;
+use support::{max_in_any_window, RedisServer};
 
 const SEC: Nanos = 1_000_000_000;
 /// The shipped routes' window: one minute plus the one-second safety margin.
@@ -60,17 +60,49 @@ fn user(n: u16) -> Key {
 
 /// Largest number of sends inside any half-open window `[t, t + window)`.
 fn max_in_window(sends: &[Nanos], window: Nanos) -> usize {
-    let mut sends = sends.to_vec();
-    sends.sort_unstable();
-    let mut start = 0;
-    let mut most = 0;
-    for end in 0..sends.len() {
-        while sends[end] - sends[start] >= window {
-            start += 1;
-        }
-        most = most.max(end - start + 1);
+    let sends: Vec<Duration> = sends.iter().map(|&at| Duration::from_nanos(at)).collect();
+    max_in_any_window(&sends, Duration::from_nanos(window))
+}
+
+/// Takes Redis away from a lone replica, lets `users` users send once locally after the
+/// outage's strict first window, brings Redis back (empty) and starts the probe that adds their
+/// sends to it. Returns the probe's task once the merge has begun (keys are appearing).
+async fn merge_under_way(
+    redis: &mut RedisServer,
+    clock: &ManualClock,
+    lone: &Arc<RedisStore>,
+    users: u16,
+) -> tokio::task::JoinHandle<()> {
+    let store = Store::Redis(lone.clone());
+    clock.set(100 * SEC);
+    redis.kill().await;
+    lone.probe().await;
+    assert!(!store.ready());
+    clock.set(100 * SEC + MAX_WAIT + WINDOW + SEC);
+    for n in 0..users {
+        let answer = store
+            .acquire(&policy(4), user(n), None)
+            .await
+            .expect("local");
+        assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
     }
-    most
+    redis.restart().await;
+    clock.advance(Duration::from_secs(1));
+    let probing = tokio::spawn({
+        let lone = lone.clone();
+        async move { lone.probe().await }
+    });
+    while redis
+        .command(&["DBSIZE"])
+        .await
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+        < 10
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    probing
 }
 
 /// Calls queued in Redis just before it fails still go at their slot (the slot was reserved
@@ -159,33 +191,9 @@ async fn sends_decided_while_coming_back_reach_redis() {
     let policy = policy(4);
     let key = user(60_000);
 
-    clock.set(100 * SEC);
-    redis.kill().await;
-    lone.probe().await;
-    assert!(!store.ready());
-    // Once the outage's first window is over, 2,000 other users send locally: enough keys that
-    // adding them to Redis takes many round trips.
-    clock.set(100 * SEC + MAX_WAIT + WINDOW + SEC);
-    for n in 0..2_000 {
-        let answer = store.acquire(&policy, user(n), None).await.expect("local");
-        assert!(matches!(answer, Acquire::Now { .. }), "{answer:?}");
-    }
-    redis.restart().await;
-    let probing = tokio::spawn({
-        let lone = lone.clone();
-        async move { lone.probe().await }
-    });
+    // 2,000 users sent locally: enough keys that adding them to Redis takes many round trips.
+    let probing = merge_under_way(&mut redis, &clock, &lone, 2_000).await;
     // Once the merge has begun, the user sends its whole quota (locally, or after the merge).
-    while redis
-        .command(&["DBSIZE"])
-        .await
-        .trim()
-        .parse::<u64>()
-        .unwrap_or(0)
-        < 10
-    {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
     let mut sent = 0;
     for _ in 0..4 {
         let store = store.clone();
@@ -215,29 +223,7 @@ async fn a_merge_stopped_half_way_releases_the_waiting_decisions() {
     let store = Arc::new(Store::Redis(lone.clone()));
     let policy = policy(4);
 
-    clock.set(100 * SEC);
-    redis.kill().await;
-    lone.probe().await;
-    clock.set(100 * SEC + MAX_WAIT + WINDOW + SEC);
-    for n in 0..1_000 {
-        store.acquire(&policy, user(n), None).await.expect("local");
-    }
-    redis.restart().await;
-    clock.advance(Duration::from_secs(1));
-    let probing = tokio::spawn({
-        let lone = lone.clone();
-        async move { lone.probe().await }
-    });
-    while redis
-        .command(&["DBSIZE"])
-        .await
-        .trim()
-        .parse::<u64>()
-        .unwrap_or(0)
-        < 10
-    {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let probing = merge_under_way(&mut redis, &clock, &lone, 1_000).await;
     // Sends decided now go to Redis in the second pass, with decisions held: many of them, so
     // that pass lasts.
     for n in 1_000..5_000 {
