@@ -570,6 +570,16 @@ async fn slow_upstream_is_504_upstream_timeout() {
     running.shutdown().await;
 }
 
+/// Everything the proxy sends on `stream` until it closes it, as text.
+async fn answer_until_close(stream: &mut tokio::net::TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(CLIENT_TIMEOUT, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read the answer");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// `timeouts.response` is the upstream's time to answer once it has the request: a caller that
 /// takes longer than that to send its body (pausing less than `client_body` each time) is not
 /// cut off with a 504 that would blame Zoho.
@@ -595,12 +605,7 @@ async fn a_body_sent_slower_than_the_response_timeout_still_gets_its_answer() {
         tokio::time::sleep(gap).await;
         stream.write_all(b"x").await.expect("a piece of the body");
     }
-    let mut answer = Vec::new();
-    tokio::time::timeout(CLIENT_TIMEOUT, stream.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .expect("read the answer");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_until_close(&mut stream).await;
     // The body took longer than the response timeout (800 ms against 300 ms).
     assert!(started.elapsed() >= gap * pieces);
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
@@ -666,12 +671,7 @@ async fn an_interim_answer_during_the_body_does_not_cut_the_body_off() {
     // The upstream's 100 Continue arrives while the rest of the body is still with the caller.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stream.write_all(&[b'x'; 90]).await.expect("the rest");
-    let mut answer = Vec::new();
-    tokio::time::timeout(CLIENT_TIMEOUT, stream.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .expect("read the answer");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_until_close(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert!(
         answer.ends_with("\r\n\r\n100"),
