@@ -103,8 +103,88 @@ pub fn fields_size(headers: &HeaderMap) -> usize {
         .sum()
 }
 
+/// Content codings whose start cliqgate can decode to find a throttle code in an error answer
+/// ([`crate::throttle::encoded_body_signals_throttle`]).
+const READABLE_CODINGS: [&str; 4] = ["gzip", "x-gzip", "deflate", "identity"];
+
+/// Narrows a limited call's `Accept-Encoding` to codings cliqgate can read, so that Zoho's answer
+/// to it is never in one (`br`, `zstd`, or whatever `*` would let Zoho pick) that would hide a
+/// throttle code. Costs a caller that asked for brotli a gzip answer instead. Untouched when it
+/// names nothing else (most calls).
+pub fn keep_readable_encodings(headers: &mut HeaderMap) {
+    let coding = |item: &str| {
+        let name = item.split(';').next().unwrap_or_default().trim();
+        name.to_ascii_lowercase()
+    };
+    let all_readable = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .all(|value| match value.to_str() {
+            Ok(list) => list
+                .split(',')
+                .filter(|item| !item.trim().is_empty())
+                .all(|item| READABLE_CODINGS.contains(&coding(item).as_str())),
+            Err(_) => false,
+        });
+    if all_readable {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|item| READABLE_CODINGS.contains(&coding(item).as_str()))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::ACCEPT_ENCODING);
+    if let Ok(value) = header::HeaderValue::from_str(&kept.join(", ")) {
+        if !kept.is_empty() {
+            headers.insert(header::ACCEPT_ENCODING, value);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_limited_call_asks_only_for_codings_that_can_be_read() {
+        let narrowed = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(
+                    header::ACCEPT_ENCODING,
+                    header::HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            keep_readable_encodings(&mut headers);
+            let left: Vec<_> = headers
+                .get_all(header::ACCEPT_ENCODING)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            left
+        };
+        assert_eq!(narrowed(&["gzip, deflate"]), ["gzip, deflate"], "untouched");
+        assert_eq!(
+            narrowed(&["GZip;q=1.0, identity"]),
+            ["GZip;q=1.0, identity"]
+        );
+        assert_eq!(narrowed(&["gzip, deflate, br, zstd"]), ["gzip, deflate"]);
+        assert_eq!(
+            narrowed(&["br;q=1.0, gzip;q=0.8", "*;q=0.1"]),
+            ["gzip;q=0.8"]
+        );
+        assert_eq!(
+            narrowed(&["br"]),
+            Vec::<String>::new(),
+            "nothing readable: no field"
+        );
+        assert_eq!(narrowed(&["*"]), Vec::<String>::new());
+        assert_eq!(narrowed(&[]), Vec::<String>::new());
+    }
+
     use super::*;
     use http::HeaderValue;
 

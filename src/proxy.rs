@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::body::{read_prefix, read_whole, Limited, Prefixed, ProxyBody, ReadError};
 use crate::config::{Config, IdentityConfig, OnLimit, RouteMode, Unmatched};
 use crate::error::ProxyError;
-use crate::headers::{fields_size, remove_hop_by_hop};
+use crate::headers::{fields_size, keep_readable_encodings, remove_hop_by_hop};
 use crate::identity::{identify, IdentityError};
 use crate::limit::{
     Acquire, Key, Limiter, LockReason, Nanos, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
@@ -540,7 +540,7 @@ impl Proxy {
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
         // The upstream request is built before the future, which then holds only the send.
         let mut in_flight = InFlight {
-            sending: Some(self.upstream_send(req)),
+            sending: Some(self.upstream_send(req, limited.is_some())),
             reading: None,
             limited: limited.map(|(route, key)| (self, route.index, key)),
             started: Instant::now(),
@@ -689,10 +689,14 @@ impl Proxy {
     }
 
     /// Starts the call to Zoho: the configured upstream's URI, hop-by-hop fields removed, the
-    /// body bounded while it streams.
-    fn upstream_send(&self, req: Call) -> Sending<'_> {
+    /// body bounded while it streams. A limited call asks only for answers cliqgate can read
+    /// a throttle code in.
+    fn upstream_send(&self, req: Call, limited: bool) -> Sending<'_> {
         let (mut parts, body) = req.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        if limited {
+            keep_readable_encodings(&mut parts.headers);
+        }
         let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
         self.upstream.send(parts, body)
     }
