@@ -77,7 +77,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn proxy(&self, config: Config, upstream: Upstream) -> Proxy {
+    /// `previous`: the proxy of the config being replaced, if any (what outlives it is taken).
+    fn proxy(&self, config: Config, upstream: Upstream, previous: Option<&Proxy>) -> Proxy {
         Proxy::new(
             config,
             self.limiter.clone(),
@@ -85,6 +86,7 @@ impl Shared {
             self.metrics.clone(),
             &self.names,
             self.drain.clone(),
+            previous.and_then(Proxy::answers),
         )
     }
 }
@@ -211,7 +213,7 @@ pub async fn start_with_workers(
     };
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
-    let proxy = Arc::new(shared.proxy(config, upstream));
+    let proxy = Arc::new(shared.proxy(config, upstream, None));
     let current = Arc::new(ArcSwap::new(proxy.clone()));
 
     let (proxy_addr, listeners) = bind_workers(listen, workers)?;
@@ -354,7 +356,7 @@ impl Running {
         // Calls queued under the old keys still go at their slots, up to the longest wait ahead.
         let promised = longest_queue_wait(&old.config).max(longest_queue_wait(&config));
         let routes = config.routes.len();
-        let proxy = Arc::new(self.shared.proxy(config, upstream));
+        let proxy = Arc::new(self.shared.proxy(config, upstream, Some(&old)));
         let generation = self.reloads.fetch_add(1, Ordering::AcqRel) + 1;
         if rekeyed {
             // What users sent before is recorded under keys their calls no longer map to: without

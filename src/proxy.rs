@@ -26,7 +26,7 @@ use crate::limit::{
     Reservation, RouteId, RouteNames, Store, StoreError, UserKey,
 };
 use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
-use crate::resolve::{ResolveError, Resolver};
+use crate::resolve::{Answers, ResolveError, Resolver};
 use crate::route::RouteTable;
 use crate::throttle::{self, StatusSignal};
 use crate::upstream::{Sending, Upstream, UpstreamBody};
@@ -77,6 +77,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// What the identity endpoint answered so far (resolve mode), for the next config's proxy.
+    pub fn answers(&self) -> Option<Answers> {
+        self.resolver.as_ref().map(Resolver::answers)
+    }
+
+    /// `answers`: the previous config's, kept if they still hold ([`Answers::serves`]).
     pub fn new(
         config: Config,
         limiter: Arc<Store>,
@@ -84,6 +90,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         names: &RouteNames,
         drain: Arc<Drain>,
+        answers: Option<Answers>,
     ) -> Self {
         let routes = config
             .routes
@@ -128,8 +135,12 @@ impl Proxy {
                         crate::resolve::identity_policy(config.safety_margin),
                     ),
                 };
+                let answers = answers
+                    .filter(|answers| answers.serves(resolve))
+                    .unwrap_or_else(|| Answers::new(resolve));
                 Some(Resolver::new(
                     resolve.clone(),
+                    answers,
                     upstream.clone(),
                     limiter.clone(),
                     policy,

@@ -109,6 +109,50 @@ impl Expiry<UserKey, Answer> for AnswerExpiry {
     }
 }
 
+/// What the identity endpoint said about each token, kept across reloads that do not change
+/// what its answers mean ([`Answers::serves`]): a reload must not send every live token to the
+/// endpoint again (each lookup spends the owner's quota there).
+#[derive(Clone)]
+pub struct Answers {
+    cache: Cache<UserKey, Answer>,
+    /// The settings the cache was built for.
+    config: ResolveConfig,
+}
+
+impl Answers {
+    pub fn new(config: &ResolveConfig) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(config.cache_size)
+            .expire_after(AnswerExpiry {
+                ttl: config.ttl,
+                negative_ttl: config.negative_ttl,
+            })
+            .build();
+        Answers {
+            cache,
+            config: config.clone(),
+        }
+    }
+
+    /// Whether these answers hold under `config`: the same endpoint, field and cache settings.
+    pub fn serves(&self, config: &ResolveConfig) -> bool {
+        let now = &self.config;
+        (
+            &now.url,
+            &now.user_field,
+            now.ttl,
+            now.negative_ttl,
+            now.cache_size,
+        ) == (
+            &config.url,
+            &config.user_field,
+            config.ttl,
+            config.negative_ttl,
+            config.cache_size,
+        )
+    }
+}
+
 pub struct Resolver {
     config: ResolveConfig,
     cache: Cache<UserKey, Answer>,
@@ -123,27 +167,29 @@ pub struct Resolver {
 impl Resolver {
     pub fn new(
         config: ResolveConfig,
+        answers: Answers,
         upstream: Upstream,
         limiter: Arc<Store>,
         policy: Policy,
         route: RouteId,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(config.cache_size)
-            .expire_after(AnswerExpiry {
-                ttl: config.ttl,
-                negative_ttl: config.negative_ttl,
-            })
-            .build();
         Resolver {
             config,
-            cache,
+            cache: answers.cache,
             upstream,
             limiter,
             policy,
             route,
             metrics,
+        }
+    }
+
+    /// The answers so far, for the resolver of a reloaded config ([`Answers::serves`]).
+    pub fn answers(&self) -> Answers {
+        Answers {
+            cache: self.cache.clone(),
+            config: self.config.clone(),
         }
     }
 
@@ -236,6 +282,9 @@ impl Resolver {
             }
         }
         let result = self.ask(authorization).await;
+        if let Ok(Answer::User(user)) = &result {
+            self.count_for_owner(*user).await;
+        }
         let outcome = match &result {
             Ok(Answer::User(_)) => "ok",
             Ok(Answer::Refused { .. }) => "refused",
@@ -256,6 +305,23 @@ impl Resolver {
                 .await;
         }
         result
+    }
+
+    /// Zoho counts a lookup against the token's owner, like the owner's own calls to the
+    /// endpoint; it was counted above under the token, the owner being unknown. Once known, it is
+    /// counted under the owner too, so the owner's own calls through the proxy leave room for
+    /// it. (If the owner's quota was already spent, the lookup went over it: that cannot be
+    /// known before asking. The README says so.)
+    async fn count_for_owner(&self, owner: UserKey) {
+        let key = Key {
+            route: self.route,
+            user: owner,
+        };
+        if let Ok(Acquire::Reserved { reservation, .. }) =
+            self.limiter.acquire(&self.policy, key, None).await
+        {
+            let _ = self.limiter.cancel(&self.policy, &reservation).await;
+        }
     }
 
     async fn ask(&self, authorization: HeaderValue) -> Result<Answer, LookupError> {

@@ -583,6 +583,69 @@ async fn a_route_covering_the_identity_path_sets_the_lookup_quota() {
     running.shutdown().await;
 }
 
+/// Zoho counts a lookup against the token's owner, like the owner's own calls to the endpoint:
+/// once the owner is known, the lookup counts under the owner's key on the endpoint's route too,
+/// so one user with one token cannot get 1 + 20 calls to /api/v2/me into Zoho's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_counts_against_its_owners_own_calls_to_the_identity_endpoint() {
+    let stub = start_stub().await;
+    let me_route = format!(
+        "  - name: users.me\n    method: GET\n    path: \"{ME}\"\n    limit: {ME_LIMIT}\n    per: \"60s\"\n    lock: \"10m\"\n    on_limit: reject\n"
+    );
+    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
+    let yaml = proxy_yaml(&format!("{me_route}{identity}"));
+    let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
+    let client = Client::new();
+    let url = format!("{}{ME}", base_url(&running));
+    let mut statuses = Vec::new();
+    for _ in 0..ME_LIMIT {
+        statuses.push(client.get(&url, "alice-1").await.status);
+    }
+    // The first call's lookup took one of alice's 20: her 20th call is refused here.
+    let refused = statuses
+        .iter()
+        .filter(|&&s| s == StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.count(), 1, "{statuses:?}");
+    assert_eq!(me_arrivals(&stub), ME_LIMIT as usize);
+    assert_eq!(
+        stub.violations(),
+        0,
+        "Zoho saw alice's /api/v2/me quota crossed"
+    );
+    running.shutdown().await;
+}
+
+/// A reload keeps what the identity endpoint answered (its settings unchanged): live tokens are
+/// not all asked about again, which would spend their owners' quota there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_identity_answers() {
+    const TOKENS: u32 = 11;
+    let stub = start_stub().await;
+    let running = resolve_proxy(&stub, "reject").await;
+    let client = Client::new();
+    let url = format!("{}{CHANNELS}", base_url(&running));
+    for i in 0..TOKENS {
+        let answer = client.get(&url, &format!("bob-{i}")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    assert_eq!(me_arrivals(&stub), TOKENS as usize);
+    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
+    let yaml = config_yaml(&stub.url(), &proxy_yaml(&identity));
+    let config = cliqgate::config::Config::from_yaml(&yaml).expect("a valid config");
+    running.reload(config).expect("reload");
+    for i in 0..TOKENS {
+        let answer = client.get(&url, &format!("bob-{i}")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    assert_eq!(
+        me_arrivals(&stub),
+        TOKENS as usize,
+        "no token asked about again"
+    );
+    assert_eq!(stub.violations(), 0);
+    running.shutdown().await;
+}
+
 // ---- 6. header mode's trust boundary ----
 
 fn header_yaml(trusted: Option<&str>) -> String {
