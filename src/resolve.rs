@@ -123,6 +123,14 @@ impl Answers {
     pub fn new(config: &ResolveConfig) -> Self {
         let cache = Cache::builder()
             .max_capacity(config.cache_size)
+            // A user counts one; a refusal also counts its body, in 64-byte units, so the cache
+            // holds `cache_size` users or far fewer large refusals, never `cache_size` of them.
+            .weigher(|_token: &UserKey, answer: &Answer| match answer {
+                Answer::User(_) => 1,
+                Answer::Refused { body, .. } => {
+                    1 + u32::try_from(body.len() / 64).unwrap_or(u32::MAX - 1)
+                }
+            })
             .expire_after(AnswerExpiry {
                 ttl: config.ttl,
                 negative_ttl: config.negative_ttl,
@@ -411,5 +419,71 @@ impl Resolver {
     pub async fn cached(&self) -> u64 {
         self.cache.run_pending_tasks().await;
         self.cache.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{
+        OnIdentityError, DEFAULT_RESOLVE_NEGATIVE_TTL, DEFAULT_RESOLVE_TIMEOUT, DEFAULT_RESOLVE_TTL,
+    };
+
+    fn settings(cache_size: u64) -> ResolveConfig {
+        ResolveConfig {
+            url: http::Uri::from_static("https://cliq.zoho.com/api/v2/me"),
+            user_field: "/data/zuid".into(),
+            ttl: DEFAULT_RESOLVE_TTL,
+            negative_ttl: DEFAULT_RESOLVE_NEGATIVE_TTL,
+            timeout: DEFAULT_RESOLVE_TIMEOUT,
+            cache_size,
+            on_unreachable: OnIdentityError::Reject,
+        }
+    }
+
+    /// Refusals weigh their bodies: a flood of bad tokens with large 401 bodies cannot fill
+    /// `cache_size` entries of them (100,000 x 64 KiB would be 6.4 GB).
+    #[tokio::test]
+    async fn large_refusals_fill_the_cache_by_their_size() {
+        let answers = Answers::new(&settings(1_000));
+        let refusal = Answer::Refused {
+            status: StatusCode::UNAUTHORIZED,
+            content_type: None,
+            body: Bytes::from(vec![b'x'; 6_400]),
+        };
+        for n in 0..50u8 {
+            answers
+                .cache
+                .insert(UserKey([n; 16]), refusal.clone())
+                .await;
+        }
+        answers.cache.run_pending_tasks().await;
+        assert!(
+            answers.cache.entry_count() <= 9,
+            "{}",
+            answers.cache.entry_count()
+        );
+        assert!(answers.cache.weighted_size() <= 1_000);
+        for n in 100..200u8 {
+            answers
+                .cache
+                .insert(UserKey([n; 16]), Answer::User(UserKey([n; 16])))
+                .await;
+        }
+        answers.cache.run_pending_tasks().await;
+        assert!(answers.cache.weighted_size() <= 1_000);
+    }
+
+    #[test]
+    fn answers_are_kept_only_for_the_same_endpoint_and_cache_settings() {
+        let answers = Answers::new(&settings(1_000));
+        assert!(answers.serves(&settings(1_000)));
+        let mut other = settings(1_000);
+        other.timeout = Duration::from_secs(1);
+        other.on_unreachable = OnIdentityError::Token;
+        assert!(answers.serves(&other), "how lookups fail changes no answer");
+        other.user_field = "/data/id".into();
+        assert!(!answers.serves(&other));
+        assert!(!answers.serves(&settings(2_000)));
     }
 }
