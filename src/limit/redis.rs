@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -118,7 +118,9 @@ pub struct RedisStore {
     /// This process's id in reservation members, so members never collide across replicas.
     replica: u64,
     seq: AtomicU64,
-    health: Mutex<Health>,
+    /// Written on the hand-overs; read by every decision (a local one holds it while it
+    /// decides, so a merge's second pass cannot begin in the middle of one).
+    health: RwLock<Health>,
     /// Decides while Redis is away (`on_error: local`).
     fallback: MemoryStore,
     /// Calls of this process holding a Redis reservation (bounded by `max_queued_total`).
@@ -140,7 +142,7 @@ struct MergeGuard<'a>(&'a RedisStore);
 
 impl Drop for MergeGuard<'_> {
     fn drop(&mut self) {
-        let mut health = self.0.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut health = self.0.health.write().unwrap_or_else(|p| p.into_inner());
         if let Health::Merging { since } = *health {
             *health = Health::Down { since };
             drop(health);
@@ -172,7 +174,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             replica: rand::random(),
             seq: AtomicU64::new(0),
-            health: Mutex::new(Health::Up),
+            health: RwLock::new(Health::Up),
             fallback,
             queued: AtomicUsize::new(0),
             locks_seen: Mutex::new(HashMap::new()),
@@ -236,11 +238,11 @@ impl RedisStore {
     }
 
     fn health(&self) -> Health {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner())
+        *self.health.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_health(&self, health: Health) {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = health;
+        *self.health.write().unwrap_or_else(|p| p.into_inner()) = health;
     }
 
     // ---- keys and units ----
@@ -334,7 +336,7 @@ impl RedisStore {
             metrics.store_error(op);
         }
         let now = self.clock.now();
-        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut health = self.health.write().unwrap_or_else(|p| p.into_inner());
         match *health {
             Health::Down { .. } => {}
             // The merge failed half-way: this replica's local history is still its own, and
@@ -407,7 +409,7 @@ impl RedisStore {
             if !self.merge_local_sends(0).await {
                 return; // stay local; the next probe tries again
             }
-            let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            let mut health = self.health.write().unwrap_or_else(|p| p.into_inner());
             let Health::Down { since } = *health else {
                 return;
             };
@@ -426,7 +428,7 @@ impl RedisStore {
             .now()
             .saturating_add(clock::nanos(self.options.max_window));
         {
-            let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            let mut health = self.health.write().unwrap_or_else(|p| p.into_inner());
             // Anything that failed meanwhile (a redeem's or a lock's call to Redis) went back to
             // Down, and decisions made locally since then are in no pass: start over.
             let expected = if merging {
@@ -756,7 +758,7 @@ impl RedisStore {
     ) -> Option<Result<Acquire, StoreError>> {
         loop {
             {
-                let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                let health = self.health.read().unwrap_or_else(|p| p.into_inner());
                 match *health {
                     Health::Down { .. } => return Some(self.local_acquire(policy, key, queue)),
                     Health::Up | Health::Recovering { .. } => return None,
