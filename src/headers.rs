@@ -22,12 +22,28 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Runs twice on every call, so it first looks (one pass over the names, no hashing) and removes
 /// only what is there: most requests carry none of these, most answers only `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let _ = strip_hop_by_hop(headers);
+}
+
+/// [`remove_hop_by_hop`] for a request on its way to Zoho; on a limited call, also
+/// [`keep_readable_encodings`] (looked for in the same pass over the names).
+pub fn prepare_upstream_request(headers: &mut HeaderMap, limited: bool) {
+    let accept_encoding = strip_hop_by_hop(headers);
+    if limited && accept_encoding {
+        keep_readable_encodings(headers);
+    }
+}
+
+/// [`remove_hop_by_hop`]; tells whether the fields include `Accept-Encoding`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     let mut present = [false; 8];
     let mut upgrade = false;
+    let mut accept_encoding = false;
     for name in headers.keys() {
         match hop_by_hop(name) {
             Some(Hop::Listed(index)) => present[index] = true,
             Some(Hop::Upgrade) => upgrade = true,
+            Some(Hop::AcceptEncoding) => accept_encoding = true,
             None => {}
         }
     }
@@ -52,6 +68,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if upgrade {
         headers.remove(header::UPGRADE);
     }
+    accept_encoding
 }
 
 #[derive(Debug, PartialEq)]
@@ -59,6 +76,8 @@ enum Hop {
     /// Its index in [`HOP_BY_HOP`].
     Listed(usize),
     Upgrade,
+    /// Not hop-by-hop: `Accept-Encoding`, noted in the same pass ([`prepare_upstream_request`]).
+    AcceptEncoding,
 }
 
 /// Whether a field is hop-by-hop. Names are lowercase; a match on the text is a length check and
@@ -74,6 +93,7 @@ fn hop_by_hop(name: &HeaderName) -> Option<Hop> {
         "trailer" => 6,
         "transfer-encoding" => 7,
         "upgrade" => return Some(Hop::Upgrade),
+        "accept-encoding" => return Some(Hop::AcceptEncoding),
         _ => return None,
     };
     Some(Hop::Listed(index))
@@ -111,7 +131,7 @@ const READABLE_CODINGS: [&str; 4] = ["gzip", "x-gzip", "deflate", "identity"];
 /// to it is never in one (`br`, `zstd`, or whatever `*` would let Zoho pick) that would hide a
 /// throttle code. Costs a caller that asked for brotli a gzip answer instead. Untouched when it
 /// names nothing else (most calls).
-pub fn keep_readable_encodings(headers: &mut HeaderMap) {
+fn keep_readable_encodings(headers: &mut HeaderMap) {
     let coding = |item: &str| {
         let name = item.split(';').next().unwrap_or_default().trim();
         name.to_ascii_lowercase()
@@ -183,6 +203,20 @@ mod tests {
         );
         assert_eq!(narrowed(&["*"]), Vec::<String>::new());
         assert_eq!(narrowed(&[]), Vec::<String>::new());
+
+        // Only limited calls are narrowed; hop-by-hop fields go from both.
+        for limited in [true, false] {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                header::HeaderValue::from_static("br, gzip"),
+            );
+            headers.insert(header::TE, header::HeaderValue::from_static("trailers"));
+            prepare_upstream_request(&mut headers, limited);
+            let want = if limited { "gzip" } else { "br, gzip" };
+            assert_eq!(headers[header::ACCEPT_ENCODING], want, "limited: {limited}");
+            assert!(!headers.contains_key(header::TE));
+        }
     }
 
     use super::*;

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::body::{read_prefix, read_whole, Limited, Prefixed, ProxyBody, ReadError};
 use crate::config::{Config, IdentityConfig, OnLimit, RouteMode, Unmatched};
 use crate::error::ProxyError;
-use crate::headers::{fields_size, keep_readable_encodings, remove_hop_by_hop};
+use crate::headers::{fields_size, prepare_upstream_request, remove_hop_by_hop};
 use crate::identity::{identify, IdentityError};
 use crate::limit::{
     Acquire, Key, Limiter, LockReason, Nanos, Policy, QueueRule, QuotaView, Refusal, RefusalReason,
@@ -704,10 +704,7 @@ impl Proxy {
     /// a throttle code in.
     fn upstream_send(&self, req: Call, limited: bool) -> Sending<'_> {
         let (mut parts, body) = req.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        if limited {
-            keep_readable_encodings(&mut parts.headers);
-        }
+        prepare_upstream_request(&mut parts.headers, limited);
         let body = Limited::new(body, self.config.http.max_body_bytes).boxed();
         self.upstream.send(parts, body)
     }
