@@ -25,8 +25,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let _ = strip_hop_by_hop(headers);
 }
 
-/// [`remove_hop_by_hop`] for a request on its way to Zoho; on a limited call, also
-/// [`keep_readable_encodings`] (looked for in the same pass over the names).
+/// [`remove_hop_by_hop`] for a request on its way to Zoho; on a limited call, `Accept-Encoding`
+/// also keeps only codings whose error answers can be read (looked for in the same pass).
 pub fn prepare_upstream_request(headers: &mut HeaderMap, limited: bool) {
     let accept_encoding = strip_hop_by_hop(headers);
     if limited && accept_encoding {
