@@ -349,12 +349,13 @@ impl Running {
         } else {
             Upstream::new(&config)?
         };
+        let queue_wait = longest_queue_wait(&config);
         if let Store::Redis(redis) = self.shared.limiter.as_ref() {
-            redis.queue_waits_up_to(longest_queue_wait(&config));
+            redis.queue_waits_up_to(queue_wait);
         }
         let rekeyed = user_key_scheme(&config.identity) != user_key_scheme(&old.config.identity);
         // Calls queued under the old keys still go at their slots, up to the longest wait ahead.
-        let promised = longest_queue_wait(&old.config).max(longest_queue_wait(&config));
+        let promised = longest_queue_wait(&old.config).max(queue_wait);
         let routes = config.routes.len();
         let proxy = Arc::new(self.shared.proxy(config, upstream, Some(&old)));
         let generation = self.reloads.fetch_add(1, Ordering::AcqRel) + 1;

@@ -553,17 +553,23 @@ async fn lookups_over_quota_fall_back_to_the_token_key_under_token_policy() {
     running.shutdown().await;
 }
 
+/// Resolve mode with a `users.me` route (as in config/cliq.yaml) of `limit` per minute on the
+/// identity endpoint's path.
+async fn proxy_with_me_route(stub: &ZohoStub, limit: u32) -> cliqgate::app::Running {
+    let me_route = format!(
+        "  - name: users.me\n    method: GET\n    path: \"{ME}\"\n    limit: {limit}\n    per: \"60s\"\n    lock: \"10m\"\n    on_limit: reject\n"
+    );
+    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
+    let yaml = proxy_yaml(&format!("{me_route}{identity}"));
+    start_proxy(&config_yaml(&stub.url(), &yaml)).await
+}
+
 /// A configured route that covers the identity endpoint's path sets the lookups' quota.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_covering_the_identity_path_sets_the_lookup_quota() {
     const ROUTE_LIMIT: u32 = 3;
     let stub = start_stub().await;
-    let me_route = format!(
-        "  - name: users.me\n    method: GET\n    path: \"{ME}\"\n    limit: {ROUTE_LIMIT}\n    per: \"60s\"\n    lock: \"10m\"\n    on_limit: reject\n"
-    );
-    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
-    let yaml = proxy_yaml(&format!("{me_route}{identity}"));
-    let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
+    let running = proxy_with_me_route(&stub, ROUTE_LIMIT).await;
     let client = Client::new();
     let url = chat_url(&running, "C1");
 
@@ -589,12 +595,7 @@ async fn a_route_covering_the_identity_path_sets_the_lookup_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_counts_against_its_owners_own_calls_to_the_identity_endpoint() {
     let stub = start_stub().await;
-    let me_route = format!(
-        "  - name: users.me\n    method: GET\n    path: \"{ME}\"\n    limit: {ME_LIMIT}\n    per: \"60s\"\n    lock: \"10m\"\n    on_limit: reject\n"
-    );
-    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
-    let yaml = proxy_yaml(&format!("{me_route}{identity}"));
-    let running = start_proxy(&config_yaml(&stub.url(), &yaml)).await;
+    let running = proxy_with_me_route(&stub, ME_LIMIT).await;
     let client = Client::new();
     let url = format!("{}{ME}", base_url(&running));
     let mut statuses = Vec::new();

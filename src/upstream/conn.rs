@@ -117,8 +117,8 @@ pub(super) struct Limits {
     pub connect: Duration,
     /// Each write of the request (an upstream that stops reading), then the answer's head,
     /// counted from when the request has been sent (`timeouts.response`), then each pause in the
-    /// answer's body. The caller's own
-    /// pauses while its body streams are bounded by the server (`timeouts.client_body`).
+    /// answer's body. The caller's own pauses while its body streams are bounded by the server
+    /// (`timeouts.client_body`).
     pub response: Duration,
 }
 
