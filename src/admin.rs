@@ -261,6 +261,7 @@ pub fn config_json(c: &Config) -> Value {
                 OnIdentityError::Reject => "reject",
                 OnIdentityError::Token => "token",
             },
+            "lookup_reserve": c.lookup_split().map(|s| s.lookups.get()),
         }),
     };
     let store = match &c.store {

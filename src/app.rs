@@ -30,12 +30,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::{Config, ConfigErrors, IdentityConfig, OnLimit, StoreConfig};
+use crate::config::{Config, ConfigErrors, IdentityConfig, LookupSplit, OnLimit, StoreConfig};
 use crate::limit::{
     Limiter, MemoryStore, RedisOptions, RedisStore, RouteNames, Store, StoreError, TokioClock,
 };
 use crate::metrics::Metrics;
-use crate::proxy::{Drain, Proxy};
+use crate::proxy::{Drain, Handover, Proxy};
 use crate::server::spread::{self, Placed, Share};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
@@ -53,8 +53,12 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// The proxy of the current config; a reload swaps it, calls in flight keep theirs.
     current: Arc<ArcSwap<Proxy>>,
-    /// Reloads so far: one applied later (after Redis holds every key) checks it is the newest.
+    /// Reloads so far: one applied later (after Redis holds every key, or after a change of
+    /// resolve mode's shares has had a window) checks it is the newest.
     reloads: Arc<AtomicU64>,
+    /// Resolve mode, while a reload's change of shares is held back: the shares in force before
+    /// it, and until when calls decided under them can share a window with new ones.
+    split_before: Arc<std::sync::Mutex<Option<(LookupSplit, tokio::time::Instant)>>>,
     /// What outlives a reload: limiter state (route ids by name), metrics, the drain signal.
     shared: Shared,
     stop: watch::Sender<bool>,
@@ -78,7 +82,18 @@ struct Shared {
 
 impl Shared {
     /// `previous`: the proxy of the config being replaced, if any (what outlives it is taken).
-    fn proxy(&self, config: Config, upstream: Upstream, previous: Option<&Proxy>) -> Proxy {
+    /// `lookup_split`: resolve mode's shares to apply instead of the config's.
+    fn proxy(
+        &self,
+        config: Config,
+        upstream: Upstream,
+        previous: Option<&Proxy>,
+        lookup_split: Option<LookupSplit>,
+    ) -> Proxy {
+        let handover = Handover {
+            answers: previous.and_then(Proxy::answers),
+            lookup_split,
+        };
         Proxy::new(
             config,
             self.limiter.clone(),
@@ -86,7 +101,7 @@ impl Shared {
             self.metrics.clone(),
             &self.names,
             self.drain.clone(),
-            previous.and_then(Proxy::answers),
+            handover,
         )
     }
 }
@@ -113,6 +128,15 @@ pub enum StartError {
     Worker(std::io::Error),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+}
+
+/// The identity endpoint's window (resolve mode): its route's `per`, or Zoho's published minute,
+/// plus the safety margin.
+fn identity_window(config: &Config) -> Duration {
+    let per = config
+        .identity_route()
+        .map_or(crate::resolve::IDENTITY_PER, |i| config.routes[i].per);
+    per + config.safety_margin
 }
 
 /// Key prefix of everything cliqgate keeps in Redis.
@@ -213,7 +237,7 @@ pub async fn start_with_workers(
     };
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
-    let proxy = Arc::new(shared.proxy(config, upstream, None));
+    let proxy = Arc::new(shared.proxy(config, upstream, None, None));
     let current = Arc::new(ArcSwap::new(proxy.clone()));
 
     let (proxy_addr, listeners) = bind_workers(listen, workers)?;
@@ -309,6 +333,7 @@ pub async fn start_with_workers(
         admin_addr,
         current,
         reloads: Arc::new(AtomicU64::new(0)),
+        split_before: Arc::default(),
         shared,
         stop,
         workers: worker_done,
@@ -357,8 +382,41 @@ impl Running {
         // Calls queued under the old keys still go at their slots, up to the longest wait ahead.
         let promised = longest_queue_wait(&old.config).max(queue_wait);
         let routes = config.routes.len();
-        let proxy = Arc::new(self.shared.proxy(config, upstream, Some(&old)));
+        let held = self.held_split(&old, &config, rekeyed);
+        let window = identity_window(&config).max(identity_window(&old.config));
         let generation = self.reloads.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(held) = held {
+            // Resolve mode's shares change: calls decided under the old ones stay in the identity
+            // endpoint's window for one window more, so until then each side gets the smaller
+            // of its old and new shares; then the config applies as it is.
+            let later = self
+                .shared
+                .proxy(config.clone(), upstream.clone(), Some(&old), None);
+            self.current.store(Arc::new(self.shared.proxy(
+                config,
+                upstream,
+                Some(&old),
+                Some(held),
+            )));
+            tracing::info!(
+                routes,
+                lookups = held.lookups.get(),
+                own = held.own.get(),
+                "config reloaded; the identity endpoint's new shares apply in {window:?}"
+            );
+            let (current, reloads) = (self.current.clone(), self.reloads.clone());
+            let split_before = self.split_before.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                if reloads.load(Ordering::Acquire) == generation {
+                    current.store(Arc::new(later));
+                    *split_before.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    tracing::info!("the identity endpoint's new shares apply");
+                }
+            });
+            return Ok(());
+        }
+        let proxy = Arc::new(self.shared.proxy(config, upstream, Some(&old), None));
         if rekeyed {
             // What users sent before is recorded under keys their calls no longer map to: without
             // a hold, each would get a second quota in the window around the reload.
@@ -391,6 +449,41 @@ impl Running {
         self.current.store(proxy);
         tracing::info!(routes, "config reloaded");
         Ok(())
+    }
+
+    /// Resolve mode: the shares a reload to `config` applies for one window, if they must be
+    /// smaller than its own. A window holding calls decided under the shares in force until now
+    /// and under the new ones must not hold more than the endpoint's limit, so each side gets the
+    /// smaller of the two. Within a window of an earlier change, the shares before that change
+    /// still count. Not when users are rekeyed: every key is held then anyway.
+    fn held_split(&self, old: &Proxy, config: &Config, rekeyed: bool) -> Option<LookupSplit> {
+        let mut before = self.split_before.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let same_route = || {
+            let name = |c: &Config| c.identity_route().map(|i| c.routes[i].name.clone());
+            name(config) == name(&old.config)
+        };
+        let (Some(new), Some(in_force), false, true) = (
+            config.lookup_split(),
+            old.lookup_split,
+            rekeyed,
+            same_route(),
+        ) else {
+            *before = None;
+            return None;
+        };
+        let recent = match *before {
+            Some((split, until)) if until > now => split,
+            _ => in_force,
+        };
+        let held = new.min(recent);
+        if held == new {
+            *before = None;
+            return None;
+        }
+        let window = identity_window(config).max(identity_window(&old.config));
+        *before = Some((recent, now + window));
+        Some(held)
     }
 
     /// Reads `path` and applies it; a bad file changes nothing. Counted in

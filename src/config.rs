@@ -158,6 +158,30 @@ pub struct ResolveConfig {
     pub timeout: Duration,
     pub cache_size: u64,
     pub on_unreachable: OnIdentityError,
+    /// `lookup_reserve`: calls per window of the identity endpoint's quota kept for lookups, all
+    /// tokens together; the apps' own calls to that endpoint get the rest. `None`: half
+    /// ([`Config::lookup_split`]).
+    pub lookup_reserve: Option<NonZeroU32>,
+}
+
+/// How the identity endpoint's per-user quota is shared in resolve mode. Zoho counts a lookup
+/// against the owner of the token it asks about, who is unknown until it answers: every lookup
+/// in a window could be one user's. So lookups, all tokens together, get `lookups` a window, and
+/// each user's own calls to the endpoint get `own`; `lookups + own` is the endpoint's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupSplit {
+    pub lookups: NonZeroU32,
+    pub own: NonZeroU32,
+}
+
+impl LookupSplit {
+    /// Each share no larger than in `self` or in `other`.
+    pub fn min(self, other: LookupSplit) -> LookupSplit {
+        LookupSplit {
+            lookups: self.lookups.min(other.lookups),
+            own: self.own.min(other.own),
+        }
+    }
 }
 
 /// [`DEFAULT_TRUSTED_NETWORKS`], parsed.
@@ -415,6 +439,109 @@ impl Config {
     }
 }
 
+impl Config {
+    /// In resolve mode, the route that covers the identity endpoint (`GET` on its path), if any.
+    pub fn identity_route(&self) -> Option<usize> {
+        match &self.identity {
+            IdentityConfig::Resolve(resolve) => identity_route(resolve, &self.routes),
+            _ => None,
+        }
+    }
+
+    /// In resolve mode, how the identity endpoint's quota is shared between lookups and the
+    /// apps' own calls (always `Some` for a resolve-mode config that was read without errors).
+    pub fn lookup_split(&self) -> Option<LookupSplit> {
+        let IdentityConfig::Resolve(resolve) = &self.identity else {
+            return None;
+        };
+        lookup_split(resolve, identity_limit(resolve, &self.routes))
+    }
+}
+
+fn identity_route(resolve: &ResolveConfig, routes: &[RouteConfig]) -> Option<usize> {
+    crate::route::RouteTable::new(routes)
+        .find(&http::Method::GET, resolve.url.path())
+        .map(|id| id.0 as usize)
+}
+
+/// The identity endpoint's limit: its route's, or Zoho's published figure for `/api/v2/me`.
+fn identity_limit(resolve: &ResolveConfig, routes: &[RouteConfig]) -> NonZeroU32 {
+    identity_route(resolve, routes).map_or(
+        NonZeroU32::new(crate::resolve::IDENTITY_LIMIT).unwrap_or(NonZeroU32::MIN),
+        |i| routes[i].limit,
+    )
+}
+
+/// `lookup_reserve` (default: half of `limit`, at least 1) and the rest; `None` if either share
+/// would be empty.
+fn lookup_split(resolve: &ResolveConfig, limit: NonZeroU32) -> Option<LookupSplit> {
+    let lookups = resolve
+        .lookup_reserve
+        .unwrap_or(NonZeroU32::new(limit.get() / 2).unwrap_or(NonZeroU32::MIN));
+    let own = NonZeroU32::new(limit.get().checked_sub(lookups.get())?)?;
+    Some(LookupSplit { lookups, own })
+}
+
+/// Resolve mode: `lookup_reserve` must leave the apps' own calls to the identity endpoint at
+/// least one call a window.
+fn check_lookup_split(
+    top: &Section,
+    identity: &IdentityConfig,
+    routes: &[RouteConfig],
+    cx: &mut Ctx,
+) {
+    let IdentityConfig::Resolve(resolve) = identity else {
+        return;
+    };
+    let limit = identity_limit(resolve, routes);
+    if lookup_split(resolve, limit).is_some() {
+        return;
+    }
+    let covering = identity_route(resolve, routes);
+    match (resolve.lookup_reserve, covering) {
+        (Some(reserve), _) => {
+            // The section was read (and its errors reported) already: open it again quietly.
+            let mut quiet = Ctx {
+                errors: Vec::new(),
+                base_dir: None,
+            };
+            let line = top
+                .child("identity", &IDENTITY, &mut quiet)
+                .and_then(|sec| sec.field("lookup_reserve"))
+                .map_or(top.line, |f| f.line());
+            let why = format!(
+                "{reserve} leaves nothing of the identity endpoint's {limit} calls a window for \
+                 the apps' own calls to it; it must be less than {limit}"
+            );
+            cx.error(line, "identity.lookup_reserve", why);
+        }
+        (None, Some(i)) => {
+            let mut quiet = Ctx {
+                errors: Vec::new(),
+                base_dir: None,
+            };
+            let limit_line = top
+                .field("routes")
+                .and_then(|f| match &f.node.data {
+                    YamlDataOwned::Sequence(items) => items.get(i),
+                    _ => None,
+                })
+                .and_then(|item| {
+                    Section::open(Some(item), String::new(), line_of(item), &ROUTE, &mut quiet)
+                })
+                .and_then(|sec| sec.field("limit"))
+                .map_or(routes[i].line, |f| f.line());
+            let why = format!(
+                "the route covers the identity endpoint ({}), whose quota resolve mode shares \
+                 between lookups and the apps' own calls: it needs a limit of at least 2",
+                resolve.url.path()
+            );
+            cx.error(limit_line, &format!("routes[{i}].limit"), why);
+        }
+        (None, None) => {}
+    }
+}
+
 /// Collects errors while the whole tree is walked; nothing stops at the first one.
 struct Ctx<'b> {
     errors: Vec<ConfigError>,
@@ -585,7 +712,7 @@ const TOP: Schema = Schema {
 /// The `identity` keys that only `mode: header` reads.
 const HEADER_KEYS: [&str; 2] = ["header", "trusted_networks"];
 /// The `identity` keys that only `mode: resolve` reads.
-const RESOLVE_KEYS: [&str; 7] = [
+const RESOLVE_KEYS: [&str; 8] = [
     "url",
     "user_field",
     "ttl",
@@ -593,6 +720,7 @@ const RESOLVE_KEYS: [&str; 7] = [
     "timeout",
     "cache_size",
     "on_unreachable",
+    "lookup_reserve",
 ];
 const IDENTITY: Schema = Schema {
     allowed: &[
@@ -606,6 +734,7 @@ const IDENTITY: Schema = Schema {
         "timeout",
         "cache_size",
         "on_unreachable",
+        "lookup_reserve",
     ],
     refused: &[],
 };
@@ -1179,6 +1308,7 @@ fn read_config(top: &Section, cx: &mut Ctx) -> Option<Config> {
     let admin = read_admin(top, cx);
     let reload = read_reload(top, cx);
     let routes = read_routes(top, cx);
+    check_lookup_split(top, &identity, &routes, cx);
     Some(Config {
         listen,
         admin_listen,
@@ -1583,6 +1713,9 @@ fn read_resolve(sec: &Section, require: bool, cx: &mut Ctx) -> Option<ResolveCon
             )
         })
         .unwrap_or(DEFAULT_RESOLVE_ON_UNREACHABLE);
+    let lookup_reserve = sec
+        .field("lookup_reserve")
+        .and_then(|f| non_zero_u32(&f, cx));
     Some(ResolveConfig {
         url: url?,
         user_field: user_field?,
@@ -1591,6 +1724,7 @@ fn read_resolve(sec: &Section, require: bool, cx: &mut Ctx) -> Option<ResolveCon
         timeout,
         cache_size,
         on_unreachable,
+        lookup_reserve,
     })
 }
 
@@ -3210,6 +3344,7 @@ mod tests {
               timeout: "2s"
               cache_size: 500
               on_unreachable: token
+              lookup_reserve: 4
             "#,
         ));
         assert_eq!(
@@ -3224,6 +3359,7 @@ mod tests {
                 timeout: secs(2),
                 cache_size: 500,
                 on_unreachable: OnIdentityError::Token,
+                lookup_reserve: NonZeroU32::new(4),
             })
         );
         assert_eq!(
@@ -3359,6 +3495,77 @@ mod tests {
         );
         assert!(errs[3].message.contains("must be at least 1"));
         assert!(errs[4].message.contains("allowed: reject, token"));
+    }
+
+    /// Resolve mode with a `users.me` route of `limit` on the identity endpoint (`limit` on line
+    /// 6), then `extra` under `identity` (from line 13).
+    fn resolve_with_me_route(limit: u32, extra: &str) -> String {
+        format!(
+            "{UPSTREAM}routes:\n  - name: users.me\n    method: GET\n    path: \"/api/v2/me\"\n    \
+             limit: {limit}\n    per: \"1m\"\n    lock: \"10m\"\nidentity:\n  mode: resolve\n  \
+             url: \"https://cliq.zoho.com/api/v2/me\"\n  user_field: \"/data/zuid\"\n{extra}"
+        )
+    }
+
+    fn split(lookups: u32, own: u32) -> Option<LookupSplit> {
+        Some(LookupSplit {
+            lookups: NonZeroU32::new(lookups)?,
+            own: NonZeroU32::new(own)?,
+        })
+    }
+
+    #[test]
+    fn lookups_get_half_the_identity_endpoints_quota_by_default() {
+        let without_route = resolve("");
+        assert_eq!(without_route.lookup_reserve, None);
+        let c = parse(
+            "identity:\n  mode: resolve\n  url: \"https://cliq.zoho.com/api/v2/me\"\n  \
+             user_field: \"/data/zuid\"\n",
+        );
+        // No route covers the endpoint: Zoho's published 20 a minute.
+        assert_eq!(c.identity_route(), None);
+        assert_eq!(c.lookup_split(), split(10, 10));
+        let c = Config::from_yaml(&resolve_with_me_route(3, "")).expect("valid");
+        assert_eq!(c.identity_route(), Some(0));
+        assert_eq!(c.lookup_split(), split(1, 2));
+        let c =
+            Config::from_yaml(&resolve_with_me_route(20, "  lookup_reserve: 4\n")).expect("valid");
+        assert_eq!(c.lookup_split(), split(4, 16));
+        // Other modes share nothing.
+        assert_eq!(parse("").lookup_split(), None);
+    }
+
+    #[test]
+    fn lookup_reserve_must_leave_the_apps_own_calls_a_share() {
+        let errs = errors(&resolve_with_me_route(20, "  lookup_reserve: 20\n"));
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(found, [("identity.lookup_reserve", 13)], "{errs:?}");
+        assert!(errs[0].message.contains("must be less than 20"), "{errs:?}");
+
+        let errs = errors(&resolve_with_me_route(20, "  lookup_reserve: 0\n"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("must be at least 1"), "{errs:?}");
+
+        // With the default, a limit of 1 cannot be shared: the route's limit is named.
+        let errs = errors(&resolve_with_me_route(1, ""));
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(found, [("routes[0].limit", 6)], "{errs:?}");
+        assert!(errs[0].message.contains("at least 2"), "{errs:?}");
+
+        // Without a route over the endpoint, the reserve is checked against Zoho's 20.
+        let errs = errors(&format!(
+            "{UPSTREAM}identity:\n  mode: resolve\n  url: \"https://h/api/v2/me\"\n  \
+             user_field: \"/id\"\n  lookup_reserve: 25\n"
+        ));
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(found, [("identity.lookup_reserve", 6)], "{errs:?}");
+    }
+
+    #[test]
+    fn a_split_held_back_takes_the_smaller_share_of_each_side() {
+        let (a, b) = (split(5, 15).expect("a"), split(10, 10).expect("b"));
+        assert_eq!(Some(a.min(b)), split(5, 10));
+        assert_eq!(b.min(a), a.min(b));
     }
 
     #[test]
@@ -5021,6 +5228,7 @@ mod tests {
                 ResolveConfig {
                     url: r.url.clone(),
                     user_field: r.user_field.clone(),
+                    lookup_reserve: r.lookup_reserve,
                     ..resolve("")
                 },
                 "{file}"

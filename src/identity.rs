@@ -80,6 +80,13 @@ pub fn user_key_for_id(id: &str) -> UserKey {
     hash(b"user", id.as_bytes())
 }
 
+/// The one key all identity lookups count under together (resolve mode): a lookup's owner is
+/// unknown until it answers, so every lookup in a window could be one user's. Its own domain, so
+/// no token or user id hashes to it.
+pub fn lookup_pool_key() -> UserKey {
+    hash(b"lookups", b"")
+}
+
 fn hash(domain: &[u8], credential: &[u8]) -> UserKey {
     let mut h = Sha256::new();
     h.update(b"cliqgate/");

@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::body::{read_prefix, read_whole, Limited, Prefixed, ProxyBody, ReadError};
-use crate::config::{Config, IdentityConfig, OnLimit, RouteMode, Unmatched};
+use crate::config::{Config, IdentityConfig, LookupSplit, OnLimit, RouteMode, Unmatched};
 use crate::error::ProxyError;
 use crate::headers::{fields_size, prepare_upstream_request, remove_hop_by_hop};
 use crate::identity::{identify, IdentityError};
@@ -26,7 +26,7 @@ use crate::limit::{
     Reservation, RouteId, RouteNames, Store, StoreError, UserKey,
 };
 use crate::metrics::{Decision, Metrics, RouteMetrics, UNMATCHED_ROUTE};
-use crate::resolve::{Answers, ResolveError, Resolver};
+use crate::resolve::{Answers, LookupQuota, ResolveError, Resolver};
 use crate::route::RouteTable;
 use crate::throttle::{self, StatusSignal};
 use crate::upstream::{Sending, Upstream, UpstreamBody};
@@ -73,7 +73,19 @@ pub struct Proxy {
     drain: Arc<Drain>,
     /// Resolve mode: who owns a token.
     resolver: Option<Resolver>,
+    /// Resolve mode: how the identity endpoint's quota is shared, as applied here.
+    pub lookup_split: Option<LookupSplit>,
     pub metrics: Arc<Metrics>,
+}
+
+/// What a new config's proxy takes over from the one it replaces.
+#[derive(Default)]
+pub struct Handover {
+    /// What the identity endpoint answered so far, kept if still valid ([`Answers::serves`]).
+    pub answers: Option<Answers>,
+    /// Resolve mode: the shares to apply instead of the config's, while calls decided under
+    /// the previous config's shares are still in the endpoint's window.
+    pub lookup_split: Option<LookupSplit>,
 }
 
 impl Proxy {
@@ -82,7 +94,6 @@ impl Proxy {
         self.resolver.as_ref().map(Resolver::answers)
     }
 
-    /// `answers`: the previous config's, kept if they still hold ([`Answers::serves`]).
     pub fn new(
         config: Config,
         limiter: Arc<Store>,
@@ -90,19 +101,27 @@ impl Proxy {
         metrics: Arc<Metrics>,
         names: &RouteNames,
         drain: Arc<Drain>,
-        answers: Option<Answers>,
+        handover: Handover,
     ) -> Self {
+        let lookup_split = handover.lookup_split.or(config.lookup_split());
+        let identity_route = config.identity_route();
         let routes = config
             .routes
             .iter()
             .enumerate()
             .map(|(index, route)| {
-                let policy = Policy::for_route(route, config.safety_margin);
+                let mut policy = Policy::for_route(route, config.safety_margin);
+                let mut quota = route.limit.get();
+                if let (Some(split), true) = (lookup_split, identity_route == Some(index)) {
+                    // The apps' own calls to the identity endpoint: what lookups leave them.
+                    quota = split.own.get();
+                    policy = policy.scaled(quota).unwrap_or(policy);
+                }
                 let window_secs = (route.per + config.safety_margin).as_secs_f64().ceil() as u64;
                 let policy_header = HeaderValue::from_str(&format!(
                     "\"{}\";q={};w={}",
                     route.name,
-                    route.limit,
+                    quota,
                     window_secs.max(1)
                 ))
                 .unwrap_or_else(|_| HeaderValue::from_static("\"route\""));
@@ -128,23 +147,34 @@ impl Proxy {
             IdentityConfig::Resolve(resolve) => {
                 // Lookups spend the identity endpoint's own quota: the route that covers its path,
                 // or Zoho's published figure for /api/v2/me under a route id of its own.
-                let (route, policy) = match table.find(&Method::GET, resolve.url.path()) {
-                    Some(index) => (routes[index.0 as usize].id, routes[index.0 as usize].policy),
+                let (route, policy) = match identity_route {
+                    Some(index) => (
+                        routes[index].id,
+                        Policy::for_route(&config.routes[index], config.safety_margin),
+                    ),
                     None => (
                         names.id(crate::resolve::IDENTITY_ROUTE_NAME),
                         crate::resolve::identity_policy(config.safety_margin),
                     ),
                 };
-                let answers = answers
+                let pool = lookup_split
+                    .and_then(|split| policy.scaled(split.lookups.get()))
+                    .unwrap_or(policy);
+                let answers = handover
+                    .answers
                     .filter(|answers| answers.serves(resolve))
                     .unwrap_or_else(|| Answers::new(resolve));
+                let quota = LookupQuota {
+                    route,
+                    policy,
+                    pool,
+                };
                 Some(Resolver::new(
                     resolve.clone(),
                     answers,
                     upstream.clone(),
                     limiter.clone(),
-                    policy,
-                    route,
+                    quota,
                     metrics.clone(),
                 ))
             }
@@ -154,6 +184,7 @@ impl Proxy {
             drain,
             table,
             resolver,
+            lookup_split,
             routes,
             unmatched: metrics.route(UNMATCHED_ROUTE),
             limiter,

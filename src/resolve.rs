@@ -9,8 +9,12 @@
 //!   coalesces concurrent first calls into one lookup).
 //! - A refusal (401/403) is cached for `negative_ttl` and passed to callers as Zoho sent it, so a
 //!   bad token cannot flood the endpoint.
-//! - Lookups spend the identity endpoint's own quota (20 per minute, lock 10 minutes, per token
-//!   here: the owner is what is being asked), through the same limiter as every call.
+//! - Lookups spend the identity endpoint's own quota (20 per minute, lock 10 minutes), which Zoho
+//!   charges to the token's owner, unknown until the answer. Any lookup could be any user's, so
+//!   all lookups together get `lookup_reserve` calls a window, under one key, and each user's own
+//!   calls to the endpoint get the rest ([`crate::config::LookupSplit`]): no user can reach the
+//!   endpoint's limit, however many of their tokens are new. A lock Zoho reports for a lookup
+//!   holds that token's lookups (a key per token).
 //! - Unreachable or nonsensical answers are not cached; `on_unreachable` decides. A lookup over
 //!   the endpoint's quota is refused with 429 under `reject` and falls back under `token`.
 
@@ -24,7 +28,7 @@ use moka::Expiry;
 
 use crate::body::{empty, read_prefix};
 use crate::config::{OnIdentityError, ResolveConfig};
-use crate::identity::user_key_for_id;
+use crate::identity::{lookup_pool_key, user_key_for_id};
 use crate::limit::{
     Acquire, Key, Limiter, LockReason, Policy, Refusal, RefusalReason, RouteId, Store, UserKey,
 };
@@ -166,10 +170,19 @@ pub struct Resolver {
     cache: Cache<UserKey, Answer>,
     upstream: Upstream,
     limiter: Arc<Store>,
-    /// The identity endpoint's quota, and the route id its lookups are counted under.
-    policy: Policy,
-    route: RouteId,
+    quota: LookupQuota,
     metrics: Arc<Metrics>,
+}
+
+/// Where lookups are counted.
+#[derive(Debug, Clone, Copy)]
+pub struct LookupQuota {
+    /// The route id of the identity endpoint.
+    pub route: RouteId,
+    /// The endpoint's quota, under each token's key (it carries a lock Zoho reports).
+    pub policy: Policy,
+    /// The lookups' share of it, under one key for all of them.
+    pub pool: Policy,
 }
 
 impl Resolver {
@@ -178,8 +191,7 @@ impl Resolver {
         answers: Answers,
         upstream: Upstream,
         limiter: Arc<Store>,
-        policy: Policy,
-        route: RouteId,
+        quota: LookupQuota,
         metrics: Arc<Metrics>,
     ) -> Self {
         Resolver {
@@ -187,8 +199,7 @@ impl Resolver {
             cache: answers.cache,
             upstream,
             limiter,
-            policy,
-            route,
+            quota,
             metrics,
         }
     }
@@ -266,33 +277,17 @@ impl Resolver {
         authorization: HeaderValue,
     ) -> Result<Answer, LookupError> {
         let key = Key {
-            route: self.route,
+            route: self.quota.route,
             user: token,
         };
-        match self.limiter.acquire(&self.policy, key, None).await {
-            Ok(Acquire::Now { .. }) => {}
-            Ok(Acquire::Refused(refusal)) => {
-                self.metrics.identity_lookup("rate_limited");
-                return Err(LookupError::Limited(refusal));
-            }
-            // Reject mode never reserves; if a store did, give the slot back and wait like a refusal.
-            Ok(Acquire::Reserved { reservation, .. }) => {
-                let _ = self.limiter.cancel(&self.policy, &reservation).await;
-                let refusal = Refusal {
-                    reason: RefusalReason::Limited,
-                    retry_at: reservation.slot,
-                };
-                return Err(LookupError::Limited(refusal));
-            }
-            Err(e) => {
-                self.metrics.identity_lookup("unreachable");
-                return Err(LookupError::Unreachable(format!("limiter store: {e}")));
-            }
-        }
+        let pool = Key {
+            route: self.quota.route,
+            user: lookup_pool_key(),
+        };
+        // The token's own key first: it carries a lock Zoho reported for this token's owner.
+        self.admit(&self.quota.policy, key).await?;
+        self.admit(&self.quota.pool, pool).await?;
         let result = self.ask(authorization).await;
-        if let Ok(Answer::User(user)) = &result {
-            self.count_for_owner(*user).await;
-        }
         let outcome = match &result {
             Ok(Answer::User(_)) => "ok",
             Ok(Answer::Refused { .. }) => "refused",
@@ -305,7 +300,7 @@ impl Resolver {
             let _ = self
                 .limiter
                 .lock(
-                    &self.policy,
+                    &self.quota.policy,
                     key,
                     refusal.retry_at,
                     LockReason::UpstreamThrottle,
@@ -315,20 +310,28 @@ impl Resolver {
         result
     }
 
-    /// Zoho counts a lookup against the token's owner, like the owner's own calls to the
-    /// endpoint; it was counted above under the token, the owner being unknown. Once known, it is
-    /// counted under the owner too, so the owner's own calls through the proxy leave room for
-    /// it. (If the owner's quota was already spent, the lookup went over it: that cannot be
-    /// known before asking. The README says so.)
-    async fn count_for_owner(&self, owner: UserKey) {
-        let key = Key {
-            route: self.route,
-            user: owner,
-        };
-        if let Ok(Acquire::Reserved { reservation, .. }) =
-            self.limiter.acquire(&self.policy, key, None).await
-        {
-            let _ = self.limiter.cancel(&self.policy, &reservation).await;
+    /// Counts a lookup under `key`, or says why it cannot be sent now.
+    async fn admit(&self, policy: &Policy, key: Key) -> Result<(), LookupError> {
+        match self.limiter.acquire(policy, key, None).await {
+            Ok(Acquire::Now { .. }) => Ok(()),
+            Ok(Acquire::Refused(refusal)) => {
+                self.metrics.identity_lookup("rate_limited");
+                Err(LookupError::Limited(refusal))
+            }
+            // Reject mode never reserves; if a store did, give the slot back and wait like a refusal.
+            Ok(Acquire::Reserved { reservation, .. }) => {
+                let _ = self.limiter.cancel(policy, &reservation).await;
+                self.metrics.identity_lookup("rate_limited");
+                let refusal = Refusal {
+                    reason: RefusalReason::Limited,
+                    retry_at: reservation.slot,
+                };
+                Err(LookupError::Limited(refusal))
+            }
+            Err(e) => {
+                self.metrics.identity_lookup("unreachable");
+                Err(LookupError::Unreachable(format!("limiter store: {e}")))
+            }
         }
     }
 
@@ -412,7 +415,7 @@ impl Resolver {
     }
 
     fn policy_lock(&self) -> Duration {
-        Duration::from_nanos(self.policy.lock)
+        Duration::from_nanos(self.quota.policy.lock)
     }
 
     /// Distinct tokens currently cached (for tests and the admin API).
@@ -438,6 +441,7 @@ mod tests {
             timeout: DEFAULT_RESOLVE_TIMEOUT,
             cache_size,
             on_unreachable: OnIdentityError::Reject,
+            lookup_reserve: None,
         }
     }
 

@@ -271,6 +271,7 @@ fn resolve_identity_with_every_key_loads() {
             timeout: Duration::from_secs(2),
             cache_size: 5000,
             on_unreachable: OnIdentityError::Token,
+            lookup_reserve: std::num::NonZeroU32::new(4),
         })
     );
     assert!(

@@ -31,7 +31,8 @@ const CHANNELS: &str = "/api/v2/channels";
 const BULK_LIMIT: u32 = 1000;
 
 /// Zoho's quota for the identity endpoint (cliq-api.md): 20 per minute, lock 10 minutes. The stub
-/// enforces it per user; cliqgate spends it per token hash (the owner is what it is asking).
+/// enforces it per user; cliqgate gives the lookups, all tokens together, a share of it (the owner
+/// is what a lookup asks), and each user's own calls to it the rest.
 const ME_LIMIT: u32 = 20;
 const ME_PER: Duration = Duration::from_secs(60);
 const ME_LOCK: Duration = Duration::from_secs(600);
@@ -87,10 +88,15 @@ fn identity_answer(token: &str) -> FixedResponse {
 
 /// A stub that answers `/api/v2/me` and counts quota per user across tokens, like Zoho.
 async fn start_stub() -> ZohoStub {
+    start_stub_with_me_window(ME_PER).await
+}
+
+/// [`start_stub`] with `/api/v2/me`'s window `me_per` long instead of Zoho's minute.
+async fn start_stub_with_me_window(me_per: Duration) -> ZohoStub {
     let stub = ZohoStub::start(vec![
         StubRoute::new(Method::POST, CHAT, LIMIT, PER, LOCK),
         StubRoute::new(Method::GET, CHANNELS, BULK_LIMIT, ME_PER, LOCK),
-        StubRoute::new(Method::GET, ME, ME_LIMIT, ME_PER, ME_LOCK),
+        StubRoute::new(Method::GET, ME, ME_LIMIT, me_per, ME_LOCK),
     ])
     .await;
     stub.set_user_key(UserKey::Custom(Arc::new(|headers, query| {
@@ -459,16 +465,21 @@ async fn unreachable_identity_endpoint_with_token_falls_back_to_the_token_key() 
 
 // ---- 5. lookups spend the identity endpoint's own quota ----
 
+/// The lookups' share of the identity endpoint's quota by default: half of it. Zoho counts a
+/// lookup against the token's owner, whom only its answer names, so all lookups together get this
+/// many a window and each user's own calls to the endpoint get the rest.
+const RESERVE: u32 = ME_LIMIT / 2;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identity_lookups_are_rate_limited_per_token() {
+async fn identity_lookups_share_one_reserve_of_the_endpoints_quota() {
     let stub = start_stub().await;
     let running = resolve_proxy(&stub, "reject").await;
     let client = Client::new();
     let token = "flaky-1";
     let url = chat_url(&running, "C1");
 
-    // A 500 is not cached, so every call asks again, until the endpoint's quota is spent.
-    for i in 0..ME_LIMIT {
+    // A 500 is not cached, so every call asks again, until the lookups' share is spent.
+    for i in 0..RESERVE {
         let answer = client.post(&url, token, "{}").await;
         assert_eq!(
             answer.status,
@@ -478,47 +489,45 @@ async fn identity_lookups_are_rate_limited_per_token() {
         );
         assert_eq!(answer.json()["code"], "identity_unavailable");
     }
-    assert_eq!(me_arrivals(&stub), ME_LIMIT as usize);
+    assert_eq!(me_arrivals(&stub), RESERVE as usize);
 
-    let over = client.post(&url, token, "{}").await;
-    assert_eq!(
-        over.status,
-        StatusCode::TOO_MANY_REQUESTS,
-        "{}",
-        over.text()
-    );
-    assert_eq!(over.json()["code"], "rate_limit_exceeded");
-    let retry_after: u64 = over
-        .header("retry-after")
-        .expect("Retry-After")
-        .parse()
-        .expect("whole seconds");
-    assert!(
-        retry_after > 0 && retry_after <= (ME_PER + MARGIN).as_secs() + 2,
-        "the oldest lookup leaves the minute's window within it, said {retry_after}"
-    );
+    // Over the share, for this token and for any other: none of them may be the same user's.
+    for token in [token, "erin-1"] {
+        let over = client.post(&url, token, "{}").await;
+        assert_eq!(
+            over.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{token}: {}",
+            over.text()
+        );
+        assert_eq!(over.json()["code"], "rate_limit_exceeded");
+        let retry_after: u64 = over
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .expect("whole seconds");
+        assert!(
+            retry_after > 0 && retry_after <= (ME_PER + MARGIN).as_secs() + 2,
+            "the oldest lookup leaves the minute's window within it, said {retry_after}"
+        );
+    }
     assert_eq!(
         me_arrivals(&stub),
-        ME_LIMIT as usize,
-        "the refused call made no lookup"
+        RESERVE as usize,
+        "the refused calls made no lookup"
     );
     assert_eq!(stub.violations(), 0, "Zoho saw /api/v2/me's quota crossed");
     assert_eq!(forwarded_arrivals(&stub), 0);
 
-    // The quota is per token: another token is still resolved.
-    let other = client.post(&url, "erin-1", "{}").await;
-    assert_eq!(other.status, StatusCode::OK, "{}", other.text());
-    assert_eq!(stub.count_for(CHAT, "erin"), 1);
-
     let m = scrape(running.admin_addr).await;
-    assert_eq!(lookups(&m, "unreachable"), f64::from(ME_LIMIT));
-    assert_eq!(lookups(&m, "rate_limited"), 1.0);
-    assert_eq!(lookups(&m, "ok"), 1.0);
+    assert_eq!(lookups(&m, "unreachable"), f64::from(RESERVE));
+    assert_eq!(lookups(&m, "rate_limited"), 2.0);
+    assert_eq!(lookups(&m, "ok"), 0.0);
     assert_no_token_in(&m, &[token, "erin-1"]);
     running.shutdown().await;
 }
 
-/// Under `on_unreachable: token`, a failing endpoint's quota running out still falls back: the
+/// Under `on_unreachable: token`, a failing endpoint's share running out still falls back: the
 /// lookups stop (the endpoint's quota is kept) and the calls go on, keyed by token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_over_quota_fall_back_to_the_token_key_under_token_policy() {
@@ -526,7 +535,7 @@ async fn lookups_over_quota_fall_back_to_the_token_key_under_token_policy() {
     let running = resolve_proxy(&stub, "token").await;
     let client = Client::new();
     let token = "flaky-1";
-    let calls = ME_LIMIT as usize + 2;
+    let calls = RESERVE as usize + 2;
 
     for i in 0..calls {
         let answer = client.get(&channels_url(&running), token).await;
@@ -539,41 +548,55 @@ async fn lookups_over_quota_fall_back_to_the_token_key_under_token_policy() {
     );
     assert_eq!(
         me_arrivals(&stub),
-        ME_LIMIT as usize,
-        "lookups stop at the quota"
+        RESERVE as usize,
+        "lookups stop at their share"
     );
     assert_eq!(stub.violations(), 0);
     let m = scrape(running.admin_addr).await;
-    assert_eq!(lookups(&m, "unreachable"), f64::from(ME_LIMIT));
+    assert_eq!(lookups(&m, "unreachable"), f64::from(RESERVE));
     assert_eq!(
         lookups(&m, "rate_limited"),
-        (calls - ME_LIMIT as usize) as f64
+        (calls - RESERVE as usize) as f64
     );
     assert_eq!(lookups(&m, "fallback"), calls as f64);
     running.shutdown().await;
 }
 
 /// Resolve mode with a `users.me` route (as in config/cliq.yaml) of `limit` per minute on the
-/// identity endpoint's path.
-async fn proxy_with_me_route(stub: &ZohoStub, limit: u32) -> cliqgate::app::Running {
-    let me_route = format!(
-        "  - name: users.me\n    method: GET\n    path: \"{ME}\"\n    limit: {limit}\n    per: \"60s\"\n    lock: \"10m\"\n    on_limit: reject\n"
-    );
-    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
-    let yaml = proxy_yaml(&format!("{me_route}{identity}"));
-    start_proxy(&config_yaml(&stub.url(), &yaml)).await
+/// identity endpoint's path; `identity_extra`: more keys under `identity`.
+async fn proxy_with_me_route(
+    stub: &ZohoStub,
+    limit: u32,
+    identity_extra: &str,
+) -> cliqgate::app::Running {
+    start_proxy(&me_route_yaml(stub, limit, ME_PER, identity_extra)).await
 }
 
-/// A configured route that covers the identity endpoint's path sets the lookups' quota.
+/// The config of [`proxy_with_me_route`], the route's window `per` long.
+fn me_route_yaml(stub: &ZohoStub, limit: u32, per: Duration, identity_extra: &str) -> String {
+    let me_route = format!(
+        "  - name: users.me\n    method: GET\n    path: \"{ME}\"\n    limit: {limit}\n    per: \"{}ms\"\n    lock: \"10m\"\n    on_limit: reject\n",
+        per.as_millis()
+    );
+    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
+    config_yaml(
+        &stub.url(),
+        &proxy_yaml(&format!("{me_route}{identity}{identity_extra}")),
+    )
+}
+
+/// A configured route that covers the identity endpoint's path sets the quota the lookups get
+/// half of.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_covering_the_identity_path_sets_the_lookup_quota() {
     const ROUTE_LIMIT: u32 = 3;
+    const ITS_RESERVE: u32 = ROUTE_LIMIT / 2;
     let stub = start_stub().await;
-    let running = proxy_with_me_route(&stub, ROUTE_LIMIT).await;
+    let running = proxy_with_me_route(&stub, ROUTE_LIMIT, "").await;
     let client = Client::new();
     let url = chat_url(&running, "C1");
 
-    for _ in 0..ROUTE_LIMIT {
+    for _ in 0..ITS_RESERVE {
         let answer = client.post(&url, "flaky-1", "{}").await;
         assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     }
@@ -585,42 +608,169 @@ async fn a_route_covering_the_identity_path_sets_the_lookup_quota() {
         over.text()
     );
     assert_eq!(over.json()["code"], "rate_limit_exceeded");
-    assert_eq!(me_arrivals(&stub), ROUTE_LIMIT as usize);
+    assert_eq!(me_arrivals(&stub), ITS_RESERVE as usize);
     running.shutdown().await;
 }
 
-/// Zoho counts a lookup against the token's owner, like the owner's own calls to the endpoint:
-/// once the owner is known, the lookup counts under the owner's key on the endpoint's route too,
-/// so one user with one token cannot get 1 + 20 calls to /api/v2/me into Zoho's window.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lookup_counts_against_its_owners_own_calls_to_the_identity_endpoint() {
-    let stub = start_stub().await;
-    let running = proxy_with_me_route(&stub, ME_LIMIT).await;
+/// `tokens` first calls to `/api/v2/channels`, one after another, each with a new token of
+/// `user`; the statuses.
+async fn first_calls(
+    running: &cliqgate::app::Running,
+    user: &str,
+    tokens: std::ops::Range<u32>,
+) -> Vec<StatusCode> {
     let client = Client::new();
-    let url = format!("{}{ME}", base_url(&running));
     let mut statuses = Vec::new();
-    for _ in 0..ME_LIMIT {
-        statuses.push(client.get(&url, "alice-1").await.status);
+    for i in tokens {
+        let token = format!("{user}-{i}");
+        statuses.push(client.get(&channels_url(running), &token).await.status);
     }
-    // The first call's lookup took one of alice's 20: her 20th call is refused here.
-    let refused = statuses
-        .iter()
-        .filter(|&&s| s == StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(refused.count(), 1, "{statuses:?}");
-    assert_eq!(me_arrivals(&stub), ME_LIMIT as usize);
+    statuses
+}
+
+/// `calls` calls to `/api/v2/me` itself with `token`, one after another; the statuses.
+async fn own_me_calls(
+    running: &cliqgate::app::Running,
+    token: &str,
+    calls: u32,
+) -> Vec<StatusCode> {
+    let client = Client::new();
+    let url = format!("{}{ME}", base_url(running));
+    let mut statuses = Vec::new();
+    for _ in 0..calls {
+        statuses.push(client.get(&url, token).await.status);
+    }
+    statuses
+}
+
+/// A bot user whose token many services hold, each its own, all new at once (a restart, or the
+/// hourly rotation): every first call asks who owns its token, and Zoho counts every one of
+/// those lookups against the bot. With the bot's own calls to `/api/v2/me` as well, it never
+/// gets more than the endpoint's 20 a minute there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_with_many_new_tokens_never_reaches_the_identity_endpoints_limit() {
+    const NEW_TOKENS: u32 = 25;
+    let stub = start_stub().await;
+    let running = proxy_with_me_route(&stub, ME_LIMIT, "").await;
+
+    // The bot's own calls to the endpoint get what the lookups leave (one lookup for this token).
+    let own = own_me_calls(&running, "bot-0", ME_LIMIT).await;
+    assert_eq!(
+        count(&own, StatusCode::OK),
+        (ME_LIMIT - RESERVE) as usize,
+        "{own:?}"
+    );
+    assert_eq!(
+        count(&own, StatusCode::TOO_MANY_REQUESTS),
+        RESERVE as usize,
+        "{own:?}"
+    );
+
+    let first = first_calls(&running, "bot", 1..1 + NEW_TOKENS).await;
+    assert_eq!(
+        count(&first, StatusCode::OK),
+        RESERVE as usize - 1,
+        "the lookups' share, less the first token's: {first:?}"
+    );
+    assert_eq!(
+        count(&first, StatusCode::TOO_MANY_REQUESTS),
+        (NEW_TOKENS - RESERVE + 1) as usize,
+        "{first:?}"
+    );
+    assert_eq!(stub.count_for(ME, "bot"), ME_LIMIT as usize);
     assert_eq!(
         stub.violations(),
         0,
-        "Zoho saw alice's /api/v2/me quota crossed"
+        "Zoho saw the bot's /api/v2/me quota crossed"
+    );
+    let m = scrape(running.admin_addr).await;
+    assert_eq!(lookups(&m, "ok"), f64::from(RESERVE));
+    assert_eq!(
+        lookups(&m, "rate_limited"),
+        f64::from(NEW_TOKENS - RESERVE + 1)
     );
     running.shutdown().await;
 }
 
+/// A reload that moves the split between lookups and the apps' own calls: calls decided under the
+/// old shares are still in the endpoint's window, so for one window each side gets the smaller of
+/// its old and new shares; then the new shares apply. Both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_moves_the_lookups_share_holds_both_sides_for_a_window() {
+    // Short windows (stub and route alike), so the test can see the new shares apply.
+    const WINDOW_PER: Duration = Duration::from_millis(1500);
+    let stub = start_stub_with_me_window(WINDOW_PER).await;
+    let yaml = |reserve: u32| {
+        let extra = format!("  lookup_reserve: {reserve}\n");
+        me_route_yaml(&stub, ME_LIMIT, WINDOW_PER, &extra)
+    };
+    let reload = |running: &cliqgate::app::Running, reserve: u32| {
+        let config = cliqgate::config::Config::from_yaml(&yaml(reserve)).expect("a valid config");
+        running.reload(config).expect("reload");
+    };
+    let running = start_proxy(&yaml(5)).await;
+
+    // Lookups get more: 5 lookups, then the share goes to 10, but the 15 own calls made under
+    // the old share stay in the window.
+    let own = own_me_calls(&running, "dana-0", 15).await;
+    assert_eq!(count(&own, StatusCode::OK), 15, "{own:?}");
+    let first = first_calls(&running, "dana", 1..5).await;
+    assert_eq!(count(&first, StatusCode::OK), 4, "{first:?}");
+    reload(&running, 10);
+    let first = first_calls(&running, "dana", 5..15).await;
+    assert_eq!(
+        count(&first, StatusCode::OK),
+        0,
+        "the old share of 5 holds for a window: {first:?}"
+    );
+    assert_eq!(stub.count_for(ME, "dana"), ME_LIMIT as usize);
+    assert_eq!(
+        stub.violations(),
+        0,
+        "Zoho saw dana's /api/v2/me quota crossed"
+    );
+
+    // A window later the new share applies.
+    tokio::time::sleep(WINDOW_PER + MARGIN + Duration::from_millis(200)).await;
+    let first = first_calls(&running, "dana", 15..26).await;
+    assert_eq!(count(&first, StatusCode::OK), 10, "{first:?}");
+    assert_eq!(stub.violations(), 0);
+
+    // The apps' own calls get more: their share of 10 goes to 15, but the 10 lookups just made
+    // stay in the window.
+    let own = own_me_calls(&running, "erin-0", 1).await;
+    assert_eq!(
+        own,
+        [StatusCode::TOO_MANY_REQUESTS],
+        "no lookup left for a new token"
+    );
+    let own = own_me_calls(&running, "dana-0", 10).await;
+    assert_eq!(count(&own, StatusCode::OK), 10, "{own:?}");
+    reload(&running, 5);
+    let own = own_me_calls(&running, "dana-0", 5).await;
+    assert_eq!(
+        count(&own, StatusCode::OK),
+        0,
+        "the old share of 10 holds for a window: {own:?}"
+    );
+    assert_eq!(
+        stub.violations(),
+        0,
+        "Zoho saw dana's /api/v2/me quota crossed"
+    );
+    tokio::time::sleep(WINDOW_PER + MARGIN + Duration::from_millis(200)).await;
+    let own = own_me_calls(&running, "dana-0", 16).await;
+    assert_eq!(count(&own, StatusCode::OK), 15, "{own:?}");
+    assert_eq!(stub.violations(), 0);
+    running.shutdown().await;
+}
+
 /// A reload keeps what the identity endpoint answered (its settings unchanged): live tokens are
-/// not all asked about again, which would spend their owners' quota there.
+/// not all asked about again, which the lookups' share would not allow within a window (and
+/// which would spend their owners' quota there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_keeps_the_identity_answers() {
-    const TOKENS: u32 = 11;
+    const TOKENS: u32 = RESERVE;
     let stub = start_stub().await;
     let running = resolve_proxy(&stub, "reject").await;
     let client = Client::new();
