@@ -58,7 +58,7 @@ pub struct Running {
     reloads: Arc<AtomicU64>,
     /// Resolve mode, while a reload's change of shares is held back: the shares in force before
     /// it, and until when calls decided under them can share a window with new ones.
-    split_before: Arc<std::sync::Mutex<Option<(LookupSplit, tokio::time::Instant)>>>,
+    split_before: Arc<std::sync::Mutex<SplitBefore>>,
     /// What outlives a reload: limiter state (route ids by name), metrics, the drain signal.
     shared: Shared,
     stop: watch::Sender<bool>,
@@ -128,6 +128,48 @@ pub enum StartError {
     Worker(std::io::Error),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+}
+
+/// What [`Running::split_before`] holds.
+type SplitBefore = Option<(LookupSplit, tokio::time::Instant)>;
+
+/// Resolve mode: the shares a reload to `config` applies for a while, and until when, if they
+/// must be smaller than its own. A window holding calls decided under the shares in force until
+/// now and under the new ones must not hold more than the endpoint's limit, so each side gets the
+/// smaller of the two, until calls decided under the old shares (queued ones included, sent up
+/// to the longest `max_wait` later) have left the window. Within such a hold, the shares before
+/// it still count. Not when users are rekeyed: every key is held then anyway.
+fn held_split(
+    before: &mut SplitBefore,
+    old: &Proxy,
+    config: &Config,
+    rekeyed: bool,
+) -> Option<(LookupSplit, tokio::time::Instant)> {
+    let now = tokio::time::Instant::now();
+    let name = |c: &Config| c.identity_route().map(|i| c.routes[i].name.clone());
+    let (Some(new), Some(in_force), false, true) = (
+        config.lookup_split(),
+        old.lookup_split,
+        rekeyed,
+        name(config) == name(&old.config),
+    ) else {
+        *before = None;
+        return None;
+    };
+    let recent = match *before {
+        Some((split, until)) if until > now => split,
+        _ => in_force,
+    };
+    let held = new.min(recent);
+    if held == new {
+        *before = None;
+        return None;
+    }
+    let window = identity_window(config).max(identity_window(&old.config));
+    let queued = longest_queue_wait(&old.config).max(longest_queue_wait(config));
+    let until = now + queued + window;
+    *before = Some((recent, until));
+    Some((held, until))
 }
 
 /// The identity endpoint's window (resolve mode): its route's `per`, or Zoho's published minute,
@@ -382,35 +424,35 @@ impl Running {
         // Calls queued under the old keys still go at their slots, up to the longest wait ahead.
         let promised = longest_queue_wait(&old.config).max(queue_wait);
         let routes = config.routes.len();
-        let held = self.held_split(&old, &config, rekeyed);
-        let window = identity_window(&config).max(identity_window(&old.config));
+        // Held from deciding the shares until the new proxy is current, and by the task that
+        // ends a hold: neither can act on a proxy the other is replacing.
+        let mut before = self.split_before.lock().unwrap_or_else(|e| e.into_inner());
+        let hold = held_split(&mut before, &old, &config, rekeyed);
         let generation = self.reloads.fetch_add(1, Ordering::AcqRel) + 1;
-        if let Some(held) = held {
+        if let Some((held, until)) = hold {
             // Resolve mode's shares change: calls decided under the old ones stay in the identity
-            // endpoint's window for one window more, so until then each side gets the smaller
-            // of its old and new shares; then the config applies as it is.
+            // endpoint's window until `until`, so until then each side gets the smaller of its
+            // old and new shares; then the config applies as it is.
             let later = self
                 .shared
                 .proxy(config.clone(), upstream.clone(), Some(&old), None);
-            self.current.store(Arc::new(self.shared.proxy(
-                config,
-                upstream,
-                Some(&old),
-                Some(held),
-            )));
+            let held_proxy = Arc::new(self.shared.proxy(config, upstream, Some(&old), Some(held)));
+            self.current.store(held_proxy.clone());
+            drop(before);
             tracing::info!(
                 routes,
                 lookups = held.lookups.get(),
                 own = held.own.get(),
-                "config reloaded; the identity endpoint's new shares apply in {window:?}"
+                "config reloaded; the identity endpoint's new shares apply once the old ones' calls have left its window"
             );
-            let (current, reloads) = (self.current.clone(), self.reloads.clone());
-            let split_before = self.split_before.clone();
+            let (current, split_before) = (self.current.clone(), self.split_before.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(window).await;
-                if reloads.load(Ordering::Acquire) == generation {
-                    current.store(Arc::new(later));
-                    *split_before.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                tokio::time::sleep_until(until).await;
+                let mut before = split_before.lock().unwrap_or_else(|e| e.into_inner());
+                // Only if no later reload has replaced the held proxy meanwhile.
+                let previous = current.compare_and_swap(&held_proxy, Arc::new(later));
+                if Arc::ptr_eq(&previous, &held_proxy) {
+                    *before = None;
                     tracing::info!("the identity endpoint's new shares apply");
                 }
             });
@@ -447,43 +489,9 @@ impl Running {
             }
         }
         self.current.store(proxy);
+        drop(before);
         tracing::info!(routes, "config reloaded");
         Ok(())
-    }
-
-    /// Resolve mode: the shares a reload to `config` applies for one window, if they must be
-    /// smaller than its own. A window holding calls decided under the shares in force until now
-    /// and under the new ones must not hold more than the endpoint's limit, so each side gets the
-    /// smaller of the two. Within a window of an earlier change, the shares before that change
-    /// still count. Not when users are rekeyed: every key is held then anyway.
-    fn held_split(&self, old: &Proxy, config: &Config, rekeyed: bool) -> Option<LookupSplit> {
-        let mut before = self.split_before.lock().unwrap_or_else(|e| e.into_inner());
-        let now = tokio::time::Instant::now();
-        let same_route = || {
-            let name = |c: &Config| c.identity_route().map(|i| c.routes[i].name.clone());
-            name(config) == name(&old.config)
-        };
-        let (Some(new), Some(in_force), false, true) = (
-            config.lookup_split(),
-            old.lookup_split,
-            rekeyed,
-            same_route(),
-        ) else {
-            *before = None;
-            return None;
-        };
-        let recent = match *before {
-            Some((split, until)) if until > now => split,
-            _ => in_force,
-        };
-        let held = new.min(recent);
-        if held == new {
-            *before = None;
-            return None;
-        }
-        let window = identity_window(config).max(identity_window(&old.config));
-        *before = Some((recent, now + window));
-        Some(held)
     }
 
     /// Reads `path` and applies it; a bad file changes nothing. Counted in

@@ -494,10 +494,18 @@ fn check_lookup_split(
         return;
     };
     let limit = identity_limit(resolve, routes);
+    let covering = identity_route(resolve, routes);
+    if let Some(i) = covering.filter(|&i| routes[i].algorithm != Algorithm::Window) {
+        // A GCRA state cannot be cut to a smaller share: its tolerance grows as its rate falls,
+        // so the held shares of a reload would let more through, not less.
+        let why = "the route covers the identity endpoint, whose quota resolve mode shares \
+                   between lookups and the apps' own calls; shares need `algorithm: window`";
+        cx.error(routes[i].line, &format!("routes[{i}].algorithm"), why);
+        return;
+    }
     if lookup_split(resolve, limit).is_some() {
         return;
     }
-    let covering = identity_route(resolve, routes);
     match (resolve.lookup_reserve, covering) {
         (Some(reserve), _) => {
             // The section was read (and its errors reported) already: open it again quietly.
@@ -3552,6 +3560,16 @@ mod tests {
         assert_eq!(found, [("routes[0].limit", 6)], "{errs:?}");
         assert!(errs[0].message.contains("at least 2"), "{errs:?}");
 
+        // GCRA cannot hold a smaller share: the route (line 3) is named.
+        let gcra = resolve_with_me_route(20, "").replacen(
+            "identity:",
+            "    algorithm: gcra\n    burst: 5\nidentity:",
+            1,
+        );
+        let errs = errors(&gcra);
+        let found: Vec<(&str, usize)> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(found, [("routes[0].algorithm", 3)], "{errs:?}");
+        assert!(errs[0].message.contains("algorithm: window"), "{errs:?}");
         // Without a route over the endpoint, the reserve is checked against Zoho's 20.
         let errs = errors(&format!(
             "{UPSTREAM}identity:\n  mode: resolve\n  url: \"https://h/api/v2/me\"\n  \
