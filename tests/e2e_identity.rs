@@ -765,6 +765,56 @@ async fn a_reload_that_moves_the_lookups_share_holds_both_sides_for_a_window() {
     running.shutdown().await;
 }
 
+/// Own calls queued under the old shares are sent after the reload, up to `max_wait` later: the
+/// hold lasts until they have left the window, not just one window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloads_hold_outlasts_own_calls_queued_under_the_old_shares() {
+    const WINDOW_PER: Duration = Duration::from_millis(1500);
+    let stub = start_stub_with_me_window(WINDOW_PER).await;
+    let yaml = |reserve: u32| {
+        me_route_yaml(
+            &stub,
+            ME_LIMIT,
+            WINDOW_PER,
+            &format!("  lookup_reserve: {reserve}\n"),
+        )
+        .replacen(
+            "lock: \"10m\"\n    on_limit: reject\n",
+            "lock: \"10m\"\n    on_limit: queue\n    max_wait: \"3s\"\n",
+            1,
+        )
+    };
+    let running = start_proxy(&yaml(10)).await;
+    let own = own_me_calls(&running, "dana-0", 10).await;
+    assert_eq!(count(&own, StatusCode::OK), 10, "{own:?}");
+    // Ten more wait for the next window, under the old own share of 10.
+    let client = Client::new();
+    let url = format!("{}{ME}", base_url(&running));
+    let mut queued = JoinSet::new();
+    for _ in 0..10 {
+        let (client, url) = (client.clone(), url.clone());
+        queued.spawn(async move { client.get(&url, "dana-0").await.status });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reloaded_at = tokio::time::Instant::now();
+    let config = cliqgate::config::Config::from_yaml(&yaml(15)).expect("a valid config");
+    running.reload(config).expect("reload");
+    while let Some(done) = queued.join_next().await {
+        assert_eq!(done.expect("call task"), StatusCode::OK);
+    }
+    // A window after the reload the queued calls are still in Zoho's window: lookups keep the
+    // old share of 10.
+    tokio::time::sleep_until(reloaded_at + WINDOW_PER + MARGIN + Duration::from_millis(100)).await;
+    let first = first_calls(&running, "dana", 1..16).await;
+    assert!(count(&first, StatusCode::OK) <= 10, "{first:?}");
+    assert_eq!(
+        stub.violations(),
+        0,
+        "Zoho saw dana's /api/v2/me quota crossed"
+    );
+    running.shutdown().await;
+}
+
 /// A reload keeps what the identity endpoint answered (its settings unchanged): live tokens are
 /// not all asked about again, which the lookups' share would not allow within a window (and
 /// which would spend their owners' quota there).
