@@ -36,6 +36,7 @@ use crate::limit::{
 };
 use crate::metrics::Metrics;
 use crate::proxy::{Drain, Handover, Proxy};
+use crate::resolve::Answers;
 use crate::server::spread::{self, Placed, Share};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
@@ -81,17 +82,17 @@ struct Shared {
 }
 
 impl Shared {
-    /// `previous`: the proxy of the config being replaced, if any (what outlives it is taken).
-    /// `lookup_split`: resolve mode's shares to apply instead of the config's.
+    /// `answers`: the identity answers so far (the replaced proxy's, or those kept in a state
+    /// file); `lookup_split`: resolve mode's shares to apply instead of the config's.
     fn proxy(
         &self,
         config: Config,
         upstream: Upstream,
-        previous: Option<&Proxy>,
+        answers: Option<Answers>,
         lookup_split: Option<LookupSplit>,
     ) -> Proxy {
         let handover = Handover {
-            answers: previous.and_then(Proxy::answers),
+            answers,
             lookup_split,
         };
         Proxy::new(
@@ -279,8 +280,13 @@ pub async fn start_with_workers(
     };
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
-    let proxy = Arc::new(shared.proxy(config, upstream, None, None));
+    let answers = crate::state::restore_answers(&config).await;
+    let proxy = Arc::new(shared.proxy(config, upstream, answers, None));
     let current = Arc::new(ArcSwap::new(proxy.clone()));
+    if let Some(state) = &state {
+        let current = current.clone();
+        state.keep_answers(move || current.load().answers());
+    }
 
     let (proxy_addr, listeners) = bind_workers(listen, workers)?;
     let admin_listener = bind("admin listener", admin_listen).await?;
@@ -435,8 +441,12 @@ impl Running {
             // old and new shares; then the config applies as it is.
             let later = self
                 .shared
-                .proxy(config.clone(), upstream.clone(), Some(&old), None);
-            let held_proxy = Arc::new(self.shared.proxy(config, upstream, Some(&old), Some(held)));
+                .proxy(config.clone(), upstream.clone(), old.answers(), None);
+            let held_proxy =
+                Arc::new(
+                    self.shared
+                        .proxy(config, upstream, old.answers(), Some(held)),
+                );
             self.current.store(held_proxy.clone());
             drop(before);
             tracing::info!(
@@ -458,7 +468,7 @@ impl Running {
             });
             return Ok(());
         }
-        let proxy = Arc::new(self.shared.proxy(config, upstream, Some(&old), None));
+        let proxy = Arc::new(self.shared.proxy(config, upstream, old.answers(), None));
         if rekeyed {
             // What users sent before is recorded under keys their calls no longer map to: without
             // a hold, each would get a second quota in the window around the reload.

@@ -87,6 +87,15 @@ pub fn lookup_pool_key() -> UserKey {
     hash(b"lookups", b"")
 }
 
+/// Names an identity endpoint and user field among the answers shared in Redis: answers about
+/// one cannot stand for the other's.
+pub fn answers_scope(url: &str, user_field: &str) -> String {
+    let mut what = url.as_bytes().to_vec();
+    what.push(0);
+    what.extend_from_slice(user_field.as_bytes());
+    hash(b"answers", &what).short()
+}
+
 fn hash(domain: &[u8], credential: &[u8]) -> UserKey {
     let mut h = Sha256::new();
     h.update(b"cliqgate/");

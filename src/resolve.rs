@@ -15,6 +15,9 @@
 //!   calls to the endpoint get the rest ([`crate::config::LookupSplit`]): no user can reach the
 //!   endpoint's limit, however many of their tokens are new. A lock Zoho reports for a lookup
 //!   holds that token's lookups (a key per token).
+//! - Answers leave the process only as hashes: shared in Redis with the Redis store (a token is
+//!   asked about once for the fleet), kept beside the state file with the memory store
+//!   ([`crate::state`]), so a restart does not ask about every live token again.
 //! - Unreachable or nonsensical answers are not cached; `on_unreachable` decides. A lookup over
 //!   the endpoint's quota is refused with 429 under `reject` and falls back under `token`.
 
@@ -28,7 +31,7 @@ use moka::Expiry;
 
 use crate::body::{empty, read_prefix};
 use crate::config::{OnIdentityError, ResolveConfig};
-use crate::identity::{lookup_pool_key, user_key_for_id};
+use crate::identity::{answers_scope, lookup_pool_key, user_key_for_id};
 use crate::limit::{
     Acquire, Key, Limiter, LockReason, Policy, Refusal, RefusalReason, RouteId, Store, UserKey,
 };
@@ -63,7 +66,9 @@ pub fn identity_policy(safety_margin: Duration) -> Policy {
 /// A cached answer about one token.
 #[derive(Debug, Clone)]
 enum Answer {
-    User(UserKey),
+    /// The owner's key, and when the answer stops holding: `ttl` after the endpoint gave it
+    /// (an answer shared in Redis or kept in a state file holds for what is left of that).
+    User(UserKey, Instant),
     /// The endpoint refused the token: its status, content type and body, passed on as they came.
     Refused {
         status: StatusCode,
@@ -104,10 +109,10 @@ impl Expiry<UserKey, Answer> for AnswerExpiry {
         &self,
         _key: &UserKey,
         value: &Answer,
-        _created_at: Instant,
+        created_at: Instant,
     ) -> Option<Duration> {
         Some(match value {
-            Answer::User(_) => self.ttl,
+            Answer::User(_, until) => until.saturating_duration_since(created_at).min(self.ttl),
             Answer::Refused { .. } => self.negative_ttl,
         })
     }
@@ -130,7 +135,7 @@ impl Answers {
             // A user counts one; a refusal also counts its body, in 64-byte units, so the cache
             // holds `cache_size` users or far fewer large refusals, never `cache_size` of them.
             .weigher(|_token: &UserKey, answer: &Answer| match answer {
-                Answer::User(_) => 1,
+                Answer::User(..) => 1,
                 Answer::Refused { body, .. } => {
                     1 + u32::try_from(body.len() / 64).unwrap_or(u32::MAX - 1)
                 }
@@ -163,6 +168,50 @@ impl Answers {
             config.cache_size,
         )
     }
+
+    /// Names the endpoint and field these answers are about, for answers kept outside the
+    /// process (Redis, the state file).
+    pub fn scope(&self) -> String {
+        answers_scope(&self.config.url.to_string(), &self.config.user_field)
+    }
+
+    /// The owners found so far that still hold, with the time each has left (for the state
+    /// file; refusals are not kept).
+    pub fn kept(&self) -> Vec<KeptAnswer> {
+        let now = Instant::now();
+        self.cache
+            .iter()
+            .filter_map(|(token, answer)| match answer {
+                Answer::User(user, until) if until > now => Some(KeptAnswer {
+                    token: *token,
+                    user,
+                    left: until - now,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Takes back answers kept by [`Answers::kept`] (at start), each for what it has left, at
+    /// most `ttl`.
+    pub async fn restore(&self, kept: Vec<KeptAnswer>) {
+        let now = Instant::now();
+        for answer in kept {
+            let until = now + answer.left.min(self.config.ttl);
+            self.cache
+                .insert(answer.token, Answer::User(answer.user, until))
+                .await;
+        }
+    }
+}
+
+/// A token's owner as kept outside the process: both as hashes, never the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeptAnswer {
+    pub token: UserKey,
+    pub user: UserKey,
+    /// How much longer the answer holds.
+    pub left: Duration,
 }
 
 pub struct Resolver {
@@ -171,6 +220,8 @@ pub struct Resolver {
     upstream: Upstream,
     limiter: Arc<Store>,
     quota: LookupQuota,
+    /// Names this endpoint and field among the answers shared in Redis.
+    scope: String,
     metrics: Arc<Metrics>,
 }
 
@@ -195,6 +246,7 @@ impl Resolver {
         metrics: Arc<Metrics>,
     ) -> Self {
         Resolver {
+            scope: answers.scope(),
             config,
             cache: answers.cache,
             upstream,
@@ -236,7 +288,7 @@ impl Resolver {
             }
         };
         match answer {
-            Ok(Answer::User(user)) => Ok(user),
+            Ok(Answer::User(user, _)) => Ok(user),
             Ok(Answer::Refused {
                 status,
                 content_type,
@@ -284,12 +336,24 @@ impl Resolver {
             route: self.quota.route,
             user: lookup_pool_key(),
         };
+        // Another replica may have asked already (or this one, before a restart).
+        if let Store::Redis(redis) = self.limiter.as_ref() {
+            if let Some((user, left)) = redis.shared_answer(&self.scope, &token).await {
+                self.metrics.identity_lookup("shared");
+                return Ok(Answer::User(user, Instant::now() + left));
+            }
+        }
         // The token's own key first: it carries a lock Zoho reported for this token's owner.
         self.admit(&self.quota.policy, key).await?;
         self.admit(&self.quota.pool, pool).await?;
         let result = self.ask(authorization).await;
+        if let (Ok(Answer::User(user, _)), Store::Redis(redis)) = (&result, self.limiter.as_ref()) {
+            redis
+                .share_answer(&self.scope, &token, user, self.config.ttl)
+                .await;
+        }
         let outcome = match &result {
-            Ok(Answer::User(_)) => "ok",
+            Ok(Answer::User(..)) => "ok",
             Ok(Answer::Refused { .. }) => "refused",
             Err(LookupError::Limited(_)) => "throttled",
             Err(LookupError::Unreachable(_)) => "unreachable",
@@ -411,7 +475,10 @@ impl Resolver {
                 )))
             }
         };
-        Ok(Answer::User(user_key_for_id(&id)))
+        Ok(Answer::User(
+            user_key_for_id(&id),
+            Instant::now() + self.config.ttl,
+        ))
     }
 
     fn policy_lock(&self) -> Duration {
@@ -471,7 +538,10 @@ mod tests {
         for n in 100..200u8 {
             answers
                 .cache
-                .insert(UserKey([n; 16]), Answer::User(UserKey([n; 16])))
+                .insert(
+                    UserKey([n; 16]),
+                    Answer::User(UserKey([n; 16]), Instant::now() + DEFAULT_RESOLVE_TTL),
+                )
                 .await;
         }
         answers.cache.run_pending_tasks().await;

@@ -18,12 +18,22 @@
 //! missing, unreadable, corrupt or stale is ignored (the caller logs a warning) and the proxy
 //! starts empty: never a panic, never a refusal to start. Without a state file, a restart forgets
 //! every send and every learned lock.
+//!
+//! In resolve mode the identity answers go beside it, in `<name>.identity.json` ([`answers_path`]):
+//! each token's owner, both as hashes, with the time the answer has left. A restart then does not
+//! ask about every live token again (lookups share a small budget of the identity endpoint's
+//! quota). Answers about another endpoint or field (`scope`) are not taken back.
+//!
+//! ```json
+//! { "version": 1, "written_at_unix_ms": 1700000000000, "scope": "<16 hex>",
+//!   "answers": [ { "token": "<32 hex>", "user": "<32 hex>", "left_ms": 2999000 } ] }
+//! ```
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +43,7 @@ use crate::config::{Config, IdentityConfig, StoreConfig, STATE_FILE_INTERVAL};
 use crate::limit::{
     Key, KeySnapshot, Limiter, MemoryStore, Nanos, RouteId, RouteNames, Store, UserKey,
 };
+use crate::resolve::{Answers, KeptAnswer};
 
 /// The file format version this build writes and reads.
 pub const VERSION: u32 = 1;
@@ -60,6 +71,21 @@ struct SavedKey {
     tat_ms_from_now: Option<i64>,
     #[serde(default)]
     locked_for_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AnswersV1 {
+    version: u32,
+    written_at_unix_ms: u64,
+    scope: String,
+    answers: Vec<SavedAnswer>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedAnswer {
+    token: String,
+    user: String,
+    left_ms: u64,
 }
 
 /// Only the version, read first so a future format fails as "wrong version", not as bad JSON.
@@ -136,7 +162,7 @@ pub(crate) fn write_at(
                 u64::try_from(ceil_ms(i128::from(s.locked_until) - now)).unwrap_or(0);
             Some(SavedKey {
                 route,
-                user: hex(&s.key.user.0),
+                user: s.key.user.hex(),
                 sends_ms_ago,
                 tat_ms_from_now,
                 locked_for_ms,
@@ -231,7 +257,7 @@ pub(crate) fn read_at(
             loaded.unknown_routes += 1;
             continue;
         };
-        let Some(user) = parse_user(&saved.user) else {
+        let Some(user) = UserKey::from_hex(&saved.user) else {
             loaded.invalid += 1;
             continue;
         };
@@ -282,6 +308,87 @@ pub(crate) fn read_at(
     }
     store.restore(restored);
     Ok(loaded)
+}
+
+/// Where the identity answers go: beside the state file, `state.json` -> `state.identity.json`.
+pub fn answers_path(state_file: &Path) -> PathBuf {
+    state_file.with_extension("identity.json")
+}
+
+/// Writes resolve mode's answers about `scope` atomically. Returns how many went in.
+pub fn write_answers(path: &Path, scope: &str, answers: &[KeptAnswer]) -> io::Result<usize> {
+    write_answers_at(path, scope, answers, SystemTime::now())
+}
+
+/// [`write_answers`] at a given wall time (tests).
+pub(crate) fn write_answers_at(
+    path: &Path,
+    scope: &str,
+    answers: &[KeptAnswer],
+    wall: SystemTime,
+) -> io::Result<usize> {
+    let file = AnswersV1 {
+        version: VERSION,
+        // The earlier the write looks, the less time the reader leaves each answer.
+        written_at_unix_ms: unix_ms_floor(wall),
+        scope: scope.to_string(),
+        answers: answers
+            .iter()
+            .map(|a| SavedAnswer {
+                token: a.token.hex(),
+                user: a.user.hex(),
+                left_ms: u64::try_from(a.left.as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect(),
+    };
+    let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
+    write_atomically(path, &bytes)?;
+    Ok(file.answers.len())
+}
+
+/// Reads the answers about `scope` that still hold, each with the time it has left now. A
+/// missing, unreadable or corrupt file, or one about another scope, gives none.
+pub fn read_answers(path: &Path, scope: &str) -> Result<Vec<KeptAnswer>, StateError> {
+    read_answers_at(path, scope, SystemTime::now())
+}
+
+/// [`read_answers`] at a given wall time (tests).
+pub(crate) fn read_answers_at(
+    path: &Path,
+    scope: &str,
+    wall: SystemTime,
+) -> Result<Vec<KeptAnswer>, StateError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StateError::Missing),
+        Err(e) => return Err(StateError::Io(e)),
+    };
+    let file: AnswersV1 =
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
+    if file.version != VERSION {
+        return Err(StateError::Corrupt(format!(
+            "version {} (this build reads version {VERSION})",
+            file.version
+        )));
+    }
+    if file.scope != scope {
+        return Ok(Vec::new());
+    }
+    // A clock that went back counts as no time passed: answers are about who owns a token,
+    // which does not change; `ttl` still bounds them when they are taken back.
+    let elapsed = unix_ms_ceil(wall).saturating_sub(file.written_at_unix_ms);
+    Ok(file
+        .answers
+        .iter()
+        .filter_map(|a| {
+            let left = a.left_ms.checked_sub(elapsed).filter(|&ms| ms > 0)?;
+            Some(KeptAnswer {
+                token: UserKey::from_hex(&a.token)?,
+                user: UserKey::from_hex(&a.user)?,
+                left: Duration::from_millis(left),
+            })
+        })
+        .collect())
 }
 
 fn check_plausible(file: &FileV1) -> Result<(), StateError> {
@@ -337,21 +444,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn parse_user(text: &str) -> Option<UserKey> {
-    if text.len() != 32 || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(UserKey(out))
-}
-
 fn ceil_ms(ns: i128) -> i128 {
     -(-ns).div_euclid(NS_PER_MS)
 }
@@ -389,15 +481,24 @@ struct Inner {
     /// One write at a time, each snapshotting inside the lock: an older snapshot can never be
     /// renamed over a newer one.
     writing: Mutex<()>,
+    /// Resolve mode: the current config's identity answers ([`StateKeeper::keep_answers`]).
+    answers: OnceLock<AnswersSource>,
 }
+
+/// Gives the identity answers of the config current at the time of a write.
+type AnswersSource = Box<dyn Fn() -> Option<Answers> + Send + Sync>;
 
 impl Inner {
     fn write_blocking(&self) -> io::Result<usize> {
         let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        match self.store.as_ref() {
-            Store::Memory(memory) => write(&self.path, memory, |id| self.names.name(id)),
-            Store::Redis(_) => Ok(0),
+        let keys = match self.store.as_ref() {
+            Store::Memory(memory) => write(&self.path, memory, |id| self.names.name(id))?,
+            Store::Redis(_) => 0,
+        };
+        if let Some(answers) = self.answers.get().and_then(|current| current()) {
+            write_answers(&answers_path(&self.path), &answers.scope(), &answers.kept())?;
         }
+        Ok(keys)
     }
 }
 
@@ -454,6 +555,7 @@ pub fn resume(config: &Config, store: &Arc<Store>, names: &Arc<RouteNames>) -> O
         store: store.clone(),
         names: names.clone(),
         writing: Mutex::new(()),
+        answers: OnceLock::new(),
     });
     let writer = tokio::spawn(write_every(inner.clone(), STATE_FILE_INTERVAL));
     Some(StateKeeper { inner, writer })
@@ -480,7 +582,36 @@ async fn write_logged(inner: &Arc<Inner>, last: bool) {
     }
 }
 
+/// At start, in resolve mode with a state file: the identity answers kept beside it (each for
+/// what it has left), or a fresh set if there are none. `None` in other modes or without one.
+pub async fn restore_answers(config: &Config) -> Option<Answers> {
+    let (IdentityConfig::Resolve(resolve), Some(state_file), StoreConfig::Memory) =
+        (&config.identity, &config.state_file, &config.store)
+    else {
+        return None;
+    };
+    let answers = Answers::new(resolve);
+    let path = answers_path(state_file);
+    match read_answers(&path, &answers.scope()) {
+        Ok(kept) => {
+            tracing::info!(file = %path.display(), answers = kept.len(), "identity answers loaded");
+            answers.restore(kept).await;
+        }
+        Err(StateError::Missing) => {}
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e,
+                "identity answers file ignored; live tokens are asked about again");
+        }
+    }
+    Some(answers)
+}
+
 impl StateKeeper {
+    /// From now on, each write also keeps the identity answers `current` gives (resolve mode).
+    pub fn keep_answers(&self, current: impl Fn() -> Option<Answers> + Send + Sync + 'static) {
+        let _ = self.inner.answers.set(Box::new(current));
+    }
+
     /// Writes the state file now (besides the periodic writes).
     pub async fn save(&self) {
         write_logged(&self.inner, false).await;
@@ -633,12 +764,12 @@ mod tests {
         let keys = json["keys"].as_array().expect("keys");
         let k1 = keys
             .iter()
-            .find(|k| k["user"] == hex(&[1; 16]))
+            .find(|k| k["user"] == UserKey([1; 16]).hex())
             .expect("k1");
         assert_eq!(k1["sends_ms_ago"][0], 1, "ages rounded down");
         let k2 = keys
             .iter()
-            .find(|k| k["user"] == hex(&[2; 16]))
+            .find(|k| k["user"] == UserKey([2; 16]).hex())
             .expect("k2");
         assert_eq!(k2["locked_for_ms"], 1_499, "locks rounded up");
     }
@@ -776,6 +907,69 @@ mod tests {
         assert!(
             matches!(next, Acquire::Refused(r) if r.retry_at == 70 * SEC),
             "{next:?}"
+        );
+    }
+
+    fn answer(n: u8, left_ms: u64) -> KeptAnswer {
+        KeptAnswer {
+            token: UserKey([n; 16]),
+            user: UserKey([n + 100; 16]),
+            left: Duration::from_millis(left_ms),
+        }
+    }
+
+    #[test]
+    fn identity_answers_round_trip_with_the_elapsed_time_taken_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = answers_path(&dir.path().join("state.json"));
+        assert_eq!(path, dir.path().join("state.identity.json"));
+        let kept = [answer(1, 60_000), answer(2, 5_000), answer(3, 20_000)];
+        let written = write_answers_at(&path, "scope-a", &kept, wall(1_000_000)).expect("write");
+        assert_eq!(written, 3);
+        // 10 s later: the second answer has run out, the others have 10 s less.
+        let read = read_answers_at(&path, "scope-a", wall(1_010_000)).expect("read");
+        assert_eq!(read, [answer(1, 50_000), answer(3, 10_000)]);
+        // A clock that went back takes nothing off.
+        let read = read_answers_at(&path, "scope-a", wall(900_000)).expect("read");
+        assert_eq!(read, kept);
+    }
+
+    #[test]
+    fn identity_answers_about_another_scope_or_unreadable_are_not_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.identity.json");
+        assert!(matches!(
+            read_answers_at(&path, "s", wall(0)),
+            Err(StateError::Missing)
+        ));
+        write_answers_at(&path, "scope-a", &[answer(1, 60_000)], wall(1_000)).expect("write");
+        assert_eq!(
+            read_answers_at(&path, "scope-b", wall(1_000)).expect("read"),
+            []
+        );
+        for corrupt in [
+            "",
+            "{",
+            "[]",
+            r#"{"version":2,"written_at_unix_ms":0,"scope":"s","answers":[]}"#,
+        ] {
+            fs::write(&path, corrupt).expect("write");
+            assert!(
+                matches!(
+                    read_answers_at(&path, "s", wall(0)),
+                    Err(StateError::Corrupt(_))
+                ),
+                "{corrupt:?}"
+            );
+        }
+        // Entries that are not hashes are skipped, the rest taken.
+        let text = r#"{"version":1,"written_at_unix_ms":0,"scope":"s","answers":[
+            {"token":"bob-1","user":"00000000000000000000000000000000","left_ms":9000},
+            {"token":"01010101010101010101010101010101","user":"65656565656565656565656565656565","left_ms":9000}]}"#;
+        fs::write(&path, text).expect("write");
+        assert_eq!(
+            read_answers_at(&path, "s", wall(0)).expect("read"),
+            [answer(1, 9_000)]
         );
     }
 

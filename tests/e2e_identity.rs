@@ -847,6 +847,92 @@ async fn a_reload_keeps_the_identity_answers() {
     running.shutdown().await;
 }
 
+// ---- 5b. answers kept across restarts and shared by replicas ----
+
+/// With the memory store's `state_file`, the identity answers are kept beside it: a restarted
+/// proxy does not ask about live tokens again (the lookups' share would make it slow), and the
+/// file holds hashes, never a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_state_file_keeps_the_identity_answers() {
+    const TOKENS: u32 = 5;
+    let stub = start_stub().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let state = dir.path().join("state.json");
+    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
+    let store = format!(
+        "store:\n  kind: memory\n  state_file: \"{}\"\n",
+        state.display()
+    );
+    let yaml = config_yaml(&stub.url(), &proxy_yaml(&format!("{identity}{store}")));
+
+    let first = start_proxy(&yaml).await;
+    let calls = first_calls(&first, "bob", 0..TOKENS).await;
+    assert_eq!(count(&calls, StatusCode::OK), TOKENS as usize, "{calls:?}");
+    assert_eq!(me_arrivals(&stub), TOKENS as usize);
+    first.shutdown().await;
+
+    let kept = std::fs::read_to_string(dir.path().join("state.identity.json"))
+        .expect("the answers are written beside the state file");
+    for i in 0..TOKENS {
+        assert!(!kept.contains(&format!("bob-{i}")), "a raw token in {kept}");
+    }
+
+    let second = start_proxy(&yaml).await;
+    let calls = first_calls(&second, "bob", 0..TOKENS).await;
+    assert_eq!(count(&calls, StatusCode::OK), TOKENS as usize, "{calls:?}");
+    assert_eq!(
+        me_arrivals(&stub),
+        TOKENS as usize,
+        "no token asked about again after the restart"
+    );
+    assert_eq!(stub.count_for(CHANNELS, "bob"), 2 * TOKENS as usize);
+    // A new token is still asked about.
+    let calls = first_calls(&second, "bob", TOKENS..TOKENS + 1).await;
+    assert_eq!(calls, [StatusCode::OK]);
+    assert_eq!(me_arrivals(&stub), TOKENS as usize + 1);
+    second.shutdown().await;
+}
+
+/// With the Redis store, one replica's answer serves the others: a token is asked about once
+/// for the fleet, not once per replica. Redis holds hashes, never a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_identity_answers_through_redis() {
+    let stub = start_stub().await;
+    let redis = RedisServer::start().await;
+    // A long-running Redis: no conservative first window.
+    assert_eq!(redis.command(&["SET", "cliqgate:epoch", "1"]).await, "OK");
+    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject");
+    let store = format!("store:\n  kind: redis\n  url: \"{}\"\n", redis.url());
+    let yaml = config_yaml(&stub.url(), &proxy_yaml(&format!("{identity}{store}")));
+    let (a, b) = (start_proxy(&yaml).await, start_proxy(&yaml).await);
+
+    assert_eq!(first_calls(&a, "carol", 1..2).await, [StatusCode::OK]);
+    assert_eq!(me_arrivals(&stub), 1);
+    assert_eq!(first_calls(&b, "carol", 1..2).await, [StatusCode::OK]);
+    assert_eq!(
+        me_arrivals(&stub),
+        1,
+        "the second replica used the first one's answer"
+    );
+    assert_eq!(stub.count_for(CHANNELS, "carol"), 2);
+    let m = scrape(b.admin_addr).await;
+    assert_eq!(lookups(&m, "shared"), 1.0);
+    assert_eq!(lookups(&m, "ok"), 0.0);
+
+    let keys = redis.command(&["KEYS", "cliqgate:identity:*"]).await;
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let value = redis.command(&["GET", keys[0]]).await;
+    for text in [keys[0], value.as_str()] {
+        assert!(
+            !text.contains("carol"),
+            "a raw token or user id in Redis: {text}"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 // ---- 6. header mode's trust boundary ----
 
 fn header_yaml(trusted: Option<&str>) -> String {

@@ -82,6 +82,23 @@ impl UserKey {
         }
         out
     }
+
+    /// All 16 bytes in lowercase hex: how stores outside the process write a key.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The key [`UserKey::hex`] wrote; `None` for anything else.
+    pub fn from_hex(text: &str) -> Option<UserKey> {
+        if text.len() != 32 || !text.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(UserKey(out))
+    }
 }
 
 impl std::fmt::Debug for UserKey {
@@ -311,5 +328,23 @@ mod tests {
         bytes[8..].fill(0xee);
         assert_eq!(UserKey(bytes).short(), "000fa0ff1234abcd");
         assert_eq!(format!("{:?}", UserKey(bytes)), "UserKey(000fa0ff1234abcd)");
+    }
+
+    #[test]
+    fn hex_user_keys_round_trip_and_nothing_else_parses() {
+        let key = UserKey([
+            0x00, 0x0f, 0xa0, 0xff, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0xab, 0xcd,
+        ]);
+        assert_eq!(key.hex(), "000fa0ff0102030405060708090aabcd");
+        assert_eq!(UserKey::from_hex(&key.hex()), Some(key));
+        for bad in [
+            "",
+            "000fa0ff",
+            &"g".repeat(32),
+            &"é".repeat(16),
+            &"0".repeat(33),
+        ] {
+            assert_eq!(UserKey::from_hex(bad), None, "{bad:?}");
+        }
     }
 }

@@ -31,7 +31,7 @@ use redis::Script;
 use super::memory::Recent;
 use super::{
     clock, Acquire, Clock, Key, Kind, MemoryStore, Nanos, Policy, QueueRule, QuotaView, Refusal,
-    RefusalReason, Reservation, RouteId, RouteNames, StoreError,
+    RefusalReason, Reservation, RouteId, RouteNames, StoreError, UserKey,
 };
 use crate::config::OnStoreError;
 use crate::metrics::Metrics;
@@ -253,8 +253,7 @@ impl RedisStore {
             .routes
             .name(key.route)
             .unwrap_or_else(|| "?".to_string());
-        let user: String = key.user.0.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}{{{route}:{user}}}", self.options.prefix)
+        format!("{}{{{route}:{}}}", self.options.prefix, key.user.hex())
     }
 
     fn epoch_key(&self) -> String {
@@ -360,6 +359,51 @@ impl RedisStore {
                     "Redis store unavailable; deciding per on_error until it is back");
             }
         }
+    }
+
+    // ---- resolve mode's answers, shared by the replicas ----
+
+    /// Who owns a token, as another replica (or this one before a restart) learnt it: the user
+    /// key and how much longer the answer holds. `scope` tells apart answers about one endpoint
+    /// and field from another's. Best effort: `None` when Redis is away, slow or has none, and
+    /// the caller asks the endpoint itself. Redis holds hashes only, never a token.
+    pub async fn shared_answer(&self, scope: &str, token: &UserKey) -> Option<(UserKey, Duration)> {
+        if matches!(self.health(), Health::Down { .. }) {
+            return None;
+        }
+        let key = self.answer_key(scope, token);
+        let mut pipe = redis::pipe();
+        pipe.get(&key).pttl(&key);
+        let mut conn = self.conn.clone();
+        let answer: Result<Result<(Option<String>, i64), _>, _> =
+            tokio::time::timeout(self.options.timeout, pipe.query_async(&mut conn)).await;
+        match answer {
+            Ok(Ok((Some(user), left_ms))) if left_ms > 0 => Some((
+                UserKey::from_hex(&user)?,
+                Duration::from_millis(left_ms.unsigned_abs()),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Shares an answer for `ttl` (best effort, like [`RedisStore::shared_answer`]).
+    pub async fn share_answer(&self, scope: &str, token: &UserKey, user: &UserKey, ttl: Duration) {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        if ms == 0 || matches!(self.health(), Health::Down { .. }) {
+            return;
+        }
+        let mut set = redis::cmd("SET");
+        set.arg(self.answer_key(scope, token))
+            .arg(user.hex())
+            .arg("PX")
+            .arg(ms);
+        let mut conn = self.conn.clone();
+        let _: Result<Result<(), _>, _> =
+            tokio::time::timeout(self.options.timeout, set.query_async(&mut conn)).await;
+    }
+
+    fn answer_key(&self, scope: &str, token: &UserKey) -> String {
+        format!("{}identity:{scope}:{}", self.options.prefix, token.hex())
     }
 
     /// One probe: while up, notices an outage without traffic; while down, brings the store back.

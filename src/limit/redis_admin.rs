@@ -250,7 +250,7 @@ impl RedisStore {
         }
         let (route, user) = inner.rsplit_once(':')?;
         let route = *ids.get(route)?;
-        Some((route, parse_user(user)?, suffix))
+        Some((route, UserKey::from_hex(user)?, suffix))
     }
 
     /// A signed duration in the store's units, in nanoseconds.
@@ -328,17 +328,6 @@ fn scores(value: &Value) -> Vec<i128> {
 fn number(value: &Value) -> Option<i128> {
     let f: f64 = redis::from_redis_value_ref(value).ok()?;
     f.is_finite().then(|| f.round() as i128)
-}
-
-fn parse_user(hex: &str) -> Option<UserKey> {
-    if hex.len() != 32 || !hex.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(UserKey(out))
 }
 
 /// Escapes Redis glob specials in a literal.
