@@ -22,11 +22,14 @@ use crate::config::{
     format_duration, redact_url_password, Algorithm, Config, IdentityConfig, LogFormat,
     OnIdentityError, OnLimit, OnStoreError, RouteMode, StoreConfig, Unmatched,
 };
-use crate::limit::{KeyStatus, Kind, Nanos, Policy, RouteId, Store};
+use crate::identity::lookup_pool_key;
+use crate::limit::{Key, KeyStatus, Kind, Nanos, Policy, RouteId, Store};
 use crate::proxy::Proxy;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const JSON: &str = "application/json";
+/// How `/admin/limits` names the key all identity lookups count under (resolve mode).
+const LOOKUPS_USER: &str = "lookups";
 
 /// Users listed by one `/admin/limits` answer (all routes together); more are cut, marked
 /// `"truncated": true`. Filter with `?route=` or `?user=` to see the rest.
@@ -142,7 +145,15 @@ async fn limits(proxy: &Proxy, filter: &Filter) -> Value {
         .filter(|r| filter.route.as_deref().is_none_or(|name| name == r.name))
         .collect();
     let policies: BTreeMap<RouteId, Policy> = routes.iter().map(|r| (r.id, r.policy)).collect();
-    let policy = |id: RouteId| policies.get(&id).copied();
+    // The identity lookups' shared key counts under its own share of the identity route.
+    let pool = proxy.lookup_quota().map(|q| (q.route, q.pool));
+    let pool_key = lookup_pool_key();
+    let policy = |key: &Key| match pool {
+        Some((route, pool)) if key.route == route && key.user == pool_key => {
+            policies.get(&key.route).map(|_| pool)
+        }
+        _ => policies.get(&key.route).copied(),
+    };
     let mut answer = serde_json::Map::new();
     let keys: Vec<KeyStatus> = match proxy.limiter.as_ref() {
         Store::Memory(memory) => {
@@ -164,7 +175,11 @@ async fn limits(proxy: &Proxy, filter: &Filter) -> Value {
     };
     let mut by_route: BTreeMap<RouteId, Vec<(String, &KeyStatus)>> = BTreeMap::new();
     for status in &keys {
-        let user = status.key.user.short();
+        let user = if status.key.user == pool_key {
+            LOOKUPS_USER.to_string()
+        } else {
+            status.key.user.short()
+        };
         if filter.user.as_deref().is_some_and(|u| u != user) {
             continue;
         }

@@ -89,6 +89,11 @@ pub struct Handover {
 }
 
 impl Proxy {
+    /// Resolve mode: where identity lookups are counted.
+    pub fn lookup_quota(&self) -> Option<LookupQuota> {
+        self.resolver.as_ref().map(Resolver::quota)
+    }
+
     /// What the identity endpoint answered so far (resolve mode), for the next config's proxy.
     pub fn answers(&self) -> Option<Answers> {
         self.resolver.as_ref().map(Resolver::answers)

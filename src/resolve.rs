@@ -256,6 +256,10 @@ impl Resolver {
         }
     }
 
+    pub fn quota(&self) -> LookupQuota {
+        self.quota
+    }
+
     /// The answers so far, for the resolver of a reloaded config ([`Answers::serves`]).
     pub fn answers(&self) -> Answers {
         Answers {

@@ -689,6 +689,20 @@ async fn one_user_with_many_new_tokens_never_reaches_the_identity_endpoints_limi
         lookups(&m, "rate_limited"),
         f64::from(NEW_TOKENS - RESERVE + 1)
     );
+
+    // /admin/limits names the lookups' key and counts it against their share.
+    let url = format!("http://{}/admin/limits?route=users.me", running.admin_addr);
+    let limits = Client::new().get(&url, "unused").await.json();
+    let users = limits["routes"][0]["users"].as_array().expect("users");
+    let row = |name: &str| users.iter().find(|u| u["user"] == name).cloned();
+    let pool = row("lookups").unwrap_or_else(|| panic!("no lookups row: {limits}"));
+    assert_eq!(pool["calls_in_window"], RESERVE, "{pool}");
+    assert_eq!(pool["remaining"], 0, "{pool}");
+    assert_eq!(
+        limits["routes"][0]["limit"],
+        ME_LIMIT - RESERVE,
+        "the apps' own share"
+    );
     running.shutdown().await;
 }
 

@@ -531,9 +531,9 @@ impl MemoryStore {
         }
     }
 
-    /// The status of every key that holds something, under its route's policy (`policy` gives
-    /// `None` for routes no longer configured: those keys are left out).
-    pub fn status(&self, policy: impl Fn(RouteId) -> Option<Policy>) -> Vec<KeyStatus> {
+    /// The status of every key that holds something, under its policy (`policy` gives `None`
+    /// for routes no longer configured: those keys are left out).
+    pub fn status(&self, policy: impl Fn(&Key) -> Option<Policy>) -> Vec<KeyStatus> {
         let now = self.clock.now();
         let floor = self.floor.load(Ordering::Acquire);
         let mut out = Vec::new();
@@ -542,7 +542,7 @@ impl MemoryStore {
                 if !entry.holds(now) {
                     continue;
                 }
-                let Some(policy) = policy(key.route) else {
+                let Some(policy) = policy(key) else {
                     continue;
                 };
                 out.push(key_status(
@@ -1072,7 +1072,7 @@ mod tests {
             store.acquire_now(&policy, key(1), None),
             Acquire::Now { .. }
         ));
-        let status = store.status(|r| (r == RouteId(0)).then_some(policy));
+        let status = store.status(|k| (k.route == RouteId(0)).then_some(policy));
         assert_eq!(
             (
                 status[0].calls_in_window,
@@ -1100,7 +1100,7 @@ mod tests {
             store.acquire_now(&policy, key(4), queue);
         }
         clock.set(10);
-        let mut all = store.status(|r| (r == RouteId(0)).then_some(policy));
+        let mut all = store.status(|k| (k.route == RouteId(0)).then_some(policy));
         all.sort_by_key(|s| s.key.user);
         assert_eq!(all.len(), 3);
         assert_eq!(

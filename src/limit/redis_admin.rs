@@ -48,7 +48,7 @@ impl RedisStore {
     /// gives `None` for routes that are not configured: their keys are left out).
     pub async fn status(
         &self,
-        policy: impl Fn(RouteId) -> Option<Policy>,
+        policy: impl Fn(&Key) -> Option<Policy>,
         max_keys: usize,
     ) -> RedisStatus {
         if !matches!(self.health(), Health::Down { .. }) {
@@ -70,14 +70,10 @@ impl RedisStore {
         )
     }
 
-    fn local_status(
-        &self,
-        policy: &impl Fn(RouteId) -> Option<Policy>,
-        note: String,
-    ) -> RedisStatus {
+    fn local_status(&self, policy: &impl Fn(&Key) -> Option<Policy>, note: String) -> RedisStatus {
         let keys = self
             .fallback
-            .status(|id| policy(id).and_then(|p| self.local_policy(&p)));
+            .status(|key| policy(key).and_then(|p| self.local_policy(&p)));
         RedisStatus {
             keys,
             partial: true,
@@ -89,7 +85,7 @@ impl RedisStore {
 
     async fn shared_status(
         &self,
-        policy: &impl Fn(RouteId) -> Option<Policy>,
+        policy: &impl Fn(&Key) -> Option<Policy>,
         max_keys: usize,
     ) -> Result<RedisStatus, StoreError> {
         let mut ids = HashMap::new();
@@ -131,7 +127,13 @@ impl RedisStore {
 
         let groups: Vec<((RouteId, UserKey), Found)> = found
             .into_iter()
-            .filter(|((route, _), _)| policy(*route).is_some())
+            .filter(|((route, user), _)| {
+                let key = Key {
+                    route: *route,
+                    user: *user,
+                };
+                policy(&key).is_some()
+            })
             .collect();
         let mut pipe = redis::pipe();
         pipe.cmd("TIME");
@@ -159,10 +161,10 @@ impl RedisStore {
         let mut keys = Vec::new();
         for ((route, user), what) in groups {
             let (sends, tat, lock) = (values.next(), values.next(), values.next());
-            let Some(policy) = policy(route) else {
+            let key = Key { route, user };
+            let Some(policy) = policy(&key) else {
                 continue;
             };
-            let key = Key { route, user };
             // On the status clock: `STATUS_NOW` is Redis's now.
             let at = |units: i128| to_status_clock(self.signed_nanos(units - redis_now));
             let now = to_status_clock(0);
