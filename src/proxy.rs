@@ -171,6 +171,7 @@ impl Proxy {
                     .unwrap_or_else(|| Answers::new(resolve));
                 let quota = LookupQuota {
                     route,
+                    token_route: names.id(crate::resolve::IDENTITY_ROUTE_NAME),
                     policy,
                     pool,
                 };

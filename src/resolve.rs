@@ -21,6 +21,7 @@
 //! - Unreachable or nonsensical answers are not cached; `on_unreachable` decides. A lookup over
 //!   the endpoint's quota is refused with 429 under `reject` and falls back under `token`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,8 +49,9 @@ pub const IDENTITY_LIMIT: u32 = 20;
 pub const IDENTITY_PER: Duration = Duration::from_secs(60);
 pub const IDENTITY_LOCK: Duration = Duration::from_secs(600);
 
-/// The route name identity lookups are counted under when no configured route covers the
-/// identity endpoint (the Redis store keys by route name).
+/// The route name each token's own lookup key counts under (it carries a lock Zoho reports for
+/// a lookup), and the lookups' shared key too when no configured route covers the identity
+/// endpoint (the Redis store keys by route name).
 pub const IDENTITY_ROUTE_NAME: &str = "identity.lookup";
 
 /// The identity endpoint's quota when no configured route covers it.
@@ -126,6 +128,8 @@ pub struct Answers {
     cache: Cache<UserKey, Answer>,
     /// The settings the cache was built for.
     config: ResolveConfig,
+    /// Owners found so far (grows with each): whether the state file's copy is behind.
+    found: Arc<AtomicU64>,
 }
 
 impl Answers {
@@ -148,7 +152,13 @@ impl Answers {
         Answers {
             cache,
             config: config.clone(),
+            found: Arc::default(),
         }
+    }
+
+    /// Owners found (looked up, shared or taken back) so far: unchanged, nothing new to keep.
+    pub fn found(&self) -> u64 {
+        self.found.load(Ordering::Relaxed)
     }
 
     /// Whether these answers hold under `config`: the same endpoint, field and cache settings.
@@ -201,6 +211,7 @@ impl Answers {
             self.cache
                 .insert(answer.token, Answer::User(answer.user, until))
                 .await;
+            self.found.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -222,15 +233,20 @@ pub struct Resolver {
     quota: LookupQuota,
     /// Names this endpoint and field among the answers shared in Redis.
     scope: String,
+    found: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 }
 
 /// Where lookups are counted.
 #[derive(Debug, Clone, Copy)]
 pub struct LookupQuota {
-    /// The route id of the identity endpoint.
+    /// The route id of the identity endpoint: the lookups' shared key counts under it, beside
+    /// the apps' own calls to the endpoint.
     pub route: RouteId,
-    /// The endpoint's quota, under each token's key (it carries a lock Zoho reports).
+    /// Each token's own key counts under this one ([`IDENTITY_ROUTE_NAME`]), apart from users'
+    /// keys: it carries a lock Zoho reports for a lookup.
+    pub token_route: RouteId,
+    /// The endpoint's quota (its lock period), for the tokens' keys.
     pub policy: Policy,
     /// The lookups' share of it, under one key for all of them.
     pub pool: Policy,
@@ -247,6 +263,7 @@ impl Resolver {
     ) -> Self {
         Resolver {
             scope: answers.scope(),
+            found: answers.found,
             config,
             cache: answers.cache,
             upstream,
@@ -265,6 +282,7 @@ impl Resolver {
         Answers {
             cache: self.cache.clone(),
             config: self.config.clone(),
+            found: self.found.clone(),
         }
     }
 
@@ -333,7 +351,7 @@ impl Resolver {
         authorization: HeaderValue,
     ) -> Result<Answer, LookupError> {
         let key = Key {
-            route: self.quota.route,
+            route: self.quota.token_route,
             user: token,
         };
         let pool = Key {
@@ -344,6 +362,7 @@ impl Resolver {
         if let Store::Redis(redis) = self.limiter.as_ref() {
             if let Some((user, left)) = redis.shared_answer(&self.scope, &token).await {
                 self.metrics.identity_lookup("shared");
+                self.found.fetch_add(1, Ordering::Relaxed);
                 return Ok(Answer::User(user, Instant::now() + left));
             }
         }
@@ -351,6 +370,9 @@ impl Resolver {
         self.admit(&self.quota.policy, key).await?;
         self.admit(&self.quota.pool, pool).await?;
         let result = self.ask(authorization).await;
+        if let Ok(Answer::User(..)) = &result {
+            self.found.fetch_add(1, Ordering::Relaxed);
+        }
         if let (Ok(Answer::User(user, _)), Store::Redis(redis)) = (&result, self.limiter.as_ref()) {
             redis
                 .share_answer(&self.scope, &token, user, self.config.ttl)
@@ -514,6 +536,35 @@ mod tests {
             on_unreachable: OnIdentityError::Reject,
             lookup_reserve: None,
         }
+    }
+
+    /// Answers taken back from outside the process hold for what they have left, never longer
+    /// than this config's `ttl`.
+    #[tokio::test]
+    async fn answers_taken_back_hold_at_most_ttl() {
+        let config = ResolveConfig {
+            ttl: Duration::from_secs(5),
+            ..settings(10)
+        };
+        let answers = Answers::new(&config);
+        let kept = |n: u8, left: Duration| KeptAnswer {
+            token: UserKey([n; 16]),
+            user: UserKey([n + 100; 16]),
+            left,
+        };
+        answers
+            .restore(vec![
+                kept(1, Duration::from_secs(3600)),
+                kept(2, Duration::from_secs(2)),
+            ])
+            .await;
+        assert_eq!(answers.found(), 2);
+        let mut back = answers.kept();
+        back.sort_by_key(|a| a.token.0);
+        assert_eq!(back.len(), 2, "{back:?}");
+        assert!(back[0].left <= Duration::from_secs(5), "{back:?}");
+        assert!(back[0].left > Duration::from_secs(4), "{back:?}");
+        assert!(back[1].left <= Duration::from_secs(2), "{back:?}");
     }
 
     /// Refusals weigh their bodies: a flood of bad tokens with large 401 bodies cannot fill

@@ -483,6 +483,8 @@ struct Inner {
     writing: Mutex<()>,
     /// Resolve mode: the current config's identity answers ([`StateKeeper::keep_answers`]).
     answers: OnceLock<AnswersSource>,
+    /// The scope and [`Answers::found`] count last written: unchanged, the file still holds.
+    answers_written: Mutex<Option<(String, u64)>>,
 }
 
 /// Gives the identity answers of the config current at the time of a write.
@@ -491,14 +493,33 @@ type AnswersSource = Box<dyn Fn() -> Option<Answers> + Send + Sync>;
 impl Inner {
     fn write_blocking(&self) -> io::Result<usize> {
         let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        let keys = match self.store.as_ref() {
-            Store::Memory(memory) => write(&self.path, memory, |id| self.names.name(id))?,
-            Store::Redis(_) => 0,
-        };
         if let Some(answers) = self.answers.get().and_then(|current| current()) {
-            write_answers(&answers_path(&self.path), &answers.scope(), &answers.kept())?;
+            self.write_answers(&answers);
         }
-        Ok(keys)
+        match self.store.as_ref() {
+            Store::Memory(memory) => write(&self.path, memory, |id| self.names.name(id)),
+            Store::Redis(_) => Ok(0),
+        }
+    }
+
+    /// Writes the identity answers if any were found since the last write (the file's times are
+    /// relative to its writing, so an unchanged file still holds). A failure is logged here: the
+    /// limiter state is written either way.
+    fn write_answers(&self, answers: &Answers) {
+        let now = (answers.scope(), answers.found());
+        let mut written = self
+            .answers_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if written.as_ref() == Some(&now) {
+            return;
+        }
+        let path = answers_path(&self.path);
+        match write_answers(&path, &now.0, &answers.kept()) {
+            Ok(_) => *written = Some(now),
+            Err(e) => tracing::warn!(file = %path.display(), error = %e,
+                "cannot write the identity answers file"),
+        }
     }
 }
 
@@ -556,6 +577,7 @@ pub fn resume(config: &Config, store: &Arc<Store>, names: &Arc<RouteNames>) -> O
         names: names.clone(),
         writing: Mutex::new(()),
         answers: OnceLock::new(),
+        answers_written: Mutex::new(None),
     });
     let writer = tokio::spawn(write_every(inner.clone(), STATE_FILE_INTERVAL));
     Some(StateKeeper { inner, writer })
@@ -971,6 +993,57 @@ mod tests {
             read_answers_at(&path, "s", wall(0)).expect("read"),
             [answer(1, 9_000)]
         );
+    }
+
+    /// The periodic write rewrites the answers file only when new answers were found: its times
+    /// are relative to its writing, so an unchanged file still holds.
+    #[tokio::test]
+    async fn the_answers_file_is_rewritten_only_when_answers_were_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.json");
+        let (_, memory) = store_at(SEC);
+        let config = crate::config::ResolveConfig {
+            url: http::Uri::from_static("https://cliq.zoho.com/api/v2/me"),
+            user_field: "/data/zuid".into(),
+            ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(60),
+            timeout: Duration::from_secs(5),
+            cache_size: 100,
+            on_unreachable: crate::config::OnIdentityError::Reject,
+            lookup_reserve: None,
+        };
+        let answers = Answers::new(&config);
+        let inner = Inner {
+            path: path.clone(),
+            store: Arc::new(Store::Memory(memory)),
+            names: RouteNames::new(Vec::new()),
+            writing: Mutex::new(()),
+            answers: OnceLock::new(),
+            answers_written: Mutex::new(None),
+        };
+        let source = answers.clone();
+        let _ = inner.answers.set(Box::new(move || Some(source.clone())));
+        let kept = |n: u8| KeptAnswer {
+            token: UserKey([n; 16]),
+            user: UserKey([n + 100; 16]),
+            left: Duration::from_secs(300),
+        };
+        let file = answers_path(&path);
+        let read = || read_answers(&file, &answers.scope()).expect("the answers file");
+
+        answers.restore(vec![kept(1)]).await;
+        inner.write_blocking().expect("write");
+        assert_eq!(read().len(), 1);
+        // Nothing new: the file is left as it is (a marker shows it was not rewritten).
+        fs::write(&file, "not rewritten").expect("marker");
+        inner.write_blocking().expect("write");
+        assert_eq!(fs::read_to_string(&file).expect("read"), "not rewritten");
+        // A new answer: rewritten, with both.
+        answers.restore(vec![kept(2)]).await;
+        inner.write_blocking().expect("write");
+        let mut tokens: Vec<u8> = read().iter().map(|a| a.token.0[0]).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, [1, 2]);
     }
 
     #[test]

@@ -698,6 +698,9 @@ async fn one_user_with_many_new_tokens_never_reaches_the_identity_endpoints_limi
     let pool = row("lookups").unwrap_or_else(|| panic!("no lookups row: {limits}"));
     assert_eq!(pool["calls_in_window"], RESERVE, "{pool}");
     assert_eq!(pool["remaining"], 0, "{pool}");
+    // The bot and the lookups: each token's own key (which carries a lock Zoho reports for a
+    // lookup) is not a user of the route.
+    assert_eq!(users.len(), 2, "{limits}");
     assert_eq!(
         limits["routes"][0]["limit"],
         ME_LIMIT - RESERVE,
@@ -730,6 +733,18 @@ async fn a_reload_that_moves_the_lookups_share_holds_both_sides_for_a_window() {
     assert_eq!(count(&own, StatusCode::OK), 15, "{own:?}");
     let first = first_calls(&running, "dana", 1..5).await;
     assert_eq!(count(&first, StatusCode::OK), 4, "{first:?}");
+    // /admin/limits counts the lookups' key against their share of 5, not the apps' 15.
+    let url = format!(
+        "http://{}/admin/limits?route=users.me&user=lookups",
+        running.admin_addr
+    );
+    let limits = Client::new().get(&url, "unused").await.json();
+    let pool = &limits["routes"][0]["users"][0];
+    assert_eq!(
+        (&pool["calls_in_window"], &pool["remaining"]),
+        (&5.into(), &0.into()),
+        "{limits}"
+    );
     reload(&running, 10);
     let first = first_calls(&running, "dana", 5..15).await;
     assert_eq!(
@@ -933,11 +948,21 @@ async fn replicas_share_identity_answers_through_redis() {
     assert_eq!(lookups(&m, "shared"), 1.0);
     assert_eq!(lookups(&m, "ok"), 0.0);
 
+    // One hash for the hour's answers (not a key per token): token hash -> user hash:expiry.
     let keys = redis.command(&["KEYS", "cliqgate:identity:*"]).await;
     let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
     assert_eq!(keys.len(), 1, "{keys:?}");
-    let value = redis.command(&["GET", keys[0]]).await;
-    for text in [keys[0], value.as_str()] {
+    let fields = redis.command(&["HGETALL", keys[0]]).await;
+    let fields: Vec<&str> = fields.lines().filter(|k| !k.is_empty()).collect();
+    assert_eq!(fields.len(), 2, "{fields:?}");
+    assert_eq!(fields[0].len(), 32, "a token hash: {fields:?}");
+    assert!(
+        fields[1]
+            .split_once(':')
+            .is_some_and(|(user, _)| user.len() == 32),
+        "{fields:?}"
+    );
+    for text in [keys[0], fields[0], fields[1]] {
         assert!(
             !text.contains("carol"),
             "a raw token or user id in Redis: {text}"

@@ -42,6 +42,17 @@ mod admin;
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
 
+/// Shared identity answers go in one Redis hash per this long ([`RedisStore::shared_answer`]).
+const ANSWER_BUCKET_MS: u64 = 60 * 60 * 1000;
+
+/// The wall clock in Unix milliseconds (shared answers carry their expiry in it).
+fn unix_ms_now() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// How often a replica checks on Redis (faster while it is down, to come back quickly).
 const PROBE_INTERVAL_UP: Duration = Duration::from_secs(1);
 const PROBE_INTERVAL_DOWN: Duration = Duration::from_millis(250);
@@ -367,43 +378,73 @@ impl RedisStore {
     /// key and how much longer the answer holds. `scope` tells apart answers about one endpoint
     /// and field from another's. Best effort: `None` when Redis is away, slow or has none, and
     /// the caller asks the endpoint itself. Redis holds hashes only, never a token.
+    ///
+    /// The answers of one hour go in one hash (a key per token would crowd the limiter's keys
+    /// out of the admin API's bounded `SCAN`), each field `token hash -> user hash:expiry`, the
+    /// expiry in Unix milliseconds; a hash expires three hours after its last write, when every
+    /// answer in it has (`ttl` is at most an hour).
     pub async fn shared_answer(&self, scope: &str, token: &UserKey) -> Option<(UserKey, Duration)> {
         if matches!(self.health(), Health::Down { .. }) {
             return None;
         }
-        let key = self.answer_key(scope, token);
+        let now_ms = unix_ms_now();
+        let hour = now_ms / ANSWER_BUCKET_MS;
+        let field = token.hex();
         let mut pipe = redis::pipe();
-        pipe.get(&key).pttl(&key);
-        let mut conn = self.conn.clone();
-        let answer: Result<Result<(Option<String>, i64), _>, _> =
-            tokio::time::timeout(self.options.timeout, pipe.query_async(&mut conn)).await;
-        match answer {
-            Ok(Ok((Some(user), left_ms))) if left_ms > 0 => Some((
-                UserKey::from_hex(&user)?,
-                Duration::from_millis(left_ms.unsigned_abs()),
-            )),
-            _ => None,
+        for bucket in [hour, hour.saturating_sub(1)] {
+            pipe.hget(self.answers_key(scope, bucket), &field);
         }
+        let mut conn = self.conn.clone();
+        let found: Result<Result<Vec<Option<String>>, _>, _> =
+            tokio::time::timeout(self.options.timeout, pipe.query_async(&mut conn)).await;
+        let found = match found {
+            Ok(Ok(found)) => found,
+            _ => {
+                self.answers_failed();
+                return None;
+            }
+        };
+        found.into_iter().flatten().find_map(|value| {
+            let (user, expires_ms) = value.split_once(':')?;
+            let left_ms = expires_ms.parse::<u64>().ok()?.checked_sub(now_ms)?;
+            Some((UserKey::from_hex(user)?, Duration::from_millis(left_ms)))
+        })
     }
 
-    /// Shares an answer for `ttl` (best effort, like [`RedisStore::shared_answer`]).
+    /// Shares an answer that holds for `ttl` (best effort, like [`RedisStore::shared_answer`]).
     pub async fn share_answer(&self, scope: &str, token: &UserKey, user: &UserKey, ttl: Duration) {
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        if ms == 0 || matches!(self.health(), Health::Down { .. }) {
+        if matches!(self.health(), Health::Down { .. }) {
             return;
         }
-        let mut set = redis::cmd("SET");
-        set.arg(self.answer_key(scope, token))
-            .arg(user.hex())
-            .arg("PX")
-            .arg(ms);
+        let now_ms = unix_ms_now();
+        let expires_ms = now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let key = self.answers_key(scope, now_ms / ANSWER_BUCKET_MS);
+        let mut pipe = redis::pipe();
+        pipe.hset(&key, token.hex(), format!("{}:{expires_ms}", user.hex()))
+            .ignore()
+            .pexpire(
+                &key,
+                i64::try_from(3 * ANSWER_BUCKET_MS).unwrap_or(i64::MAX),
+            )
+            .ignore();
         let mut conn = self.conn.clone();
-        let _: Result<Result<(), _>, _> =
-            tokio::time::timeout(self.options.timeout, set.query_async(&mut conn)).await;
+        let done: Result<Result<(), _>, _> =
+            tokio::time::timeout(self.options.timeout, pipe.query_async(&mut conn)).await;
+        if !matches!(done, Ok(Ok(()))) {
+            self.answers_failed();
+        }
     }
 
-    fn answer_key(&self, scope: &str, token: &UserKey) -> String {
-        format!("{}identity:{scope}:{}", self.options.prefix, token.hex())
+    fn answers_key(&self, scope: &str, bucket: u64) -> String {
+        format!("{}identity:{scope}:{bucket}", self.options.prefix)
+    }
+
+    /// A shared answer could not be read or written: counted, but decisions stay with Redis
+    /// (the caller asks the endpoint itself, or keeps the answer to itself).
+    fn answers_failed(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.store_error("identity_answers");
+        }
     }
 
     /// One probe: while up, notices an outage without traffic; while down, brings the store back.
