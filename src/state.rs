@@ -201,19 +201,7 @@ pub(crate) fn read_at(
     max_window: Duration,
     wall: SystemTime,
 ) -> Result<Loaded, StateError> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StateError::Missing),
-        Err(e) => return Err(StateError::Io(e)),
-    };
-    let version: VersionOnly =
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
-    if version.version != VERSION {
-        return Err(StateError::Corrupt(format!(
-            "version {} (this build reads version {VERSION})",
-            version.version
-        )));
-    }
+    let bytes = read_versioned(path)?;
     let file: FileV1 =
         serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
     check_plausible(&file)?;
@@ -358,19 +346,9 @@ pub(crate) fn read_answers_at(
     scope: &str,
     wall: SystemTime,
 ) -> Result<Vec<KeptAnswer>, StateError> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StateError::Missing),
-        Err(e) => return Err(StateError::Io(e)),
-    };
+    let bytes = read_versioned(path)?;
     let file: AnswersV1 =
         serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
-    if file.version != VERSION {
-        return Err(StateError::Corrupt(format!(
-            "version {} (this build reads version {VERSION})",
-            file.version
-        )));
-    }
     if file.scope != scope {
         return Ok(Vec::new());
     }
@@ -389,6 +367,24 @@ pub(crate) fn read_answers_at(
             })
         })
         .collect())
+}
+
+/// A file's bytes, once its version is known to be the one this build reads.
+fn read_versioned(path: &Path) -> Result<Vec<u8>, StateError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StateError::Missing),
+        Err(e) => return Err(StateError::Io(e)),
+    };
+    let version: VersionOnly =
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
+    if version.version != VERSION {
+        return Err(StateError::Corrupt(format!(
+            "version {} (this build reads version {VERSION})",
+            version.version
+        )));
+    }
+    Ok(bytes)
 }
 
 fn check_plausible(file: &FileV1) -> Result<(), StateError> {

@@ -710,8 +710,9 @@ async fn one_user_with_many_new_tokens_never_reaches_the_identity_endpoints_limi
 }
 
 /// A reload that moves the split between lookups and the apps' own calls: calls decided under the
-/// old shares are still in the endpoint's window, so for one window each side gets the smaller of
-/// its old and new shares; then the new shares apply. Both directions.
+/// old shares are still in the endpoint's window, so until they have left it (one window here,
+/// no call being queued) each side gets the smaller of its old and new shares; then the new
+/// shares apply. Both directions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_moves_the_lookups_share_holds_both_sides_for_a_window() {
     // Short windows (stub and route alike), so the test can see the new shares apply.
