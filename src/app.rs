@@ -54,11 +54,12 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// The proxy of the current config; a reload swaps it, calls in flight keep theirs.
     current: Arc<ArcSwap<Proxy>>,
-    /// Reloads so far: one applied later (after Redis holds every key, or after a change of
-    /// resolve mode's shares has had a window) checks it is the newest.
+    /// Reloads so far: one applied later (after Redis holds every key) checks it is the newest.
     reloads: Arc<AtomicU64>,
     /// Resolve mode, while a reload's change of shares is held back: the shares in force before
-    /// it, and until when calls decided under them can share a window with new ones.
+    /// it, and until when calls decided under them can share a window with new ones. Locked by a
+    /// reload until its proxy is current, and by the task that ends a hold (which replaces only
+    /// the held proxy).
     split_before: Arc<std::sync::Mutex<SplitBefore>>,
     /// What outlives a reload: limiter state (route ids by name), metrics, the drain signal.
     shared: Shared,
