@@ -410,6 +410,13 @@ impl Running {
             );
             (config.listen, config.admin_listen) = (old.config.listen, old.config.admin_listen);
         }
+        if config.log != old.config.log || config.reload != old.config.reload {
+            tracing::warn!(
+                "log and reload.watch change only with a restart; keeping the current ones"
+            );
+            config.log = old.config.log.clone();
+            config.reload = old.config.reload;
+        }
         if config.store != old.config.store || config.state_file != old.config.state_file {
             tracing::warn!("the store changes only with a restart; keeping the current one");
             config.store = old.config.store.clone();
@@ -435,6 +442,11 @@ impl Running {
         // ends a hold: neither can act on a proxy the other is replacing.
         let mut before = self.split_before.lock().unwrap_or_else(|e| e.into_inner());
         let hold = held_split(&mut before, &old, &config, rekeyed);
+        // One set of answers for the proxies of this config (held, then final).
+        let answers = match (&config.identity, old.answers()) {
+            (IdentityConfig::Resolve(resolve), Some(answers)) => Some(answers.carried_to(resolve)),
+            _ => None,
+        };
         let generation = self.reloads.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some((held, until)) = hold {
             // Resolve mode's shares change: calls decided under the old ones stay in the identity
@@ -442,12 +454,8 @@ impl Running {
             // old and new shares; then the config applies as it is.
             let later = self
                 .shared
-                .proxy(config.clone(), upstream.clone(), old.answers(), None);
-            let held_proxy =
-                Arc::new(
-                    self.shared
-                        .proxy(config, upstream, old.answers(), Some(held)),
-                );
+                .proxy(config.clone(), upstream.clone(), answers.clone(), None);
+            let held_proxy = Arc::new(self.shared.proxy(config, upstream, answers, Some(held)));
             self.current.store(held_proxy.clone());
             drop(before);
             tracing::info!(
@@ -469,7 +477,7 @@ impl Running {
             });
             return Ok(());
         }
-        let proxy = Arc::new(self.shared.proxy(config, upstream, old.answers(), None));
+        let proxy = Arc::new(self.shared.proxy(config, upstream, answers, None));
         if rekeyed {
             // What users sent before is recorded under keys their calls no longer map to: without
             // a hold, each would get a second quota in the window around the reload.

@@ -171,9 +171,19 @@ pub struct RouteMetrics {
     common_responses: Arc<[OnceLock<Counter>; COMMON_CODES.len()]>,
 }
 
-/// The store operations `cliqgate_store_errors_total{op}` counts (the Redis store's scripts and
-/// its connection probe).
-pub const STORE_OPS: [&str; 6] = ["acquire", "redeem", "cancel", "lock", "merge", "probe"];
+/// The store operations `cliqgate_store_errors_total{op}` counts (the Redis store's scripts,
+/// its connection probe, the epoch it is told, and resolve mode's shared answers, which never
+/// hand decisions over).
+pub const STORE_OPS: [&str; 8] = [
+    "acquire",
+    "redeem",
+    "cancel",
+    "lock",
+    "merge",
+    "probe",
+    "epoch",
+    "identity_answers",
+];
 
 /// Statuses most upstream answers have.
 const COMMON_CODES: [u16; 6] = [200, 201, 204, 400, 404, 429];

@@ -179,6 +179,22 @@ impl Answers {
         )
     }
 
+    /// These answers for a reloaded config: themselves if they still hold ([`Answers::serves`]);
+    /// if only the cache settings changed, a new cache that takes the owners found so far (in a
+    /// task, shortly: a reload must not send every live token to the endpoint again); none
+    /// otherwise (a new endpoint or field means new answers).
+    pub fn carried_to(self, config: &ResolveConfig) -> Answers {
+        if self.serves(config) {
+            return self;
+        }
+        let fresh = Answers::new(config);
+        if self.scope() == fresh.scope() {
+            let (kept, to) = (self.kept(), fresh.clone());
+            tokio::spawn(async move { to.restore(kept).await });
+        }
+        fresh
+    }
+
     /// Names the endpoint and field these answers are about, for answers kept outside the
     /// process (Redis, the state file).
     pub fn scope(&self) -> String {
@@ -387,6 +403,9 @@ impl Resolver {
         self.metrics.identity_lookup(outcome);
         if let Err(LookupError::Limited(refusal)) = &result {
             // Zoho throttled the identity endpoint itself: honour it like any lock.
+            let wait_ms = self.limiter.clock().now().abs_diff(refusal.retry_at) / 1_000_000;
+            tracing::warn!(token = %token.short(), wait_ms,
+                "the identity endpoint throttled a lookup; that token's lookups wait for the lock");
             let _ = self
                 .limiter
                 .lock(

@@ -877,6 +877,36 @@ async fn a_reload_keeps_the_identity_answers() {
     running.shutdown().await;
 }
 
+/// A reload that changes only the cache settings (here `ttl`) builds a new cache, which takes the
+/// owners found so far: live tokens are not asked about again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_cache_settings_keeps_the_owners_found() {
+    const TOKENS: u32 = 4;
+    let stub = start_stub().await;
+    let running = resolve_proxy(&stub, "reject").await;
+    let calls = first_calls(&running, "bob", 0..TOKENS).await;
+    assert_eq!(count(&calls, StatusCode::OK), TOKENS as usize, "{calls:?}");
+    let identity = resolve_yaml(&format!("{}{ME}", stub.url()), "reject").replace(TTL, "9m");
+    assert_ne!(
+        identity,
+        resolve_yaml(&format!("{}{ME}", stub.url()), "reject")
+    );
+    let config =
+        cliqgate::config::Config::from_yaml(&config_yaml(&stub.url(), &proxy_yaml(&identity)))
+            .expect("a valid config");
+    running.reload(config).expect("reload");
+    // The owners go over in a task: let it run.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = first_calls(&running, "bob", 0..TOKENS).await;
+    assert_eq!(count(&calls, StatusCode::OK), TOKENS as usize, "{calls:?}");
+    assert_eq!(
+        me_arrivals(&stub),
+        TOKENS as usize,
+        "no token asked about again"
+    );
+    running.shutdown().await;
+}
+
 // ---- 5b. answers kept across restarts and shared by replicas ----
 
 /// With the memory store's `state_file`, the identity answers are kept beside it: a restarted

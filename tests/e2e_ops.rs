@@ -414,6 +414,33 @@ async fn reload_with_a_new_limit_applies_it_to_new_calls() {
     running.shutdown().await;
 }
 
+/// `log` and `reload.watch` are set up once, at start: a reload keeps the ones in force (and says
+/// so), so `/admin/config` shows what the process does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_log_and_watch_settings() {
+    let stub = ZohoStub::start(vec![StubRoute::new(Method::POST, CHAT, 5, PER, LOCK)]).await;
+    let routes = [route(CHAT_ROUTE, CHAT, 5, PER, &[])];
+    let running = start_proxy(&config(&stub, "", &routes)).await;
+    let changed = config(
+        &stub,
+        "log:\n  level: \"debug\"\n  format: json\nreload:\n  watch: true\n",
+        &routes,
+    );
+    // config_yaml already sets `log`; the later one is the one to apply.
+    let changed = changed.replacen("log:\n  level: \"warn\"\n", "", 1);
+    running.reload(parse(&changed)).expect("reload");
+    let shown = Client::new()
+        .get(
+            &format!("http://{}/admin/config", running.admin_addr),
+            "unused",
+        )
+        .await
+        .json();
+    assert_eq!(shown["log"]["level"], "warn", "{shown}");
+    assert_eq!(shown["reload"]["watch"], false, "{shown}");
+    running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_reload_keeps_the_old_config_and_is_counted() {
     const OLD: u32 = 2;
