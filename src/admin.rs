@@ -190,6 +190,7 @@ async fn limits(proxy: &Proxy, filter: &Filter) -> Value {
     }
     let mut shown = 0usize;
     let mut truncated = false;
+    let generated_at = unix_ms();
     let routes: Vec<Value> = routes
         .iter()
         .map(|route| {
@@ -210,6 +211,9 @@ async fn limits(proxy: &Proxy, filter: &Filter) -> Value {
                         "remaining": s.remaining,
                         "next_free_slot_ms": ceil_ms(s.next_free_in),
                         "locked_for_ms": ceil_ms(s.locked_for),
+                        // SPEC's "lock until", on the wall clock (null when not locked).
+                        "locked_until_unix_ms": (s.locked_for > 0)
+                            .then(|| generated_at.saturating_add(ceil_ms(s.locked_for))),
                         // The only reason a key is ever locked: Zoho said it was throttled.
                         "lock_reason": (s.locked_for > 0).then_some("upstream_throttle"),
                         "queued": s.queued,
@@ -234,7 +238,7 @@ async fn limits(proxy: &Proxy, filter: &Filter) -> Value {
             })
         })
         .collect();
-    answer.insert("generated_at_unix_ms".into(), json!(unix_ms()));
+    answer.insert("generated_at_unix_ms".into(), json!(generated_at));
     answer.insert("truncated".into(), json!(truncated));
     answer.insert("routes".into(), Value::Array(routes));
     Value::Object(answer)

@@ -225,6 +225,11 @@ async fn limits_show_what_was_sent_and_no_output_holds_a_token() {
     assert_eq!(alice["remaining"], 2, "{alice}");
     assert_eq!(alice["next_free_slot_ms"], 0, "{alice}");
     assert_eq!(alice["locked_for_ms"], 0, "{alice}");
+    assert_eq!(
+        alice["locked_until_unix_ms"],
+        serde_json::Value::Null,
+        "{alice}"
+    );
     assert_eq!(alice["lock_reason"], serde_json::Value::Null, "{alice}");
     assert_eq!(alice["queued"], 0, "{alice}");
     assert_eq!(
@@ -243,6 +248,14 @@ async fn limits_show_what_was_sent_and_no_output_holds_a_token() {
     assert_eq!(carol["lock_reason"], "upstream_throttle", "{carol}");
     let locked_for = carol["locked_for_ms"].as_u64().expect("locked_for_ms");
     assert!(locked_for > 50_000 && locked_for <= 60_000, "{carol}");
+    let generated_at = limits["generated_at_unix_ms"]
+        .as_u64()
+        .expect("generated_at");
+    assert_eq!(
+        carol["locked_until_unix_ms"].as_u64(),
+        Some(generated_at + locked_for),
+        "{carol}"
+    );
     assert_eq!(carol["remaining"], 0, "{carol}");
     assert!(
         carol["next_free_slot_ms"].as_u64() >= Some(locked_for),
