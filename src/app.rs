@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{Config, ConfigErrors, IdentityConfig, LookupSplit, OnLimit, StoreConfig};
+use crate::identity::scheme_id;
 use crate::limit::{
     Limiter, MemoryStore, RedisOptions, RedisStore, RouteNames, Store, StoreError, TokioClock,
 };
@@ -229,18 +230,6 @@ fn open_store(
     Ok(Arc::new(store))
 }
 
-/// What a user key is derived from ([`crate::identity::identify`]): a change moves every
-/// caller to a new key. Trusted networks, caches and timeouts do not.
-fn user_key_scheme(
-    identity: &IdentityConfig,
-) -> (u8, Option<&http::HeaderName>, Option<(&http::Uri, &str)>) {
-    match identity {
-        IdentityConfig::Token => (0, None, None),
-        IdentityConfig::Header { name, .. } => (1, Some(name), None),
-        IdentityConfig::Resolve(r) => (2, None, Some((&r.url, r.user_field.as_str()))),
-    }
-}
-
 /// The longest `max_wait` of any route that queues: how far ahead a slot may be promised.
 fn longest_queue_wait(config: &Config) -> Duration {
     config
@@ -279,6 +268,19 @@ pub async fn start_with_workers(
         names,
         drain: Arc::new(Drain::default()),
     };
+    if let Store::Redis(redis) = limiter.as_ref() {
+        // A restart that changes how users are keyed: hold every key fleet-wide, as a reload does.
+        if redis
+            .identity_scheme_changed(&scheme_id(&config.identity))
+            .await
+        {
+            tracing::warn!(
+                "identity changed since the fleet last started: users' calls count under new \
+                 keys; every key is held for a window, as if its quota had just been used"
+            );
+            redis.restart_epoch(longest_queue_wait(&config)).await;
+        }
+    }
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let answers = crate::state::restore_answers(&config).await;
@@ -286,7 +288,10 @@ pub async fn start_with_workers(
     let current = Arc::new(ArcSwap::new(proxy.clone()));
     if let Some(state) = &state {
         let current = current.clone();
-        state.keep_answers(move || current.load().answers());
+        state.follow(move || {
+            let proxy = current.load();
+            (scheme_id(&proxy.config.identity), proxy.answers())
+        });
     }
 
     let (proxy_addr, listeners) = bind_workers(listen, workers)?;
@@ -434,7 +439,7 @@ impl Running {
         if let Store::Redis(redis) = self.shared.limiter.as_ref() {
             redis.queue_waits_up_to(queue_wait);
         }
-        let rekeyed = user_key_scheme(&config.identity) != user_key_scheme(&old.config.identity);
+        let rekeyed = scheme_id(&config.identity) != scheme_id(&old.config.identity);
         // Calls queued under the old keys still go at their slots, up to the longest wait ahead.
         let promised = longest_queue_wait(&old.config).max(queue_wait);
         let routes = config.routes.len();
@@ -496,8 +501,10 @@ impl Running {
                     // before it decides again). A later reload meanwhile wins.
                     let (redis, current) = (redis.clone(), self.current.clone());
                     let reloads = self.reloads.clone();
+                    let scheme = scheme_id(&proxy.config.identity);
                     tokio::spawn(async move {
                         redis.restart_epoch(promised).await;
+                        redis.identity_scheme_changed(&scheme).await;
                         if reloads.load(Ordering::Acquire) == generation {
                             current.store(proxy);
                             tracing::info!(routes, "config reloaded");

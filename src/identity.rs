@@ -87,6 +87,19 @@ pub fn lookup_pool_key() -> UserKey {
     hash(b"lookups", b"")
 }
 
+/// Names how users are keyed (`identity`'s mode and the settings that decide a key): keys made
+/// under one scheme mean nothing under another. Kept in the state file, so a restart that
+/// changes it can hold every key as a reload does.
+pub fn scheme_id(identity: &crate::config::IdentityConfig) -> String {
+    use crate::config::IdentityConfig;
+    let what = match identity {
+        IdentityConfig::Token => "token".to_string(),
+        IdentityConfig::Header { name, .. } => format!("header\0{name}"),
+        IdentityConfig::Resolve(r) => format!("resolve\0{}\0{}", r.url, r.user_field),
+    };
+    hash(b"scheme", what.as_bytes()).short()
+}
+
 /// Names an identity endpoint and user field among the answers shared in Redis: answers about
 /// one cannot stand for the other's.
 pub fn answers_scope(url: &str, user_field: &str) -> String {

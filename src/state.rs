@@ -10,14 +10,15 @@
 //! safe side: sends look more recent, TATs and locks end later.
 //!
 //! ```json
-//! { "version": 1, "written_at_unix_ms": 1700000000000,
+//! { "version": 1, "written_at_unix_ms": 1700000000000, "identity": "<16 hex>",
 //!   "keys": [ { "route": "chats.post_message", "user": "<32 hex>", "sends_ms_ago": [812, 40],
 //!               "tat_ms_from_now": null, "locked_for_ms": 0 } ] }
 //! ```
 //! `sends_ms_ago` is oldest first; a negative value is a reservation still ahead. A file that is
 //! missing, unreadable, corrupt or stale is ignored (the caller logs a warning) and the proxy
 //! starts empty: never a panic, never a refusal to start. Without a state file, a restart forgets
-//! every send and every learned lock.
+//! every send and every learned lock. `identity` names how users were keyed: a restart that finds
+//! another one holds every key for a window, as a reload that changes it does.
 //!
 //! In resolve mode the identity answers go beside it, in `<name>.identity.json` ([`answers_path`]):
 //! each token's owner, both as hashes, with the time the answer has left. A restart then does not
@@ -58,6 +59,9 @@ const MAX_PLAUSIBLE_MS: i64 = 7 * 24 * 60 * 60 * 1000;
 struct FileV1 {
     version: u32,
     written_at_unix_ms: u64,
+    /// How users were keyed ([`crate::identity::scheme_id`]); absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
     keys: Vec<SavedKey>,
 }
 
@@ -111,6 +115,8 @@ pub struct Loaded {
     pub age: Duration,
     /// The wall clock is behind the file's write time: loaded as if just written (the safe side).
     pub clock_went_back: bool,
+    /// How users were keyed when the file was written, if it says.
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,13 +133,15 @@ pub enum StateError {
 }
 
 /// Writes the store's keys to `path` atomically (a temp file in the same directory, fsync,
-/// rename). Keys of routes `route_name` does not know are left out. Returns how many keys went in.
+/// rename), with `identity`, how their users are keyed. Keys of routes `route_name` does not
+/// know are left out. Returns how many keys went in.
 pub fn write(
     path: &Path,
     store: &MemoryStore,
     route_name: impl Fn(RouteId) -> Option<String>,
+    identity: Option<&str>,
 ) -> io::Result<usize> {
-    write_at(path, store, route_name, SystemTime::now())
+    write_at(path, store, route_name, identity, SystemTime::now())
 }
 
 /// [`write()`] at a given wall time (tests).
@@ -141,6 +149,7 @@ pub(crate) fn write_at(
     path: &Path,
     store: &MemoryStore,
     route_name: impl Fn(RouteId) -> Option<String>,
+    identity: Option<&str>,
     wall: SystemTime,
 ) -> io::Result<usize> {
     // The store's now is read before the snapshot and the wall time after: ages come out no larger
@@ -173,6 +182,7 @@ pub(crate) fn write_at(
     let file = FileV1 {
         version: VERSION,
         written_at_unix_ms,
+        identity: identity.map(str::to_string),
         keys,
     };
     let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
@@ -237,6 +247,7 @@ pub(crate) fn read_at(
     let mut loaded = Loaded {
         age,
         clock_went_back,
+        identity: file.identity.clone(),
         ..Loaded::default()
     };
     let mut restored = Vec::with_capacity(file.keys.len());
@@ -477,23 +488,31 @@ struct Inner {
     /// One write at a time, each snapshotting inside the lock: an older snapshot can never be
     /// renamed over a newer one.
     writing: Mutex<()>,
-    /// Resolve mode: the current config's identity answers ([`StateKeeper::keep_answers`]).
-    answers: OnceLock<AnswersSource>,
+    /// How users are keyed and the identity answers, under the config current at a write
+    /// ([`StateKeeper::follow`]); until then, the start config's scheme and no answers.
+    current: OnceLock<CurrentSource>,
+    start_scheme: String,
     /// The scope and [`Answers::found`] count last written: unchanged, the file still holds.
     answers_written: Mutex<Option<(String, u64)>>,
 }
 
-/// Gives the identity answers of the config current at the time of a write.
-type AnswersSource = Box<dyn Fn() -> Option<Answers> + Send + Sync>;
+/// Gives how users are keyed and the identity answers under the config current at a write.
+type CurrentSource = Box<dyn Fn() -> (String, Option<Answers>) + Send + Sync>;
 
 impl Inner {
     fn write_blocking(&self) -> io::Result<usize> {
         let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(answers) = self.answers.get().and_then(|current| current()) {
+        let (scheme, answers) = match self.current.get() {
+            Some(current) => current(),
+            None => (self.start_scheme.clone(), None),
+        };
+        if let Some(answers) = answers {
             self.write_answers(&answers);
         }
         match self.store.as_ref() {
-            Store::Memory(memory) => write(&self.path, memory, |id| self.names.name(id)),
+            Store::Memory(memory) => {
+                write(&self.path, memory, |id| self.names.name(id), Some(&scheme))
+            }
             Store::Redis(_) => Ok(0),
         }
     }
@@ -549,8 +568,22 @@ pub fn resume(config: &Config, store: &Arc<Store>, names: &Arc<RouteNames>) -> O
         .map(|r| r.per + config.safety_margin)
         .fold(identity_window, Duration::max);
     let route_id = |name: &str| known.contains(&name).then(|| names.id(name));
+    let scheme = crate::identity::scheme_id(&config.identity);
     match read(&path, memory, route_id, max_window) {
         Ok(loaded) => {
+            if loaded
+                .identity
+                .as_ref()
+                .is_some_and(|saved| *saved != scheme)
+            {
+                // The saved sends are under keys users no longer map to: as on a reload that
+                // changes the identity, every key is held for a window from now, as if its
+                // quota had just been used (the previous process sent nothing after now).
+                memory.raise_floor(Limiter::clock(memory).now());
+                tracing::warn!(file = %path.display(),
+                    "identity changed across the restart: users' calls count under new keys; \
+                     every key is held for a window, as if its quota had just been used");
+            }
             if loaded.clock_went_back {
                 tracing::warn!(file = %path.display(),
                     "the wall clock is behind the state file's write time; loading it as if just written");
@@ -572,7 +605,8 @@ pub fn resume(config: &Config, store: &Arc<Store>, names: &Arc<RouteNames>) -> O
         store: store.clone(),
         names: names.clone(),
         writing: Mutex::new(()),
-        answers: OnceLock::new(),
+        current: OnceLock::new(),
+        start_scheme: scheme,
         answers_written: Mutex::new(None),
     });
     let writer = tokio::spawn(write_every(inner.clone(), STATE_FILE_INTERVAL));
@@ -625,9 +659,10 @@ pub async fn restore_answers(config: &Config) -> Option<Answers> {
 }
 
 impl StateKeeper {
-    /// From now on, each write also keeps the identity answers `current` gives (resolve mode).
-    pub fn keep_answers(&self, current: impl Fn() -> Option<Answers> + Send + Sync + 'static) {
-        let _ = self.inner.answers.set(Box::new(current));
+    /// From now on, each write records how users are keyed and keeps the identity answers
+    /// (resolve mode), as `current` gives them for the config current then.
+    pub fn follow(&self, current: impl Fn() -> (String, Option<Answers>) + Send + Sync + 'static) {
+        let _ = self.inner.current.set(Box::new(current));
     }
 
     /// Writes the state file now (besides the periodic writes).
@@ -730,7 +765,7 @@ mod tests {
         old.acquire_now(&gcra, key(1, 2), None);
         old.lock_now(key(0, 3), 100 * SEC + 30 * SEC);
         clock.set(102 * SEC);
-        let written = write_at(&path, &old, names, wall(1_000_000)).expect("written");
+        let written = write_at(&path, &old, names, None, wall(1_000_000)).expect("written");
         assert_eq!(written, 3);
 
         // A new process: its clock started recently; 500 ms of wall time went by.
@@ -772,7 +807,14 @@ mod tests {
         old.lock_now(key(0, 2), 10 * SEC + 1_500 * MS + 1);
         // 1.9999 ms after the send.
         clock.set(10 * SEC + 1_999_900);
-        write_at(&path, &old, names, wall(5_000) + Duration::from_micros(300)).expect("written");
+        write_at(
+            &path,
+            &old,
+            names,
+            None,
+            wall(5_000) + Duration::from_micros(300),
+        )
+        .expect("written");
         let text = fs::read_to_string(&path).expect("read");
         let json: serde_json::Value = serde_json::from_str(&text).expect("json");
         assert_eq!(
@@ -801,7 +843,7 @@ mod tests {
         old.acquire_now(&window, key(0, 1), None);
         clock.set(103 * SEC);
         old.acquire_now(&window, key(0, 1), None);
-        write_at(&path, &old, names, wall(1_000_000)).expect("written");
+        write_at(&path, &old, names, None, wall(1_000_000)).expect("written");
         let (_clock, new) = store_at(SEC);
         read_at(&path, &new, ids, Duration::from_secs(10), wall(1_000_000)).expect("loaded");
         assert_eq!(sends_of(&new, key(0, 1)), vec![0, SEC]);
@@ -819,7 +861,7 @@ mod tests {
         let (_clock, old) = store_at(100 * SEC);
         old.acquire_now(&window, key(0, 1), None);
         old.lock_now(key(0, 2), 100 * SEC + 20 * SEC);
-        write_at(&path, &old, names, wall(1_000_000)).expect("written");
+        write_at(&path, &old, names, None, wall(1_000_000)).expect("written");
         let (_clock, new) = store_at(SEC);
         // Within the lock: loaded (the send has left its window, the lock has not ended).
         let loaded =
@@ -894,7 +936,7 @@ mod tests {
         let window = policy(1, Algorithm::Window);
         let (_clock, old) = store_at(100 * SEC);
         old.acquire_now(&window, key(0, 1), None);
-        write_at(&path, &old, names, wall(1_000_000)).expect("written");
+        write_at(&path, &old, names, None, wall(1_000_000)).expect("written");
         let (_clock, new) = store_at(20 * SEC);
         let loaded =
             read_at(&path, &new, ids, Duration::from_secs(10), wall(990_000)).expect("loaded");
@@ -917,7 +959,7 @@ mod tests {
         assert!(
             matches!(reserved, Acquire::Reserved { reservation, .. } if reservation.slot == 110 * SEC)
         );
-        write_at(&path, &old, names, wall(1_000_000)).expect("written");
+        write_at(&path, &old, names, None, wall(1_000_000)).expect("written");
         let (_clock, new) = store_at(50 * SEC);
         read_at(&path, &new, ids, Duration::from_secs(10), wall(1_000_000)).expect("loaded");
         assert_eq!(sends_of(&new, key(0, 1)), vec![50 * SEC, 60 * SEC]);
@@ -1014,11 +1056,14 @@ mod tests {
             store: Arc::new(Store::Memory(memory)),
             names: RouteNames::new(Vec::new()),
             writing: Mutex::new(()),
-            answers: OnceLock::new(),
+            current: OnceLock::new(),
+            start_scheme: "scheme".into(),
             answers_written: Mutex::new(None),
         };
         let source = answers.clone();
-        let _ = inner.answers.set(Box::new(move || Some(source.clone())));
+        let _ = inner
+            .current
+            .set(Box::new(move || ("scheme".into(), Some(source.clone()))));
         let kept = |n: u8| KeptAnswer {
             token: UserKey([n; 16]),
             user: UserKey([n + 100; 16]),
@@ -1048,7 +1093,7 @@ mod tests {
         let path = dir.path().join("state.json");
         let (_clock, store) = store_at(SEC);
         fs::write(&path, "old").expect("write");
-        write_at(&path, &store, names, wall(1_000)).expect("written");
+        write_at(&path, &store, names, None, wall(1_000)).expect("written");
         let entries: Vec<_> = fs::read_dir(dir.path())
             .expect("dir")
             .map(|e| e.expect("entry").file_name())

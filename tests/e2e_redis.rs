@@ -235,13 +235,13 @@ impl Fleet {
     }
 }
 
-/// Every cliqgate key in `redis` except the epoch key.
+/// Every cliqgate key in `redis` except the epoch and the identity scheme, which live for ever.
 async fn user_keys(redis: &RedisServer) -> BTreeSet<String> {
     redis
         .command(&["KEYS", "cliqgate:*"])
         .await
         .lines()
-        .filter(|k| !k.is_empty() && *k != "cliqgate:epoch")
+        .filter(|k| !k.is_empty() && !["cliqgate:epoch", "cliqgate:identity_scheme"].contains(k))
         .map(String::from)
         .collect()
 }
@@ -779,10 +779,17 @@ async fn keys_are_hash_tagged_and_expire_on_their_own() {
         || async { user_keys(&redis).await.is_empty() },
     )
     .await;
+    let mut left: Vec<String> = redis
+        .command(&["KEYS", "cliqgate:*"])
+        .await
+        .lines()
+        .map(String::from)
+        .collect();
+    left.sort();
     assert_eq!(
-        redis.command(&["KEYS", "cliqgate:*"]).await,
-        "cliqgate:epoch",
-        "only the (one, global) epoch key is left"
+        left,
+        ["cliqgate:epoch", "cliqgate:identity_scheme"],
+        "only the global epoch and identity scheme keys are left"
     );
     assert_eq!(stub.violations(), 0);
     fleet.shutdown().await;
@@ -1157,4 +1164,65 @@ async fn shutdown_after_a_redis_reconnect_does_not_wait_for_the_redis_connection
         took < SHUTDOWN / 2,
         "shutdown took {took:?} with nothing in flight (timeouts.shutdown {SHUTDOWN:?})"
     );
+}
+
+/// A restart of the fleet that changes how users are keyed (token to header mode) finds the
+/// sends in Redis under keys its users no longer map to: every key is held for a window (the
+/// epoch moves), instead of each user getting a second quota. The same scheme again holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_that_changes_the_identity_holds_every_key_for_a_window() {
+    let redis = RedisServer::start().await;
+    old_epoch(&redis).await;
+    let stub = stub(LIMIT, BURST_PER).await;
+    let setup = Setup {
+        per: BURST_PER,
+        ..Setup::new("reject", 1, "reject")
+    };
+    let token_mode = setup.yaml(&stub.url(), &redis.url());
+    let header_mode = token_mode.replacen(
+        "routes:",
+        "identity:\n  mode: header\n  header: \"X-Cliq-User\"\nroutes:",
+        1,
+    );
+    let post = |running: &cliqgate::app::Running, user: &'static str| {
+        let url = format!("{}/api/v3/chats/C1/message", base_url(running));
+        let mut req = request(Method::POST, &url, Some(user), "{}");
+        req.headers_mut()
+            .insert("x-cliq-user", http::HeaderValue::from_static(user));
+        async move { Client::new().send(req).await.status }
+    };
+
+    let first = start_proxy(&token_mode).await;
+    for _ in 0..LIMIT {
+        assert_eq!(post(&first, "alice").await, StatusCode::OK);
+    }
+    first.shutdown().await;
+
+    let second = start_proxy(&header_mode).await;
+    assert_eq!(
+        post(&second, "alice").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "held: alice's calls in the window are under her old key"
+    );
+    assert_eq!(
+        post(&second, "bob").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "every key is held"
+    );
+    second.shutdown().await;
+    assert_eq!(stub.violations(), 0, "Zoho saw alice's quota crossed");
+    assert_eq!(
+        redis
+            .command(&["GET", "cliqgate:identity_scheme"])
+            .await
+            .len(),
+        16,
+        "the scheme is recorded as a short hash"
+    );
+
+    // The same scheme again: nothing more to hold (the epoch stays where it is).
+    let epoch = redis.command(&["GET", "cliqgate:epoch"]).await;
+    let third = start_proxy(&header_mode).await;
+    assert_eq!(redis.command(&["GET", "cliqgate:epoch"]).await, epoch);
+    third.shutdown().await;
 }

@@ -236,3 +236,44 @@ async fn the_state_file_holds_no_credential() {
     assert!(!text.contains("secret-token"), "{text}");
     assert!(text.contains("chats.post_message"), "{text}");
 }
+
+/// A restart that changes how users are keyed (here token to header mode) finds the saved sends
+/// under keys its users no longer map to: it holds every key for a window, as a reload does,
+/// instead of giving each user a second quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_that_changes_the_identity_holds_every_key_for_a_window() {
+    let stub = stub().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = state_path(&dir);
+    let first = start_proxy(&yaml(&stub, "reject", Some(&state))).await;
+    let answers = burst(&first, "alice", LIMIT as usize).await;
+    assert_eq!(
+        count(&answers, StatusCode::OK),
+        LIMIT as usize,
+        "{answers:?}"
+    );
+    first.shutdown().await;
+
+    let header_mode = yaml(&stub, "reject", Some(&state)).replacen(
+        "routes:",
+        "identity:\n  mode: header\n  header: \"X-Cliq-User\"\nroutes:",
+        1,
+    );
+    let second = start_proxy(&header_mode).await;
+    let client = Client::new();
+    let mut statuses = Vec::new();
+    for c in 0..LIMIT {
+        let url = format!("{}/api/v3/chats/C{c}/message", base_url(&second));
+        let mut req = request(Method::POST, &url, Some("alice"), r#"{"text":"hi"}"#);
+        req.headers_mut()
+            .insert("x-cliq-user", http::HeaderValue::from_static("alice"));
+        statuses.push(client.send(req).await.status);
+    }
+    assert_eq!(
+        count(&statuses, StatusCode::TOO_MANY_REQUESTS),
+        LIMIT as usize,
+        "held for a window: {statuses:?}"
+    );
+    assert_eq!(stub.violations(), 0, "Zoho saw alice's quota crossed");
+    second.shutdown().await;
+}

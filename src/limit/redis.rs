@@ -372,6 +372,20 @@ impl RedisStore {
         }
     }
 
+    /// Records how users are keyed ([`crate::identity::scheme_id`]) and says whether Redis held
+    /// another scheme before: then the keys in Redis are under keys users no longer map to, and
+    /// the caller moves the epoch. `false` when Redis held none or cannot be asked now.
+    pub async fn identity_scheme_changed(&self, scheme: &str) -> bool {
+        let mut set = redis::cmd("SET");
+        set.arg(format!("{}identity_scheme", self.options.prefix))
+            .arg(scheme)
+            .arg("GET");
+        let mut conn = self.conn.clone();
+        let before: Result<Result<Option<String>, _>, _> =
+            tokio::time::timeout(self.options.timeout, set.query_async(&mut conn)).await;
+        matches!(before, Ok(Ok(Some(before))) if before != scheme)
+    }
+
     // ---- resolve mode's answers, shared by the replicas ----
 
     /// Who owns a token, as another replica (or this one before a restart) learnt it: the user
