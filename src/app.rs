@@ -231,7 +231,7 @@ fn open_store(
 }
 
 /// The longest `max_wait` of any route that queues: how far ahead a slot may be promised.
-fn longest_queue_wait(config: &Config) -> Duration {
+pub(crate) fn longest_queue_wait(config: &Config) -> Duration {
     config
         .routes
         .iter()
@@ -268,19 +268,6 @@ pub async fn start_with_workers(
         names,
         drain: Arc::new(Drain::default()),
     };
-    if let Store::Redis(redis) = limiter.as_ref() {
-        // A restart that changes how users are keyed: hold every key fleet-wide, as a reload does.
-        if redis
-            .identity_scheme_changed(&scheme_id(&config.identity))
-            .await
-        {
-            tracing::warn!(
-                "identity changed since the fleet last started: users' calls count under new \
-                 keys; every key is held for a window, as if its quota had just been used"
-            );
-            redis.restart_epoch(longest_queue_wait(&config)).await;
-        }
-    }
     let upstream = Upstream::new(&config)?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let answers = crate::state::restore_answers(&config).await;
@@ -297,6 +284,20 @@ pub async fn start_with_workers(
     let (proxy_addr, listeners) = bind_workers(listen, workers)?;
     let admin_listener = bind("admin listener", admin_listen).await?;
     let admin_addr = local_addr(&admin_listener, admin_listen)?;
+    if let Store::Redis(redis) = limiter.as_ref() {
+        // A restart that changes how users are keyed holds every key fleet-wide, as a reload
+        // does; decided once the listeners are bound (a start that fails records nothing) and
+        // before any call is.
+        let scheme = scheme_id(&proxy.config.identity);
+        if redis.identity_scheme_may_differ(&scheme).await {
+            tracing::warn!(
+                "identity may have changed since the fleet last started: users' calls count under \
+                 new keys; every key is held for a window, as if its quota had just been used"
+            );
+            redis.restart_epoch(longest_queue_wait(&proxy.config)).await;
+        }
+        redis.record_identity_scheme(&scheme).await;
+    }
     let (stop, stopped) = watch::channel(false);
 
     let mut worker_done = Vec::with_capacity(listeners.len());
@@ -504,7 +505,7 @@ impl Running {
                     let scheme = scheme_id(&proxy.config.identity);
                     tokio::spawn(async move {
                         redis.restart_epoch(promised).await;
-                        redis.identity_scheme_changed(&scheme).await;
+                        redis.record_identity_scheme(&scheme).await;
                         if reloads.load(Ordering::Acquire) == generation {
                             current.store(proxy);
                             tracing::info!(routes, "config reloaded");

@@ -62,6 +62,10 @@ struct FileV1 {
     /// How users were keyed ([`crate::identity::scheme_id`]); absent in older files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     identity: Option<String>,
+    /// How long ago every key was assumed full ([`MemoryStore::floor`]; negative: ahead), so a
+    /// hold outlives a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    floor_ms_ago: Option<i64>,
     keys: Vec<SavedKey>,
 }
 
@@ -117,6 +121,8 @@ pub struct Loaded {
     pub clock_went_back: bool,
     /// How users were keyed when the file was written, if it says.
     pub identity: Option<String>,
+    /// A hold (every key assumed full) still in force was restored.
+    pub held: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +189,10 @@ pub(crate) fn write_at(
         version: VERSION,
         written_at_unix_ms,
         identity: identity.map(str::to_string),
+        // Rounded down: the floor comes back no earlier than it was.
+        floor_ms_ago: store
+            .floor()
+            .map(|floor| clamp_i64((now - i128::from(floor)).div_euclid(NS_PER_MS))),
         keys,
     };
     let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
@@ -237,6 +247,7 @@ pub(crate) fn read_at(
                 .chain(k.tat_ms_from_now.map(i128::from))
                 .chain([i128::from(k.locked_for_ms)])
         })
+        .chain(file.floor_ms_ago.map(|ago| window_ms - i128::from(ago)))
         .fold(window_ms, i128::max);
     if elapsed_ms >= in_force_ms {
         return Err(StateError::Stale { age });
@@ -306,6 +317,13 @@ pub(crate) fn read_at(
         });
     }
     store.restore(restored);
+    if let Some(ago) = file.floor_ms_ago {
+        let age = (i128::from(ago) + elapsed_ms).saturating_mul(NS_PER_MS);
+        if age < window_ns {
+            store.raise_floor(to_nanos(now - age));
+            loaded.held = true;
+        }
+    }
     Ok(loaded)
 }
 
@@ -571,15 +589,18 @@ pub fn resume(config: &Config, store: &Arc<Store>, names: &Arc<RouteNames>) -> O
     let scheme = crate::identity::scheme_id(&config.identity);
     match read(&path, memory, route_id, max_window) {
         Ok(loaded) => {
+            // A file without `identity` comes from a version that did not record it: taken as
+            // unchanged (README: do not change the identity in the deploy that upgrades).
             if loaded
                 .identity
                 .as_ref()
                 .is_some_and(|saved| *saved != scheme)
             {
                 // The saved sends are under keys users no longer map to: as on a reload that
-                // changes the identity, every key is held for a window from now, as if its
-                // quota had just been used (the previous process sent nothing after now).
-                memory.raise_floor(Limiter::clock(memory).now());
+                // changes the identity, every key is held until a window after the last slot the
+                // previous process may still send at (it may be draining beside this one).
+                let promised = crate::limit::nanos(crate::app::longest_queue_wait(config));
+                memory.raise_floor(Limiter::clock(memory).now().saturating_add(promised));
                 tracing::warn!(file = %path.display(),
                     "identity changed across the restart: users' calls count under new keys; \
                      every key is held for a window, as if its quota had just been used");
@@ -1085,6 +1106,29 @@ mod tests {
         let mut tokens: Vec<u8> = read().iter().map(|a| a.token.0[0]).collect();
         tokens.sort_unstable();
         assert_eq!(tokens, [1, 2]);
+    }
+
+    #[test]
+    fn a_hold_and_the_identity_are_kept_across_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.json");
+        let (_, old) = store_at(100 * SEC);
+        old.raise_floor(99 * SEC);
+        write_at(&path, &old, names, Some("scheme-a"), wall(1_000_000)).expect("written");
+        // 500 ms later, on a new clock.
+        let (_, new) = store_at(50 * SEC);
+        let loaded =
+            read_at(&path, &new, ids, Duration::from_secs(10), wall(1_000_500)).expect("loaded");
+        assert_eq!(loaded.identity.as_deref(), Some("scheme-a"));
+        assert!(loaded.held);
+        // 1 s before the write, plus 500 ms: 1.5 s before now (never earlier).
+        assert_eq!(new.floor(), Some(50 * SEC - 1_500 * MS));
+        // A hold a window old is over: not restored.
+        let (_, later) = store_at(50 * SEC);
+        let loaded =
+            read_at(&path, &later, ids, Duration::from_secs(10), wall(1_009_000)).expect("loaded");
+        assert!(!loaded.held);
+        assert_eq!(later.floor(), None);
     }
 
     #[test]

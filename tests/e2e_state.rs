@@ -274,6 +274,20 @@ async fn restart_that_changes_the_identity_holds_every_key_for_a_window() {
         LIMIT as usize,
         "held for a window: {statuses:?}"
     );
-    assert_eq!(stub.violations(), 0, "Zoho saw alice's quota crossed");
     second.shutdown().await;
+
+    // Restarted again inside the hold, now under the same identity: the hold is in the state
+    // file and still holds.
+    let third = start_proxy(&header_mode).await;
+    let url = format!("{}/api/v3/chats/C9/message", base_url(&third));
+    let mut req = request(Method::POST, &url, Some("alice"), r#"{"text":"hi"}"#);
+    req.headers_mut()
+        .insert("x-cliq-user", http::HeaderValue::from_static("alice"));
+    assert_eq!(
+        client.send(req).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the hold outlives a restart"
+    );
+    third.shutdown().await;
+    assert_eq!(stub.violations(), 0, "Zoho saw alice's quota crossed");
 }

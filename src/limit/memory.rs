@@ -403,6 +403,15 @@ impl MemoryStore {
         self.floor.store(floor, Ordering::Release);
     }
 
+    /// The time every key is assumed full at ([`MemoryStore::assume_full_at`]), if any: kept in
+    /// the state file, so a restart inside its window still holds.
+    pub fn floor(&self) -> Option<Nanos> {
+        match self.floor.load(Ordering::Acquire) {
+            0 => None,
+            floor => Some(floor),
+        }
+    }
+
     /// [`MemoryStore::assume_full_at`], unless a later time is already assumed.
     pub fn raise_floor(&self, at: Nanos) {
         self.floor.fetch_max(at.max(1), Ordering::AcqRel);

@@ -372,18 +372,39 @@ impl RedisStore {
         }
     }
 
-    /// Records how users are keyed ([`crate::identity::scheme_id`]) and says whether Redis held
-    /// another scheme before: then the keys in Redis are under keys users no longer map to, and
-    /// the caller moves the epoch. `false` when Redis held none or cannot be asked now.
-    pub async fn identity_scheme_changed(&self, scheme: &str) -> bool {
-        let mut set = redis::cmd("SET");
-        set.arg(format!("{}identity_scheme", self.options.prefix))
-            .arg(scheme)
-            .arg("GET");
+    /// Whether the sends in Redis may be under keys users no longer map to: Redis recorded
+    /// another way of keying users ([`crate::identity::scheme_id`]) than `scheme`, or it cannot
+    /// be asked now. None recorded (a new Redis, or a version that did not record it) counts as
+    /// the same. The caller then moves the epoch before [`RedisStore::record_identity_scheme`].
+    pub async fn identity_scheme_may_differ(&self, scheme: &str) -> bool {
+        let mut get = redis::cmd("GET");
+        get.arg(self.identity_scheme_key());
         let mut conn = self.conn.clone();
-        let before: Result<Result<Option<String>, _>, _> =
+        let found: Result<Result<Option<String>, _>, _> =
+            tokio::time::timeout(self.options.timeout, get.query_async(&mut conn)).await;
+        match found {
+            Ok(Ok(recorded)) => recorded.is_some_and(|recorded| recorded != scheme),
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(
+                    "cannot read the identity scheme from Redis; holding as if it changed"
+                );
+                true
+            }
+        }
+    }
+
+    /// Records how users are keyed, once the epoch holds what was sent under another scheme.
+    /// Best effort: if it fails, the next start cannot tell and holds again.
+    pub async fn record_identity_scheme(&self, scheme: &str) {
+        let mut set = redis::cmd("SET");
+        set.arg(self.identity_scheme_key()).arg(scheme);
+        let mut conn = self.conn.clone();
+        let _: Result<Result<(), _>, _> =
             tokio::time::timeout(self.options.timeout, set.query_async(&mut conn)).await;
-        matches!(before, Ok(Ok(Some(before))) if before != scheme)
+    }
+
+    fn identity_scheme_key(&self) -> String {
+        format!("{}identity_scheme", self.options.prefix)
     }
 
     // ---- resolve mode's answers, shared by the replicas ----
