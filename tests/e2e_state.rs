@@ -237,6 +237,19 @@ async fn the_state_file_holds_no_credential() {
     assert!(text.contains("chats.post_message"), "{text}");
 }
 
+/// A chat post in header mode (`X-Cliq-User: user`, with `user` as its token too); its status.
+async fn post_as_header(
+    running: &cliqgate::app::Running,
+    chat: u32,
+    user: &'static str,
+) -> StatusCode {
+    let url = format!("{}/api/v3/chats/C{chat}/message", base_url(running));
+    let mut req = request(Method::POST, &url, Some(user), r#"{"text":"hi"}"#);
+    req.headers_mut()
+        .insert("x-cliq-user", http::HeaderValue::from_static(user));
+    Client::new().send(req).await.status
+}
+
 /// A restart that changes how users are keyed (here token to header mode) finds the saved sends
 /// under keys its users no longer map to: it holds every key for a window, as a reload does,
 /// instead of giving each user a second quota.
@@ -260,14 +273,9 @@ async fn restart_that_changes_the_identity_holds_every_key_for_a_window() {
         1,
     );
     let second = start_proxy(&header_mode).await;
-    let client = Client::new();
     let mut statuses = Vec::new();
     for c in 0..LIMIT {
-        let url = format!("{}/api/v3/chats/C{c}/message", base_url(&second));
-        let mut req = request(Method::POST, &url, Some("alice"), r#"{"text":"hi"}"#);
-        req.headers_mut()
-            .insert("x-cliq-user", http::HeaderValue::from_static("alice"));
-        statuses.push(client.send(req).await.status);
+        statuses.push(post_as_header(&second, c, "alice").await);
     }
     assert_eq!(
         count(&statuses, StatusCode::TOO_MANY_REQUESTS),
@@ -279,12 +287,8 @@ async fn restart_that_changes_the_identity_holds_every_key_for_a_window() {
     // Restarted again inside the hold, now under the same identity: the hold is in the state
     // file and still holds.
     let third = start_proxy(&header_mode).await;
-    let url = format!("{}/api/v3/chats/C9/message", base_url(&third));
-    let mut req = request(Method::POST, &url, Some("alice"), r#"{"text":"hi"}"#);
-    req.headers_mut()
-        .insert("x-cliq-user", http::HeaderValue::from_static("alice"));
     assert_eq!(
-        client.send(req).await.status,
+        post_as_header(&third, 9, "alice").await,
         StatusCode::TOO_MANY_REQUESTS,
         "the hold outlives a restart"
     );
