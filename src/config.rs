@@ -2810,7 +2810,14 @@ impl Config {
                 format!("header {name} from {}", trusted.join(", "))
             }
             IdentityConfig::Resolve(r) => {
-                format!("resolve {} (ttl {})", r.url, format_duration(r.ttl))
+                let split = self.lookup_split().map_or(String::new(), |s| {
+                    format!(
+                        ", lookups {} of {} a window",
+                        s.lookups,
+                        s.lookups.get() + s.own.get()
+                    )
+                });
+                format!("resolve {} (ttl {}{split})", r.url, format_duration(r.ttl))
             }
         };
         let store = match (&self.store, &self.state_file) {
@@ -3779,7 +3786,9 @@ mod tests {
         };
         let text = c.describe();
         assert!(
-            text.contains("identity resolve https://cliq.zoho.com/api/v2/me (ttl 50m)  store"),
+            text.contains(
+                "identity resolve https://cliq.zoho.com/api/v2/me (ttl 50m, lookups 10 of 20 a window)  store"
+            ),
             "{text}"
         );
     }

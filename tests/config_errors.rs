@@ -275,9 +275,9 @@ fn resolve_identity_with_every_key_loads() {
         })
     );
     assert!(
-        config
-            .describe()
-            .contains("identity resolve https://cliq.zoho.com/api/v2/me (ttl 30m)"),
+        config.describe().contains(
+            "identity resolve https://cliq.zoho.com/api/v2/me (ttl 30m, lookups 4 of 20 a window)"
+        ),
         "{}",
         config.describe()
     );
