@@ -159,9 +159,9 @@ fn held_split(
         *before = None;
         return None;
     };
-    let recent = match *before {
-        Some((split, until)) if until > now => split,
-        _ => in_force,
+    let (recent, earlier) = match *before {
+        Some((split, until)) if until > now => (split, Some(until)),
+        _ => (in_force, None),
     };
     let held = new.min(recent);
     if held == new {
@@ -170,7 +170,9 @@ fn held_split(
     }
     let window = identity_window(config).max(identity_window(&old.config));
     let queued = longest_queue_wait(&old.config).max(longest_queue_wait(config));
-    let until = now + queued + window;
+    // Never before an earlier hold would have ended: calls queued under the config before it
+    // may wait longer than under the last two.
+    let until = (now + queued + window).max(earlier.unwrap_or(now));
     *before = Some((recent, until));
     Some((held, until))
 }

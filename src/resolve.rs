@@ -5,8 +5,8 @@
 //! credential is shown to the identity endpoint (e.g. `GET /api/v2/me`), the user id found at
 //! `user_field` becomes the key, and the answer is cached by token *hash* (never the token).
 //!
-//! - One lookup per token per `ttl`, however many calls arrive at once (moka's `try_get_with`
-//!   coalesces concurrent first calls into one lookup).
+//! - One lookup per token per `ttl`, however many calls arrive at once (moka's
+//!   `or_try_insert_with` coalesces concurrent first calls into one lookup).
 //! - A refusal (401/403) is cached for `negative_ttl` and passed to callers as Zoho sent it, so a
 //!   bad token cannot flood the endpoint.
 //! - Lookups spend the identity endpoint's own quota (20 per minute, lock 10 minutes), which Zoho
@@ -156,9 +156,13 @@ impl Answers {
         }
     }
 
-    /// Owners found (looked up, shared or taken back) so far: unchanged, nothing new to keep.
-    pub fn found(&self) -> u64 {
-        self.found.load(Ordering::Relaxed)
+    /// Owners found (looked up, shared or taken back) so far in this cache, and which cache it
+    /// is (a reload may build another): both unchanged, nothing new to keep.
+    pub fn found(&self) -> (usize, u64) {
+        (
+            Arc::as_ptr(&self.found) as usize,
+            self.found.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether these answers hold under `config`: the same endpoint, field and cache settings.
@@ -320,9 +324,18 @@ impl Resolver {
             }
             None => {
                 self.metrics.identity_cache("miss");
-                self.cache
-                    .try_get_with(token, self.lookup(token, authorization))
-                    .await
+                let entry = self
+                    .cache
+                    .entry(token)
+                    .or_try_insert_with(self.lookup(token, authorization))
+                    .await;
+                entry.map(|entry| {
+                    // Counted once it is in the cache, for the state file's writer.
+                    if entry.is_fresh() && matches!(entry.value(), Answer::User(..)) {
+                        self.found.fetch_add(1, Ordering::Relaxed);
+                    }
+                    entry.into_value()
+                })
             }
         };
         match answer {
@@ -378,7 +391,6 @@ impl Resolver {
         if let Store::Redis(redis) = self.limiter.as_ref() {
             if let Some((user, left)) = redis.shared_answer(&self.scope, &token).await {
                 self.metrics.identity_lookup("shared");
-                self.found.fetch_add(1, Ordering::Relaxed);
                 return Ok(Answer::User(user, Instant::now() + left));
             }
         }
@@ -386,9 +398,6 @@ impl Resolver {
         self.admit(&self.quota.policy, key).await?;
         self.admit(&self.quota.pool, pool).await?;
         let result = self.ask(authorization).await;
-        if let Ok(Answer::User(..)) = &result {
-            self.found.fetch_add(1, Ordering::Relaxed);
-        }
         if let (Ok(Answer::User(user, _)), Store::Redis(redis)) = (&result, self.limiter.as_ref()) {
             redis
                 .share_answer(&self.scope, &token, user, self.config.ttl)
@@ -577,7 +586,7 @@ mod tests {
                 kept(2, Duration::from_secs(2)),
             ])
             .await;
-        assert_eq!(answers.found(), 2);
+        assert_eq!(answers.found().1, 2);
         let mut back = answers.kept();
         back.sort_by_key(|a| a.token.0);
         assert_eq!(back.len(), 2, "{back:?}");

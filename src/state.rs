@@ -417,10 +417,17 @@ fn read_versioned(path: &Path) -> Result<Vec<u8>, StateError> {
 }
 
 fn check_plausible(file: &FileV1) -> Result<(), StateError> {
-    for k in &file.keys {
-        let too_far = k.sends_ms_ago.iter().any(|&a| a < -MAX_PLAUSIBLE_MS)
-            || k.tat_ms_from_now.is_some_and(|t| t > MAX_PLAUSIBLE_MS)
-            || k.locked_for_ms > MAX_PLAUSIBLE_MS as u64;
+    let floor_too_far = file.floor_ms_ago.is_some_and(|a| a < -MAX_PLAUSIBLE_MS);
+    for too_far in file
+        .keys
+        .iter()
+        .map(|k| {
+            k.sends_ms_ago.iter().any(|&a| a < -MAX_PLAUSIBLE_MS)
+                || k.tat_ms_from_now.is_some_and(|t| t > MAX_PLAUSIBLE_MS)
+                || k.locked_for_ms > MAX_PLAUSIBLE_MS as u64
+        })
+        .chain([floor_too_far])
+    {
         if too_far {
             return Err(StateError::Corrupt(format!(
                 "a time more than {} days ahead",
@@ -510,8 +517,8 @@ struct Inner {
     /// ([`StateKeeper::follow`]); until then, the start config's scheme and no answers.
     current: OnceLock<CurrentSource>,
     start_scheme: String,
-    /// The scope and [`Answers::found`] count last written: unchanged, the file still holds.
-    answers_written: Mutex<Option<(String, u64)>>,
+    /// The scope and [`Answers::found`] last written: unchanged, the file still holds.
+    answers_written: Mutex<Option<(String, (usize, u64))>>,
 }
 
 /// Gives how users are keyed and the identity answers under the config current at a write.
@@ -899,9 +906,10 @@ mod tests {
     fn corrupt_files_are_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.json");
-        let cases: [&[u8]; 6] = [
+        let cases: [&[u8]; 7] = [
             b"",
             b"{not json",
+            br#"{"version": 1, "written_at_unix_ms": 1000, "floor_ms_ago": -99999999999, "keys": []}"#,
             b"\xff\xfe\x00garbage",
             br#"{"version": 2, "written_at_unix_ms": 1, "keys": []}"#,
             br#"{"version": 1, "written_at_unix_ms": 1, "keys": [{"route": 5}]}"#,

@@ -380,8 +380,11 @@ impl RedisStore {
         let mut get = redis::cmd("GET");
         get.arg(self.identity_scheme_key());
         let mut conn = self.conn.clone();
+        // The first command of a process: it may have to connect first (the connection is lazy),
+        // so a slow connect is not taken for a Redis that cannot tell.
+        let wait = self.options.connect_timeout + self.options.timeout;
         let found: Result<Result<Option<String>, _>, _> =
-            tokio::time::timeout(self.options.timeout, get.query_async(&mut conn)).await;
+            tokio::time::timeout(wait, get.query_async(&mut conn)).await;
         match found {
             Ok(Ok(recorded)) => recorded.is_some_and(|recorded| recorded != scheme),
             Ok(Err(_)) | Err(_) => {
