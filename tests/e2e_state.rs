@@ -66,6 +66,19 @@ fn count(statuses: &[StatusCode], status: StatusCode) -> usize {
     statuses.iter().filter(|&&s| s == status).count()
 }
 
+/// A proxy on `yaml` that takes alice's whole quota (all of it forwarded), then shuts down
+/// gracefully, writing its state.
+async fn spend_alices_quota_and_stop(yaml: &str) {
+    let first = start_proxy(yaml).await;
+    let answers = burst(&first, "alice", LIMIT as usize).await;
+    assert_eq!(
+        count(&answers, StatusCode::OK),
+        LIMIT as usize,
+        "{answers:?}"
+    );
+    first.shutdown().await;
+}
+
 fn state_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("state.json")
 }
@@ -76,14 +89,7 @@ async fn restart_inside_the_window_refuses_the_second_burst() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = state_path(&dir);
 
-    let first = start_proxy(&yaml(&stub, "reject", Some(&path))).await;
-    let answers = burst(&first, "alice", LIMIT as usize).await;
-    assert_eq!(
-        count(&answers, StatusCode::OK),
-        LIMIT as usize,
-        "{answers:?}"
-    );
-    first.shutdown().await;
+    spend_alices_quota_and_stop(&yaml(&stub, "reject", Some(&path))).await;
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("state file written"))
             .expect("state file is JSON");
@@ -121,14 +127,7 @@ async fn restart_inside_the_window_queues_the_second_burst_behind_the_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = state_path(&dir);
 
-    let first = start_proxy(&yaml(&stub, "queue", Some(&path))).await;
-    let answers = burst(&first, "alice", LIMIT as usize).await;
-    assert_eq!(
-        count(&answers, StatusCode::OK),
-        LIMIT as usize,
-        "{answers:?}"
-    );
-    first.shutdown().await;
+    spend_alices_quota_and_stop(&yaml(&stub, "queue", Some(&path))).await;
 
     let second = start_proxy(&yaml(&stub, "queue", Some(&path))).await;
     let answers = burst(&second, "alice", LIMIT as usize).await;
@@ -258,14 +257,7 @@ async fn restart_that_changes_the_identity_holds_every_key_for_a_window() {
     let stub = stub().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = state_path(&dir);
-    let first = start_proxy(&yaml(&stub, "reject", Some(&state))).await;
-    let answers = burst(&first, "alice", LIMIT as usize).await;
-    assert_eq!(
-        count(&answers, StatusCode::OK),
-        LIMIT as usize,
-        "{answers:?}"
-    );
-    first.shutdown().await;
+    spend_alices_quota_and_stop(&yaml(&stub, "reject", Some(&state))).await;
 
     let header_mode = yaml(&stub, "reject", Some(&state)).replacen(
         "routes:",
