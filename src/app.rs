@@ -140,13 +140,15 @@ type SplitBefore = Option<(LookupSplit, tokio::time::Instant)>;
 /// must be smaller than its own. A window holding calls decided under the shares in force until
 /// now and under the new ones must not hold more than the endpoint's limit, so each side gets the
 /// smaller of the two, until calls decided under the old shares (queued ones included, sent up
-/// to the longest `max_wait` later) have left the window. Within such a hold, the shares before
-/// it still count. Not when users are rekeyed: every key is held then anyway.
+/// to `promised`, the longest `max_wait` of either config, later) have left the window. Within
+/// such a hold, the shares before it still count. Not when users are rekeyed: every key is held
+/// then anyway.
 fn held_split(
     before: &mut SplitBefore,
     old: &Proxy,
     config: &Config,
     rekeyed: bool,
+    promised: Duration,
 ) -> Option<(LookupSplit, tokio::time::Instant)> {
     let now = tokio::time::Instant::now();
     let name = |c: &Config| c.identity_route().map(|i| c.routes[i].name.clone());
@@ -169,10 +171,9 @@ fn held_split(
         return None;
     }
     let window = identity_window(config).max(identity_window(&old.config));
-    let queued = longest_queue_wait(&old.config).max(longest_queue_wait(config));
     // Never before an earlier hold would have ended: calls queued under the config before it
     // may wait longer than under the last two.
-    let until = (now + queued + window).max(earlier.unwrap_or(now));
+    let until = (now + promised + window).max(earlier.unwrap_or(now));
     *before = Some((recent, until));
     Some((held, until))
 }
@@ -449,7 +450,7 @@ impl Running {
         // Held from deciding the shares until the new proxy is current, and by the task that
         // ends a hold: neither can act on a proxy the other is replacing.
         let mut before = self.split_before.lock().unwrap_or_else(|e| e.into_inner());
-        let hold = held_split(&mut before, &old, &config, rekeyed);
+        let hold = held_split(&mut before, &old, &config, rekeyed, promised);
         // One set of answers for the proxies of this config (held, then final).
         let answers = match (&config.identity, old.answers()) {
             (IdentityConfig::Resolve(resolve), Some(answers)) => Some(answers.carried_to(resolve)),
@@ -494,10 +495,7 @@ impl Running {
                  window after the last queued call's slot, as if its quota had just been used"
             );
             match self.shared.limiter.as_ref() {
-                Store::Memory(memory) => {
-                    let now = Limiter::clock(memory).now();
-                    memory.raise_floor(now.saturating_add(crate::limit::nanos(promised)));
-                }
+                Store::Memory(memory) => memory.hold_every_key(promised),
                 Store::Redis(redis) => {
                     // The new config takes calls once Redis holds every key, fleet-wide (or, if
                     // Redis cannot be told now, once the local fallback does; Redis is told

@@ -454,7 +454,8 @@ impl Config {
         let IdentityConfig::Resolve(resolve) = &self.identity else {
             return None;
         };
-        lookup_split(resolve, identity_limit(resolve, &self.routes))
+        let covering = identity_route(resolve, &self.routes);
+        lookup_split(resolve, identity_limit(covering, &self.routes))
     }
 }
 
@@ -464,9 +465,10 @@ fn identity_route(resolve: &ResolveConfig, routes: &[RouteConfig]) -> Option<usi
         .map(|id| id.0 as usize)
 }
 
-/// The identity endpoint's limit: its route's, or Zoho's published figure for `/api/v2/me`.
-fn identity_limit(resolve: &ResolveConfig, routes: &[RouteConfig]) -> NonZeroU32 {
-    identity_route(resolve, routes).map_or(
+/// The identity endpoint's limit: that of the route `covering` it, or Zoho's published figure
+/// for `/api/v2/me`.
+fn identity_limit(covering: Option<usize>, routes: &[RouteConfig]) -> NonZeroU32 {
+    covering.map_or(
         NonZeroU32::new(crate::resolve::IDENTITY_LIMIT).unwrap_or(NonZeroU32::MIN),
         |i| routes[i].limit,
     )
@@ -493,8 +495,8 @@ fn check_lookup_split(
     let IdentityConfig::Resolve(resolve) = identity else {
         return;
     };
-    let limit = identity_limit(resolve, routes);
     let covering = identity_route(resolve, routes);
+    let limit = identity_limit(covering, routes);
     if let Some(i) = covering.filter(|&i| routes[i].algorithm != Algorithm::Window) {
         // A GCRA state cannot be cut to a smaller share: its tolerance grows as its rate falls,
         // so the held shares of a reload would let more through, not less.
@@ -506,13 +508,13 @@ fn check_lookup_split(
     if lookup_split(resolve, limit).is_some() {
         return;
     }
+    // The sections were read (and their errors reported) already: they are opened again quietly.
+    let mut quiet = Ctx {
+        errors: Vec::new(),
+        base_dir: None,
+    };
     match (resolve.lookup_reserve, covering) {
         (Some(reserve), _) => {
-            // The section was read (and its errors reported) already: open it again quietly.
-            let mut quiet = Ctx {
-                errors: Vec::new(),
-                base_dir: None,
-            };
             let line = top
                 .child("identity", &IDENTITY, &mut quiet)
                 .and_then(|sec| sec.field("lookup_reserve"))
@@ -524,10 +526,6 @@ fn check_lookup_split(
             cx.error(line, "identity.lookup_reserve", why);
         }
         (None, Some(i)) => {
-            let mut quiet = Ctx {
-                errors: Vec::new(),
-                base_dir: None,
-            };
             let limit_line = top
                 .field("routes")
                 .and_then(|f| match &f.node.data {

@@ -102,11 +102,8 @@ pub fn scheme_id(identity: &crate::config::IdentityConfig) -> String {
 
 /// Names an identity endpoint and user field among the answers shared in Redis: answers about
 /// one cannot stand for the other's.
-pub fn answers_scope(url: &str, user_field: &str) -> String {
-    let mut what = url.as_bytes().to_vec();
-    what.push(0);
-    what.extend_from_slice(user_field.as_bytes());
-    hash(b"answers", &what).short()
+pub fn answers_scope(url: &http::Uri, user_field: &str) -> String {
+    hash(b"answers", format!("{url}\0{user_field}").as_bytes()).short()
 }
 
 fn hash(domain: &[u8], credential: &[u8]) -> UserKey {

@@ -202,7 +202,7 @@ impl Answers {
     /// Names the endpoint and field these answers are about, for answers kept outside the
     /// process (Redis, the state file).
     pub fn scope(&self) -> String {
-        answers_scope(&self.config.url.to_string(), &self.config.user_field)
+        answers_scope(&self.config.url, &self.config.user_field)
     }
 
     /// The owners found so far that still hold, with the time each has left (for the state
@@ -247,13 +247,13 @@ pub struct KeptAnswer {
 
 pub struct Resolver {
     config: ResolveConfig,
-    cache: Cache<UserKey, Answer>,
+    /// Its cache holds what the endpoint answered; its settings are this config's (`serves`).
+    answers: Answers,
     upstream: Upstream,
     limiter: Arc<Store>,
     quota: LookupQuota,
     /// Names this endpoint and field among the answers shared in Redis.
     scope: String,
-    found: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 }
 
@@ -283,9 +283,8 @@ impl Resolver {
     ) -> Self {
         Resolver {
             scope: answers.scope(),
-            found: answers.found,
+            answers,
             config,
-            cache: answers.cache,
             upstream,
             limiter,
             quota,
@@ -299,11 +298,7 @@ impl Resolver {
 
     /// The answers so far, for the resolver of a reloaded config ([`Answers::serves`]).
     pub fn answers(&self) -> Answers {
-        Answers {
-            cache: self.cache.clone(),
-            config: self.config.clone(),
-            found: self.found.clone(),
-        }
+        self.answers.clone()
     }
 
     /// The user key of a call whose credential hashes to `token`. `headers` carry the caller's
@@ -317,7 +312,7 @@ impl Resolver {
             // A `zapikey` webhook token cannot ask who it is: it keys by itself, as in token mode.
             return Ok(token);
         };
-        let answer = match self.cache.get(&token).await {
+        let answer = match self.answers.cache.get(&token).await {
             Some(answer) => {
                 self.metrics.identity_cache("hit");
                 Ok(answer)
@@ -325,6 +320,7 @@ impl Resolver {
             None => {
                 self.metrics.identity_cache("miss");
                 let entry = self
+                    .answers
                     .cache
                     .entry(token)
                     .or_try_insert_with(self.lookup(token, authorization))
@@ -332,7 +328,7 @@ impl Resolver {
                 entry.map(|entry| {
                     // Counted once it is in the cache, for the state file's writer.
                     if entry.is_fresh() && matches!(entry.value(), Answer::User(..)) {
-                        self.found.fetch_add(1, Ordering::Relaxed);
+                        self.answers.found.fetch_add(1, Ordering::Relaxed);
                     }
                     entry.into_value()
                 })
@@ -541,8 +537,8 @@ impl Resolver {
 
     /// Distinct tokens currently cached (for tests and the admin API).
     pub async fn cached(&self) -> u64 {
-        self.cache.run_pending_tasks().await;
-        self.cache.entry_count()
+        self.answers.cache.run_pending_tasks().await;
+        self.answers.cache.entry_count()
     }
 }
 

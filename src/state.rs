@@ -221,9 +221,7 @@ pub(crate) fn read_at(
     max_window: Duration,
     wall: SystemTime,
 ) -> Result<Loaded, StateError> {
-    let bytes = read_versioned(path)?;
-    let file: FileV1 =
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
+    let file: FileV1 = read_versioned(path)?;
     check_plausible(&file)?;
 
     // Wall time first, the store's clock after: elapsed comes out no larger and now no earlier
@@ -375,9 +373,7 @@ pub(crate) fn read_answers_at(
     scope: &str,
     wall: SystemTime,
 ) -> Result<Vec<KeptAnswer>, StateError> {
-    let bytes = read_versioned(path)?;
-    let file: AnswersV1 =
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt(e.to_string()))?;
+    let file: AnswersV1 = read_versioned(path)?;
     if file.scope != scope {
         return Ok(Vec::new());
     }
@@ -398,8 +394,8 @@ pub(crate) fn read_answers_at(
         .collect())
 }
 
-/// A file's bytes, once its version is known to be the one this build reads.
-fn read_versioned(path: &Path) -> Result<Vec<u8>, StateError> {
+/// A file of this build's version, parsed.
+fn read_versioned<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StateError> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StateError::Missing),
@@ -413,27 +409,21 @@ fn read_versioned(path: &Path) -> Result<Vec<u8>, StateError> {
             version.version
         )));
     }
-    Ok(bytes)
+    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt(e.to_string()))
 }
 
 fn check_plausible(file: &FileV1) -> Result<(), StateError> {
-    let floor_too_far = file.floor_ms_ago.is_some_and(|a| a < -MAX_PLAUSIBLE_MS);
-    for too_far in file
-        .keys
-        .iter()
-        .map(|k| {
+    let too_far = file.floor_ms_ago.is_some_and(|a| a < -MAX_PLAUSIBLE_MS)
+        || file.keys.iter().any(|k| {
             k.sends_ms_ago.iter().any(|&a| a < -MAX_PLAUSIBLE_MS)
                 || k.tat_ms_from_now.is_some_and(|t| t > MAX_PLAUSIBLE_MS)
                 || k.locked_for_ms > MAX_PLAUSIBLE_MS as u64
-        })
-        .chain([floor_too_far])
-    {
-        if too_far {
-            return Err(StateError::Corrupt(format!(
-                "a time more than {} days ahead",
-                MAX_PLAUSIBLE_MS / 86_400_000
-            )));
-        }
+        });
+    if too_far {
+        return Err(StateError::Corrupt(format!(
+            "a time more than {} days ahead",
+            MAX_PLAUSIBLE_MS / 86_400_000
+        )));
     }
     Ok(())
 }
@@ -606,8 +596,7 @@ pub fn resume(config: &Config, store: &Arc<Store>, names: &Arc<RouteNames>) -> O
                 // The saved sends are under keys users no longer map to: as on a reload that
                 // changes the identity, every key is held until a window after the last slot the
                 // previous process may still send at (it may be draining beside this one).
-                let promised = crate::limit::nanos(crate::app::longest_queue_wait(config));
-                memory.raise_floor(Limiter::clock(memory).now().saturating_add(promised));
+                memory.hold_every_key(crate::app::longest_queue_wait(config));
                 tracing::warn!(file = %path.display(),
                     "identity changed across the restart: users' calls count under new keys; \
                      every key is held for a window, as if its quota had just been used");

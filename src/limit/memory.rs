@@ -417,6 +417,13 @@ impl MemoryStore {
         self.floor.fetch_max(at.max(1), Ordering::AcqRel);
     }
 
+    /// Treats every key as if its whole quota went `ahead` from now (the last slot already
+    /// promised under keys callers no longer map to), so none gets a second quota in a window
+    /// around a change of identity: [`MemoryStore::raise_floor`] at now + `ahead`.
+    pub fn hold_every_key(&self, ahead: std::time::Duration) {
+        self.raise_floor(self.clock.now().saturating_add(super::nanos(ahead)));
+    }
+
     /// Forgets every key's sends (they are elsewhere now), keeping locks still running: a lock
     /// learned from Zoho holds whichever store decides.
     pub fn clear(&self) {

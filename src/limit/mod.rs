@@ -74,18 +74,12 @@ pub struct UserKey(pub [u8; 16]);
 impl UserKey {
     /// The first 8 bytes in hex: enough to tell users apart in logs, too short to be a credential.
     pub fn short(&self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(16);
-        for b in &self.0[..8] {
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
-        out
+        lower_hex(&self.0[..8])
     }
 
     /// All 16 bytes in lowercase hex: how stores outside the process write a key.
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        lower_hex(&self.0)
     }
 
     /// The key [`UserKey::hex`] wrote; `None` for anything else.
@@ -99,6 +93,16 @@ impl UserKey {
         }
         Some(UserKey(out))
     }
+}
+
+fn lower_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 impl std::fmt::Debug for UserKey {
